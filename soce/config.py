@@ -1,0 +1,125 @@
+"""Structured configs: the schema every composed config is checked against.
+
+Each dataclass types one config group (``conf/<group>/``); the root ``Config`` is registered in Hydra's
+ConfigStore and listed first in ``conf/config.yaml``'s defaults, so every group option merged into it
+is checked: an unknown key or a wrong type fails at compose time, before anything runs or is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from soce.demo.zoo import DemoConfig
+
+
+@dataclass
+class PathsConfig:
+    """Where things go. All absolute once resolved."""
+
+    root_dir: str = MISSING  # the project (or working) directory
+    output_dir: str = MISSING  # everything a run writes: runs, mlflow.db, demo zoo, caches
+    cache_dir: str = MISSING  # evaluation cache (scores keyed by model, weights, benchmark, settings)
+
+
+@dataclass
+class BenchmarkConfig:
+    """A benchmark: categories, each an lm-eval task per split.
+
+    ``task`` is a template formatted with ``category`` and ``split``, e.g. ``mgsm_direct_{category}``
+    (no split: both splits are the task's own test set) or ``soce_demo_{category}_{split}``.
+    """
+
+    name: str = MISSING
+    categories: list[str] = MISSING
+    task: str = MISSING
+    task_dir: str | None = None  # extra lm-eval task folder (include_path)
+    include_default_tasks: bool = False  # also index lm-eval's ~15k built-in tasks (slow, ~12 s)
+    select_split: str = "dev"  # correlation, selection and weight search read only this split
+    report_split: str = "test"  # the split reported in tables (held out from selection)
+    metric: str = "acc"  # lm-eval metric read per task (its ',none' filter)
+    num_fewshot: int | None = None
+    limit: int | None = None  # items per task (debugging only)
+    batch_size: int = 64
+
+
+@dataclass
+class PoolConfig:
+    """Candidate checkpoints (the soup ingredients) and the correlation population.
+
+    ``source: demo`` takes both from the built-in demo zoo; ``source: paths`` from the mappings below
+    (name -> local checkpoint dir or hub id). The population always includes the candidates.
+    """
+
+    name: str = MISSING
+    source: str = "paths"  # paths | demo
+    candidates: dict[str, str] = field(default_factory=dict)
+    population: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SelectionConfig:
+    """Algorithm 1, steps 1-2: the weak set L and the experts."""
+
+    tau: float = 0.5  # |rho| below this with at least one other category puts a category in L
+    tie_break: str = "overall"  # overall: among tied experts, higher select-split overall wins; then pool order
+    max_experts: int | None = None  # keep the best-overall experts if more are selected
+
+
+@dataclass
+class StrategyConfig:
+    """A merge strategy, by its registered name (see soce.strategies.STRATEGIES)."""
+
+    name: str = MISSING
+
+
+@dataclass
+class SearchConfig:
+    """Weight search for strategies that search (soce_weighted)."""
+
+    name: str = "grid"
+    step: float = 0.1  # grid spacing of each weight
+    min_weight: float = 0.1  # smallest weight of an ingredient (the paper: 0.1)
+    include_uniform: bool = True  # also try the equal-weight point (the paper does)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow store. ``uri`` is absolute (sqlite:////abs/path.db or http://host:port)."""
+
+    uri: str = MISSING
+    artifact_location: str | None = None  # for new experiments; None lets the server decide
+    experiment: str = "soce-${benchmark.name}"
+
+
+@dataclass
+class Config:
+    """The root config; ``conf/config.yaml`` composes the groups below into it."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str | None = None  # dtype to evaluate and write soups in; None keeps the checkpoints'
+    save_soup: bool = True  # write the final soup as a Hugging Face checkpoint into the job dir
+    progress: bool = True
+
+
+def register_configs() -> None:
+    """Register the root schema in Hydra's ConfigStore; ``conf/config.yaml`` lists it first."""
+    ConfigStore.instance().store(name="_config_schema", node=Config)
+
+
+def to_plain(cfg: Any) -> dict:
+    """A resolved config as plain Python containers (nothing downstream touches OmegaConf)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]

@@ -1,0 +1,161 @@
+"""The lm-eval bridge: a benchmark's tasks are built once, any live model is scored per category.
+
+A category's score is its task's metric (``benchmark.metric``, e.g. lm-eval's ``acc``) on one split;
+``overall`` is the unweighted mean over the categories, computed here so that the weighting is explicit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Benchmark:
+    """Plain description of a benchmark (from ``BenchmarkConfig``)."""
+
+    name: str
+    categories: list[str]
+    task: str  # template with {category} and {split}
+    task_dir: str | None = None
+    include_default_tasks: bool = False
+    select_split: str = "dev"
+    report_split: str = "test"
+    metric: str = "acc"
+    num_fewshot: int | None = None
+    limit: int | None = None
+    batch_size: int = 64
+
+    @property
+    def splits(self) -> list[str]:
+        return list(dict.fromkeys([self.select_split, self.report_split]))
+
+    def task_name(self, category: str, split: str) -> str:
+        return self.task.format(category=category, split=split)
+
+    def fingerprint(self) -> str:
+        """Hash of the task definitions and data files, and the settings that change scores."""
+        h = hashlib.sha256()
+        settings = [self.task, sorted(self.categories), self.metric, self.num_fewshot, self.limit]
+        h.update(json.dumps(settings, sort_keys=True).encode())
+        if self.task_dir:
+            for p in sorted(Path(self.task_dir).rglob("*")):
+                if p.is_file():
+                    h.update(p.name.encode())
+                    h.update(p.read_bytes())
+        return h.hexdigest()[:16]
+
+
+def lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm-eval")
+
+
+@dataclass
+class Evaluator:
+    """Scores live models on a benchmark with lm-eval, in process.
+
+    Tasks are indexed and built once per split; each ``score`` call runs ``lm_eval.evaluator.evaluate``
+    on them. The model is evaluated as it is at the call (re-mixed weights included); lm-eval's request
+    cache is never used, since it is keyed by request, not by model.
+    """
+
+    benchmark: Benchmark
+    device: str = "cpu"
+    _tasks: dict[str, Any] = field(default_factory=dict, repr=False)
+    _manager: Any = field(default=None, repr=False)
+
+    def tasks(self, split: str) -> Any:
+        if split not in self._tasks:
+            from lm_eval.tasks import TaskManager, get_task_dict
+
+            if self._manager is None:
+                include = [self.benchmark.task_dir] if self.benchmark.task_dir else None
+                self._manager = TaskManager(
+                    include_path=include, include_defaults=self.benchmark.include_default_tasks
+                )
+            names = [self.benchmark.task_name(c, split) for c in self.benchmark.categories]
+            missing = [n for n in names if n not in self._manager.all_tasks]
+            if missing:
+                raise ValueError(
+                    f"benchmark {self.benchmark.name!r}: lm-eval has no task {missing[0]!r}"
+                    + (f" (task_dir={self.benchmark.task_dir})" if self.benchmark.task_dir else "")
+                )
+            task_dict = get_task_dict(names, self._manager)
+            if self.benchmark.num_fewshot is not None:
+                for task in _leaf_tasks(task_dict):
+                    task.set_config(key="num_fewshot", value=self.benchmark.num_fewshot)
+            self._tasks[split] = task_dict
+        return self._tasks[split]
+
+    def score(self, model: Any, tokenizer: Any, split: str, log_samples: bool = False) -> dict[str, Any]:
+        """{category: score, ..., "overall": mean} for ``model`` on ``split`` (plus "samples" if asked)."""
+        from lm_eval.evaluator import evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.benchmark.batch_size)
+        results = evaluate(
+            lm=lm,
+            task_dict=self.tasks(split),
+            limit=self.benchmark.limit,
+            bootstrap_iters=0,
+            log_samples=log_samples,
+            verbosity="WARNING",
+        )
+        key = f"{self.benchmark.metric},none"
+        out: dict[str, Any] = {}
+        for c in self.benchmark.categories:
+            res = results["results"][self.benchmark.task_name(c, split)]
+            if key not in res:
+                raise ValueError(f"task {self.benchmark.task_name(c, split)!r} reports no metric {key!r}")
+            out[c] = float(res[key])
+        out["overall"] = sum(out[c] for c in self.benchmark.categories) / len(self.benchmark.categories)
+        if log_samples:
+            out["samples"] = {
+                c: [float(s[self.benchmark.metric]) for s in sorted(
+                    results["samples"][self.benchmark.task_name(c, split)], key=lambda s: s["doc_id"])]
+                for c in self.benchmark.categories
+            }
+        return out
+
+
+def _leaf_tasks(task_dict: Any) -> list[Any]:
+    tasks = task_dict.get("tasks", task_dict) if isinstance(task_dict, dict) else {}
+    return [t for t in tasks.values() if hasattr(t, "set_config")]
+
+
+def pick_device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(path: str, device: str = "cpu", dtype: str | None = None) -> tuple[Any, Any]:
+    """A checkpoint as (model, tokenizer) for evaluation; never runs remote code."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if dtype:
+        kwargs["dtype"] = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return model, tokenizer
+
+
+def quiet_lm_eval() -> None:
+    """lm-eval logs every task build at INFO; keep job logs readable."""
+    for name in ("lm_eval", "lm-eval", "lm_eval.evaluator", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

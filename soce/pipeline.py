@@ -1,0 +1,249 @@
+"""One job, end to end: score table -> selection -> strategy (search) -> final soup -> report -> MLflow.
+
+``run(cfg, out_dir)`` is a plain function of a resolved config (plain dicts); the Hydra entry point in
+``soce.app`` only composes the config and calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from soce import __version__, method
+from soce.evaluate import Benchmark, Evaluator, lm_eval_version, load_model, pick_device, quiet_lm_eval
+from soce.scores import ScoreCache, model_fingerprint, score_table, write_json_atomic
+from soce.strategies import STRATEGIES, Context, select
+from soce.tracking import JobTracker, split_metrics
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config that composes but cannot run (one line naming the problem)."""
+
+
+def resolve_pool(cfg: Mapping[str, Any], progress: bool = True) -> tuple[dict[str, str], dict[str, str], str | None]:
+    """(candidates, population, demo task dir): from the config, or from the demo zoo (built on first use)."""
+    pool = cfg["pool"]
+    if pool["source"] == "demo":
+        from soce.demo.zoo import DemoConfig, build_demo
+
+        manifest = build_demo(DemoConfig(**cfg["demo"]), progress=progress)
+        return dict(manifest["candidates"]), dict(manifest["population"]), manifest["task_dir"]
+    if pool["source"] != "paths":
+        raise ConfigError(f"pool.source must be 'paths' or 'demo', got {pool['source']!r}")
+    return dict(pool["candidates"]), dict(pool["population"]), None
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Checks that need more than types; raises ConfigError before anything is written."""
+    b, s, sel = cfg["benchmark"], cfg["strategy"], cfg["selection"]
+    if s["name"] not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {s['name']!r}; available: {', '.join(sorted(STRATEGIES))}")
+    if not b["categories"]:
+        raise ConfigError(f"benchmark {b['name']!r} lists no categories")
+    if len(set(b["categories"])) != len(b["categories"]):
+        raise ConfigError(f"benchmark {b['name']!r} lists a category twice")
+    if "{category}" not in b["task"]:
+        raise ConfigError(f"benchmark.task {b['task']!r} must contain {{category}}")
+    if sel["tie_break"] not in method.TIE_BREAKS:
+        raise ConfigError(
+            f"selection.tie_break must be one of {', '.join(method.TIE_BREAKS)}, got {sel['tie_break']!r}")
+    if not 0 <= sel["tau"] <= 1:
+        raise ConfigError(f"selection.tau must be in [0, 1], got {sel['tau']}")
+    if cfg["search"]["name"] != "grid":
+        raise ConfigError(f"unknown search {cfg['search']['name']!r}; available: grid")
+    method.weight_grid(1, cfg["search"]["step"], cfg["search"]["min_weight"])  # step sanity
+    pool = cfg["pool"]
+    if pool["source"] == "paths":
+        if not pool["candidates"]:
+            raise ConfigError(f"pool {pool['name']!r} lists no candidates")
+        for name, path in {**pool["candidates"], **pool["population"]}.items():
+            if str(path).startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+                raise ConfigError(f"pool {pool['name']!r}: checkpoint {name!r} not found at {path}")
+
+
+def run(cfg: Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run one job; write ``result.json`` (and the soup) into ``out_dir``; return the result dict."""
+    validate(cfg)
+    quiet_lm_eval()
+    out_dir = Path(out_dir)
+    progress = bool(cfg.get("progress", True))
+    candidates, population, demo_tasks = resolve_pool(cfg, progress)
+    bcfg = dict(cfg["benchmark"])
+    if bcfg.get("task_dir") is None and demo_tasks:
+        bcfg["task_dir"] = demo_tasks
+    bench = Benchmark(**bcfg)
+    if bench.select_split == bench.report_split:
+        log.warning("select_split == report_split (%s): experts and weights are chosen on the scores "
+                    "that are reported (the paper's protocol); reported gains are optimistic", bench.select_split)
+    device = pick_device(cfg["device"])
+    dtype = cfg.get("dtype")
+    evaluator = Evaluator(bench, device)
+    cache = ScoreCache(Path(cfg["paths"]["cache_dir"]))
+    fps = {name: model_fingerprint(p) for name, p in {**population, **candidates}.items()}
+    context = {"benchmark": bench.fingerprint(), "metric": bench.metric, "dtype": dtype,
+               "device": device.split(":")[0], "lm_eval": lm_eval_version()}
+
+    def scores_of(name: str, path: str, split: str) -> dict[str, float]:
+        key = cache.key({name: 1.0}, fps, {**context, "split": split})
+
+        def compute() -> dict[str, float]:
+            model, tok = load_model(path, device, dtype)
+            return evaluator.score(model, tok, split)
+
+        return cache.get_or_compute(key, compute)
+
+    t0 = time.time()
+    sel_split = bench.select_split
+    everyone = {**population, **candidates}
+    log.info("scoring %d checkpoints on %s (cached after the first run)", len(everyone), sel_split)
+    cand_scores = {s: {n: scores_of(n, p, s) for n, p in candidates.items()} for s in bench.splits}
+    pop_scores = {n: scores_of(n, p, sel_split) for n, p in _progress(everyone.items(), progress, "population")}
+    cats = bench.categories
+    cand_table = score_table(cand_scores[sel_split], cats)[cats]
+    pop_table = score_table(pop_scores, cats)[cats]
+
+    sc = cfg["selection"]
+    selection = select(pop_table, cand_table, sc["tau"], sc["tie_break"], sc["max_experts"])
+    log.info("L = %s; experts = %s", selection.weak, selection.ingredients)
+
+    tracker = JobTracker.start(
+        cfg["tracking"]["uri"], cfg["tracking"]["experiment"], cfg["tracking"]["artifact_location"],
+        name=cfg["strategy"]["name"], parent_run_id=parent_run_id,
+        tags={"soce.kind": "job", "soce.version": __version__},
+    )
+    try:
+        result = _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, cand_scores,
+                          cand_table, pop_table, selection, tracker, device, dtype)
+        result["seconds"] = round(time.time() - t0, 1)
+        write_json_atomic(out_dir / "result.json", result)
+        tracker.log_artifact(out_dir / "result.json")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+    return result
+
+
+def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, cand_scores, cand_table,
+             pop_table, selection, tracker, device, dtype) -> dict[str, Any]:
+    from soce.soup import Remixer, write_soup
+
+    sel_split = bench.select_split
+    strategy = cfg["strategy"]["name"]
+    remixers: dict[tuple[str, ...], Any] = {}
+    tokenizers: list[Any] = []
+
+    def tokenizer() -> Any:  # ingredients share one base, hence one tokenizer: the donor's (first candidate)
+        if not tokenizers:
+            from transformers import AutoTokenizer
+
+            tokenizers.append(AutoTokenizer.from_pretrained(next(iter(candidates.values()))))
+        return tokenizers[0]
+
+    def evaluate_weights(weights: dict[str, float], split: str) -> dict[str, float]:
+        live = {k: v for k, v in weights.items() if v > 0}
+        key = cache.key(live, fps, {**context, "split": split})
+
+        def compute() -> dict[str, float]:
+            names = tuple(sorted(live))
+            if names not in remixers:
+                remixers.clear()  # keep one set of experts resident
+                remixers[names] = Remixer({n: candidates[n] for n in names}, device=device, dtype=dtype)
+            return evaluator.score(remixers[names].mix(live), tokenizer(), split)
+
+        return cache.get_or_compute(key, compute)
+
+    def on_point(i: int, weights: dict[str, float], scores: dict[str, float]) -> None:
+        tracker.log_point(i, weights, scores, sel_split)
+
+    ctx = Context(cand_table, selection, dict(cfg["search"]),
+                  lambda w: _categories(evaluate_weights(w, sel_split), bench.categories), on_point)
+    plan = STRATEGIES[strategy](ctx)
+    weights = {n: float(plan.weights.get(n, 0.0)) for n in candidates}
+    ingredients = {n: w for n, w in weights.items() if w > 0}
+
+    # the final soup, written atomically as a Hugging Face checkpoint, and scored on every split
+    recipe = {"strategy": strategy, "benchmark": bench.name, "pool": cfg["pool"]["name"],
+              "weights": ingredients, "soce_version": __version__}
+    soup_path = None
+    if cfg.get("save_soup", True):
+        soup_path = write_soup({n: candidates[n] for n in ingredients}, ingredients, out_dir / "soup",
+                               overwrite=True, recipe=recipe)
+    scores = {s: evaluate_weights(ingredients, s) for s in bench.splits}
+    best = method.overall(cand_table).idxmax()
+
+    # artifacts: score table, correlation heatmap, search trace, recipe, resolved config
+    from soce.report import correlation_heatmap
+
+    art = out_dir / "artifacts"
+    art.mkdir(parents=True, exist_ok=True)
+    table = pd.concat({s: score_table(cand_scores[s], bench.categories) for s in bench.splits}, names=["split"])
+    table.to_csv(art / "candidate_scores.csv")
+    pop_table.to_csv(art / "population_scores.csv")
+    selection.correlation.to_csv(art / "correlation.csv")
+    correlation_heatmap(selection.correlation, art / "correlation.png",
+                        title=f"{bench.name}: category correlation across {len(pop_table)} models ({sel_split})")
+    if plan.trace is not None:
+        plan.trace.to_csv(art / "search_trace.csv", index=False)
+    (art / "recipe.yaml").write_text(yaml.safe_dump(
+        {**recipe, "experts": selection.experts, "weak_set": selection.weak, "tau": cfg["selection"]["tau"],
+         "select_split": sel_split, "candidates": dict(candidates)}, sort_keys=False))
+    (art / "config.yaml").write_text(yaml.safe_dump(_jsonable(cfg), sort_keys=False))
+    for f in sorted(art.iterdir()):
+        tracker.log_artifact(f)
+
+    params = {"strategy": strategy, "pool": cfg["pool"]["name"], "benchmark": bench.name,
+              "tau": cfg["selection"]["tau"], "tie_break": cfg["selection"]["tie_break"],
+              "select_split": sel_split, "report_split": bench.report_split,
+              "experts": ",".join(selection.ingredients), "weak_set": ",".join(selection.weak),
+              "best_single": best, **{f"w.{n}": w for n, w in weights.items()}}
+    metrics = {**split_metrics(scores),
+               **split_metrics({s: cand_scores[s][best] for s in bench.splits}, prefix="best_single.")}
+    if plan.trace is not None:
+        metrics["search.points"] = len(plan.trace)
+    tracker.log(params, metrics)
+
+    return {
+        "strategy": strategy,
+        "benchmark": bench.name,
+        "pool": cfg["pool"]["name"],
+        "experts": selection.ingredients,
+        "weak_set": selection.weak,
+        "weights": weights,
+        "scores": scores,
+        "candidate_scores": {n: {s: cand_scores[s][n] for s in bench.splits} for n in candidates},
+        "best_single": best,
+        "soup_path": str(soup_path) if soup_path else None,
+        "mlflow_run_id": tracker.run_id,
+        "evaluated": cache.evaluated,
+        "cached": cache.cached,
+    }
+
+
+def _categories(scores: Mapping[str, float], categories: list[str]) -> dict[str, float]:
+    return {c: scores[c] for c in categories}
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    return tqdm(items, desc=desc, unit="model", leave=False)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
