@@ -1,0 +1,40 @@
+# soce: `make test` and `make run` each set everything up on first use (venv + pinned install).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.soce-installed
+# offline by default: the demo needs no hub; telemetry off
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test run ui bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	@touch $(STAMP)
+
+test: $(STAMP)  ## run the test suite (CPU; real lm-eval, MLflow, safetensors)
+	$(PY) -m pytest -q
+
+run: $(STAMP)  ## the main job: uniform / soce_selected / soce_weighted on the demo, then the comparison table
+	$(PY) -m soce -m strategy=uniform,soce_selected,soce_weighted $(ARGS)
+	$(PY) -m soce.report
+
+ui: $(STAMP)  ## MLflow UI on the project's store: http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --host 127.0.0.1 --port 5000
+
+bench: $(STAMP)  ## merge-engine benchmark against mergekit (bench-only venv)
+	bash bench/run.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check soce tests bench
+
+clean:  ## remove run outputs (keeps the venv)
+	rm -rf outputs

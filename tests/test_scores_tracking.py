@@ -1,0 +1,77 @@
+"""The evaluation cache and the MLflow layer, against a real sqlite store."""
+
+import json
+
+import pytest
+
+from soce.scores import ScoreCache, model_fingerprint, score_table, write_json_atomic
+from soce.tracking import JobTracker, ensure_experiment, start_run
+
+
+def test_cache_key_normalises_weights_and_ignores_zero(tmp_path):
+    c = ScoreCache(tmp_path)
+    fps = {"a": "fa", "b": "fb", "z": "fz"}
+    k1 = c.key({"a": 0.3, "b": 0.7}, fps, {"split": "dev"})
+    assert k1 == c.key({"b": 7, "a": 3, "z": 0.0}, fps, {"split": "dev"})
+    assert k1 != c.key({"a": 0.4, "b": 0.6}, fps, {"split": "dev"})
+    assert k1 != c.key({"a": 0.3, "b": 0.7}, fps, {"split": "test"})
+    assert k1 != c.key({"a": 0.3, "b": 0.7}, {**fps, "a": "changed"}, {"split": "dev"})
+
+
+def test_cache_computes_once_across_instances(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": 0.5}
+
+    c1 = ScoreCache(tmp_path)
+    assert c1.get_or_compute("k" * 32, compute) == {"x": 0.5}
+    c2 = ScoreCache(tmp_path)
+    assert c2.get_or_compute("k" * 32, compute) == {"x": 0.5}
+    assert len(calls) == 1 and (c1.evaluated, c2.cached) == (1, 1)
+
+
+def test_atomic_json_leaves_no_temp_files(tmp_path):
+    write_json_atomic(tmp_path / "r.json", {"a": 1})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_fingerprint_changes_with_content(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"abc")
+    f1 = model_fingerprint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"abd")
+    assert model_fingerprint(tmp_path) != f1
+    assert model_fingerprint("org/model-on-hub") == "hub:org/model-on-hub"
+
+
+def test_score_table_adds_overall_and_checks_columns():
+    t = score_table({"m1": {"a": 0.2, "b": 0.4}, "m2": {"a": 0.6, "b": 0.0}}, ["a", "b"])
+    assert list(t.columns) == ["a", "b", "overall"] and t.loc["m1", "overall"] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="'c'"):
+        score_table({"m1": {"a": 0.2}}, ["a", "c"])
+
+
+def test_job_tracker_nested_points(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = ensure_experiment(uri, "soce-test", str(tmp_path / "art"))
+    assert ensure_experiment(uri, "soce-test") == exp
+    parent = start_run(uri, exp, "sweep", tags={"soce.kind": "sweep"})
+    job = JobTracker.start(uri, "soce-test", None, "soce_weighted", parent, {"soce.kind": "job"})
+    job.log({"strategy": "soce_weighted", "w.m1": 0.7}, {"test.overall": 0.5})
+    for i in range(3):
+        job.log_point(i, {"m1": 0.1 * (i + 1), "m2": 1 - 0.1 * (i + 1)}, {"a": 0.1 * i, "overall": 0.1 * i}, "dev")
+    (tmp_path / "x.csv").write_text("a\n1\n")
+    job.log_artifact(tmp_path / "x.csv")
+    job.end()
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs([exp])
+    points = runs[runs["tags.soce.kind"] == "search_point"]
+    assert len(points) == 3 and set(points["tags.mlflow.parentRunId"]) == {job.run_id}
+    jobrow = runs[runs["run_id"] == job.run_id].iloc[0]
+    assert jobrow["tags.mlflow.parentRunId"] == parent and jobrow["status"] == "FINISHED"
+    assert jobrow["metrics.test.overall"] == 0.5 and jobrow["params.w.m1"] == "0.7"
+    assert [a.path for a in mlflow.MlflowClient(uri).list_artifacts(job.run_id)] == ["x.csv"]
