@@ -1,0 +1,305 @@
+"""Merge engine: bit equality with the torch reference, validation errors, tied weights, sharding, dedup,
+Remixer == write_soup, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from soce.soup import Remixer, SoupError, check_models, parse_size, write_soup
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tie: bool = False, vocab: int = 96):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+    )
+
+
+def make_model(path: Path, seed: int, *, tie: bool = False, vocab: int = 96, dtype=torch.bfloat16,
+               shard: str | None = None) -> Path:
+    """A tiny Llama checkpoint (~0.1M params) with random weights, saved by transformers."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_config(tie, vocab))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    model.to(dtype)
+    kw = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kw)
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64, "from": path.name}))
+    return path
+
+
+def load_dir(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as g:
+            for k in g.keys():
+                out[k] = g.get_tensor(k)
+    return out
+
+
+def reference(dirs: list[Path], ws: list[float], dtype=None) -> dict[str, torch.Tensor]:
+    """The contract: sum(w * t.float()) in candidate order, rounded to the output dtype."""
+    tot = sum(ws)
+    wn = [w / tot for w in ws]
+    sds = [load_dir(d) for d in dirs]
+    return {k: sum(w * sd[k].float() for w, sd in zip(wn, sds, strict=True)).to(dtype or sds[0][k].dtype)
+            for k in sds[0]}
+
+
+def assert_bits_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k].view(torch.int16 if a[k].element_size() == 2 else torch.int32),
+                           b[k].view(torch.int16 if b[k].element_size() == 2 else torch.int32)), k
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("zoo")
+    return {
+        "a": make_model(d / "a", 1), "b": make_model(d / "b", 2), "c": make_model(d / "c", 3),
+        "ta": make_model(d / "ta", 4, tie=True), "tb": make_model(d / "tb", 5, tie=True),
+        "sharded": make_model(d / "sharded", 6, shard="40KB"),
+    }
+
+
+def test_bit_equal_reference_and_card(zoo, tmp_path):
+    models = {k: zoo[k] for k in ("a", "b", "c")}
+    ws = [0.5, 0.3, 0.2]
+    out = write_soup(models, dict(zip(models, ws, strict=True)), tmp_path / "soup",
+                     recipe={"strategy": "soce", "benchmark": "demo"})
+    assert_bits_equal(load_dir(out), reference(list(models.values()), ws))
+    card = (out / "README.md").read_text()
+    assert "soce" in card and "| b |" in card and "demo" in card
+    with safe_open(out / "model.safetensors", "pt") as f:
+        rec = json.loads(f.metadata()["soce_recipe"])
+    assert [c["weight"] for c in rec["candidates"]] == pytest.approx(ws)
+    assert rec["donor"] == "a" and rec["strategy"] == "soce"
+    assert json.loads((out / "tokenizer_config.json").read_text())["from"] == "a"
+    assert (out / "config.json").is_file() and (out / "generation_config.json").is_file()
+    assert not list(tmp_path.glob(".soup*"))  # no temporary left
+
+
+def test_unnormalised_weights_and_donor_and_dtype(zoo, tmp_path):
+    models = {"a": zoo["a"], "b": zoo["b"]}
+    out = write_soup(models, {"a": 3, "b": 1}, tmp_path / "s", donor="b", dtype="float32")
+    assert_bits_equal(load_dir(out), reference([zoo["a"], zoo["b"]], [3, 1], torch.float32))
+    assert json.loads((out / "tokenizer_config.json").read_text())["from"] == "b"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    with pytest.raises(SoupError, match="normalize"):
+        write_soup(models, {"a": 3, "b": 1}, tmp_path / "s2", normalize=False)
+    write_soup(models, {"a": 0.75, "b": 0.25}, tmp_path / "s3", normalize=False)
+
+
+def test_negative_zero_follows_python_sum(tmp_path):
+    t = torch.tensor([-0.0, 1.0, -0.0], dtype=torch.bfloat16)
+    for n in ("a", "b"):
+        (tmp_path / n).mkdir()
+        save_file({"w": t.clone()}, tmp_path / n / "model.safetensors")
+    out = write_soup({n: tmp_path / n for n in "ab"}, {"a": 0.5, "b": 0.5}, tmp_path / "o")
+    ref = (0.5 * t.float() + 0.5 * t.float())
+    ref = sum([0.5 * t.float(), 0.5 * t.float()]).to(torch.bfloat16)
+    assert torch.equal(load_dir(out)["w"].view(torch.int16), ref.view(torch.int16))
+
+
+def test_tied_embeddings_and_remixer_matches_disk(zoo, tmp_path):
+    models = {"ta": zoo["ta"], "tb": zoo["tb"]}
+    assert "lm_head.weight" not in load_dir(zoo["ta"])
+    rmx = Remixer(models, device="cpu")
+    for ws in ({"ta": 0.7, "tb": 0.3}, {"tb": 1.0}, {"ta": 0.2, "tb": 0.8}):
+        model = rmx.mix(ws)
+        full = {n: ws.get(n, 0.0) for n in models}
+        disk = load_dir(write_soup(models, full, tmp_path / "s", overwrite=True))
+        sd = model.state_dict()
+        for k, v in disk.items():
+            assert torch.equal(sd[k].view(torch.int16), v.view(torch.int16)), k
+        assert sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()
+    with pytest.raises(SoupError, match="not a candidate"):
+        rmx.mix({"zz": 1.0})
+
+
+def test_remixer_untied_dtype(zoo, tmp_path):
+    models = {k: zoo[k] for k in ("a", "b", "c")}
+    rmx = Remixer(models, device="cpu", dtype="float32")
+    ws = {"a": 0.2, "b": 0.5, "c": 0.3}
+    sd = rmx.mix(ws).state_dict()
+    disk = load_dir(write_soup(models, ws, tmp_path / "s", dtype="float32"))
+    for k, v in disk.items():
+        assert torch.equal(sd[k], v), k
+
+
+def test_sharded_input_and_output(zoo, tmp_path):
+    models = {"s": zoo["sharded"], "a": zoo["a"]}
+    assert (zoo["sharded"] / "model.safetensors.index.json").is_file()
+    out = write_soup(models, {"s": 0.6, "a": 0.4}, tmp_path / "o", max_shard_size="30KB")
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 2 and set(idx["weight_map"].values()) == {s.name for s in shards}
+    assert idx["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in load_dir(out).values())
+    assert_bits_equal(load_dir(out), reference([zoo["sharded"], zoo["a"]], [0.6, 0.4]))
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(m.state_dict()["model.norm.weight"], load_dir(out)["model.norm.weight"])
+
+
+def test_duplicates_merged(zoo, tmp_path):
+    models = {"a": zoo["a"], "a2": str(zoo["a"]) + "/", "b": zoo["b"]}
+    assert check_models(models)["duplicates"] == {"a2": "a"}
+    out = write_soup(models, {"a": 0.25, "a2": 0.25, "b": 0.5}, tmp_path / "o")
+    assert_bits_equal(load_dir(out), reference([zoo["a"], zoo["b"]], [0.5, 0.5]))
+    rec = json.loads((out / "soce_recipe.json").read_text())
+    assert rec["duplicates_merged"] == {"a2": "a"}
+
+
+def test_check_models_summary(zoo):
+    s = check_models({"a": zoo["a"], "b": zoo["b"]})
+    assert s["dtypes"] == {"BF16": s["tensors"]} and s["shapes"]["lm_head.weight"] == [96, 64]
+
+
+def _one_line_error(fn, match: str) -> str:
+    with pytest.raises(SoupError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_validation_errors(zoo, tmp_path):
+    a, b = zoo["a"], zoo["b"]
+    out = tmp_path / "out"
+
+    def ws(*names):
+        return dict.fromkeys(names, 1.0)
+
+    # vocabulary rows differ
+    v = make_model(tmp_path / "v", 7, vocab=100)
+    msg = _one_line_error(lambda: write_soup({"a": a, "v": v}, ws("a", "v"), out), "vocabulary")
+    assert "[100, 64] != [96, 64]" in msg and str(v) in msg
+    # missing tensor (tied vs untied)
+    _one_line_error(lambda: write_soup({"a": a, "t": zoo["ta"]}, ws("a", "t"), out), "lm_head.weight")
+    # dtype mismatch
+    h = make_model(tmp_path / "h", 8, dtype=torch.float16)
+    _one_line_error(lambda: write_soup({"a": a, "h": h}, ws("a", "h"), out), "dtype F16 != BF16")
+    # weights
+    _one_line_error(lambda: write_soup({"a": a, "b": b}, {"a": 1.0}, out), "no weight for candidate 'b'")
+    _one_line_error(lambda: write_soup({"a": a, "b": b}, {"a": 1, "b": 1, "c": 1}, out), "'c' is not a")
+    _one_line_error(lambda: write_soup({"a": a, "b": b}, {"a": float("nan"), "b": 1}, out), "not finite")
+    _one_line_error(lambda: write_soup({"a": a, "b": b}, {"a": float("inf"), "b": 1}, out), "not finite")
+    _one_line_error(lambda: write_soup({"a": a, "b": b}, {"a": -0.1, "b": 1}, out), "negative")
+    _one_line_error(lambda: write_soup({"a": a, "b": b}, {"a": 0, "b": 0}, out), "all weights are zero")
+    _one_line_error(lambda: write_soup({"a": a, "b": b}, {"a": "x", "b": 1}, out), "not a number")
+    _one_line_error(lambda: write_soup({}, {}, out), "no candidates")
+    _one_line_error(lambda: write_soup({"a": a, "b": b}, ws("a", "b"), out, donor="q"), "donor")
+    _one_line_error(lambda: write_soup({"a": a, "b": b}, ws("a", "b"), out, dtype="int4"), "dtype")
+    _one_line_error(lambda: write_soup({"a": a, "b": b}, ws("a", "b"), out, max_shard_size="lots"), "shard")
+    # pickle checkpoint refused with a conversion hint
+    p = tmp_path / "pickle"
+    p.mkdir()
+    (p / "pytorch_model.bin").write_bytes(b"\x80\x04junk")
+    msg = _one_line_error(lambda: write_soup({"a": a, "p": p}, ws("a", "p"), out), "pickle")
+    assert "save_pretrained" in msg and "pytorch_model.bin" in msg
+    # missing path, empty dir
+    _one_line_error(lambda: check_models({"a": a, "x": tmp_path / "nope"}), "does not exist")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(lambda: check_models({"a": a, "e": tmp_path / "empty"}), "no \\*.safetensors")
+    # truncated and corrupt files
+    t = tmp_path / "trunc"
+    t.mkdir()
+    data = (a / "model.safetensors").read_bytes()
+    (t / "model.safetensors").write_bytes(data[: len(data) - 100])
+    msg = _one_line_error(lambda: check_models({"a": a, "t": t}), "truncated")
+    assert "model.safetensors" in msg and "tensor" in msg
+    c = tmp_path / "corrupt"
+    c.mkdir()
+    (c / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    _one_line_error(lambda: check_models({"a": a, "c": c}), "corrupt safetensors header")
+    # shard listed in the index missing
+    s = tmp_path / "shardmiss"
+    s.mkdir()
+    (s / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-1.safetensors"}}))
+    _one_line_error(lambda: check_models({"a": a, "s": s}), "missing")
+    # model_type differs
+    m = tmp_path / "mt"
+    m.mkdir()
+    for f in a.iterdir():
+        (m / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["model_type"] = "mistral"
+    (m / "config.json").write_text(json.dumps(cfg))
+    _one_line_error(lambda: check_models({"a": a, "m": m}), "model_type")
+    # integer buffers must agree
+    for n, val in (("i1", 1), ("i2", 2)):
+        (tmp_path / n).mkdir()
+        save_file({"w": torch.ones(4), "pos": torch.full((3,), val)}, tmp_path / n / "model.safetensors")
+    _one_line_error(lambda: write_soup({"i1": tmp_path / "i1", "i2": tmp_path / "i2"}, ws("i1", "i2"), out),
+                    "cannot be averaged")
+    # output exists / overlaps a candidate
+    out.mkdir(exist_ok=True)
+    _one_line_error(lambda: write_soup({"a": a, "b": b}, ws("a", "b"), out), "exists")
+    _one_line_error(lambda: write_soup({"a": a, "b": b}, ws("a", "b"), a, overwrite=True), "overlaps")
+    assert not any(out.iterdir()) and not list(tmp_path.glob(".out*"))  # nothing written by failures
+
+
+def test_overwrite_replaces(zoo, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "stale.txt").write_text("x")
+    write_soup({"a": zoo["a"], "b": zoo["b"]}, {"a": 1, "b": 1}, out, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 << 20 and parse_size(17) == 17
+    assert parse_size("1000") == 1000
+
+
+def test_sigkill_mid_write_leaves_no_target(tmp_path):
+    """A merge killed with SIGKILL while writing leaves nothing at the target; the next merge cleans up."""
+    big = {}
+    for n in ("x", "y"):
+        (tmp_path / n).mkdir()
+        save_file({f"w{i}": torch.randn(1 << 20).to(torch.bfloat16) for i in range(24)},
+                  tmp_path / n / "model.safetensors")
+        big[n] = str(tmp_path / n)
+    out = tmp_path / "soup"
+    code = (
+        "import sys, soce.soup as s\n"
+        "orig = s._stream_tensor\n"
+        "def slow(*a, **k):\n"
+        "    orig(*a, **k); print('tensor', flush=True); import time; time.sleep(0.05)\n"
+        "s._stream_tensor = slow\n"
+        f"s.write_soup({big!r}, {{'x': 1, 'y': 1}}, {str(out)!r}, max_shard_size='8MB')\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=ROOT, text=True)
+    for _ in range(3):
+        assert proc.stdout.readline().startswith("tensor")
+    tmps = list(tmp_path.glob(".soup.soce-tmp-*"))
+    assert len(tmps) == 1 and any(tmps[0].iterdir())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.05)
+    assert not out.exists()
+    write_soup(big, {"x": 1, "y": 1}, out)  # a later merge succeeds and removes the orphan
+    assert out.is_dir() and not list(tmp_path.glob(".soup.*"))
