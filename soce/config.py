@@ -51,22 +51,27 @@ class PoolConfig:
     """Candidate checkpoints (the soup ingredients) and the correlation population.
 
     ``source: demo`` takes both from the built-in demo zoo; ``source: paths`` from the mappings below
-    (name -> local checkpoint dir or hub id). The population always includes the candidates.
+    (name -> local checkpoint dir or hub id); ``source: csv`` reads candidate scores from a table
+    (rows: models, columns: categories, optional ``path``) and selects without evaluating any model.
+    The population always includes the candidates.
     """
 
     name: str = MISSING
-    source: str = "paths"  # paths | demo
+    source: str = "paths"  # paths | demo | csv
     candidates: dict[str, str] = field(default_factory=dict)
     population: dict[str, str] = field(default_factory=dict)
+    csv: str | None = None  # source=csv: the candidates' score table
 
 
 @dataclass
 class SelectionConfig:
     """Algorithm 1, steps 1-2: the weak set L and the experts."""
 
+    method: str = "threshold"  # threshold (the paper's weak set L) | cluster (one expert per category cluster)
     tau: float = 0.5  # |rho| below this with at least one other category puts a category in L
     tie_break: str = "overall"  # overall: among tied experts, higher select-split overall wins; then pool order
     max_experts: int | None = None  # keep the best-overall experts if more are selected
+    population_csv: str | None = None  # score table of a larger population for the correlation (rows: models)
 
 
 @dataclass
@@ -80,10 +85,13 @@ class StrategyConfig:
 class SearchConfig:
     """Weight search for strategies that search (soce_weighted)."""
 
-    name: str = "grid"
-    step: float = 0.1  # grid spacing of each weight
+    name: str = "grid"  # grid (the paper) | optuna (TPE with a budget)
+    step: float = 0.1  # grid: spacing of each weight
     min_weight: float = 0.1  # smallest weight of an ingredient (the paper: 0.1)
-    include_uniform: bool = True  # also try the equal-weight point (the paper does)
+    include_uniform: bool = True  # grid: also try the equal-weight point (the paper does)
+    n_trials: int = 15  # optuna: evaluation budget (trials in the study, resumed ones included)
+    seed: int = 0  # optuna: sampler seed
+    storage: str | None = None  # optuna: e.g. sqlite:////abs/optuna.db to resume a study across runs
 
 
 @dataclass

@@ -69,18 +69,19 @@ def weak_categories(corr: pd.DataFrame, tau: float) -> list[str]:
 
 
 def select_experts(
-    scores: pd.DataFrame, weak: Sequence[str], tie_break: str = "overall"
+    scores: pd.DataFrame, weak: Sequence[str], tie_break: str = "overall", means: pd.Series | None = None
 ) -> dict[str, str]:
     """The expert (best candidate) of every category in ``weak``, as {category: candidate}.
 
     Ties on a category are broken by ``tie_break``: ``overall`` prefers the higher mean over all
     categories, then the earlier candidate in the table; ``first`` takes the earlier candidate.
     An empty L yields the single best-overall candidate, filed under the key ``"overall"``.
+    ``means`` overrides the overall scores used for tie-breaks (default: the row means of ``scores``).
     """
     if tie_break not in TIE_BREAKS:
         raise SelectionError(f"unknown tie_break {tie_break!r}; expected one of {', '.join(TIE_BREAKS)}")
     order = {name: i for i, name in enumerate(scores.index)}
-    means = overall(scores)
+    means = overall(scores) if means is None else means
 
     def rank(candidate: str, value: float) -> tuple:
         if tie_break == "overall":
@@ -102,6 +103,39 @@ def distinct_experts(experts: dict[str, str], scores: pd.DataFrame, max_experts:
         keep = set(sorted(chosen, key=lambda m: -means[m])[:max_experts])
         chosen = [m for m in chosen if m in keep]
     return chosen
+
+
+def category_clusters(corr: pd.DataFrame, tau: float) -> list[list[str]]:
+    """Average-linkage clustering of categories on the distance 1 - |rho|, cut at 1 - tau.
+
+    Two clusters merge while their mean |rho| is at least ``tau``; categories with no variance are
+    dropped. An alternative to the weak set: one expert per cluster (``selection.method=cluster``).
+    """
+    cats = [c for c in corr.columns if not corr.loc[c].drop(index=c).isna().all()]
+    a = corr.loc[cats, cats].abs().fillna(0.0)
+    clusters = [[c] for c in cats]
+    while len(clusters) > 1:
+        best, pair = -1.0, None
+        for i, j in itertools.combinations(range(len(clusters)), 2):
+            link = float(a.loc[clusters[i], clusters[j]].values.mean())
+            if link > best:
+                best, pair = link, (i, j)
+        if best < tau:
+            break
+        i, j = pair
+        clusters[i] = clusters[i] + clusters.pop(j)
+    order = {c: k for k, c in enumerate(cats)}
+    return sorted((sorted(c, key=order.get) for c in clusters), key=lambda c: order[c[0]])
+
+
+def cluster_experts(
+    scores: pd.DataFrame, clusters: Sequence[Sequence[str]], tie_break: str = "overall"
+) -> dict[str, str]:
+    """The expert of each cluster (best candidate on the cluster's mean score), keyed by '+'-joined names."""
+    if not clusters:
+        return select_experts(scores, [], tie_break)
+    means = pd.DataFrame({"+".join(c): scores[list(c)].mean(axis=1) for c in clusters})
+    return select_experts(means, list(means.columns), tie_break, overall(scores))
 
 
 def weight_grid(
@@ -171,3 +205,82 @@ def search_weights(
         if best is None or score > best[0]:
             best = (score, weights, cat_scores)
     return SearchResult(weights=best[1], scores={**best[2], "overall": best[0]}, trace=pd.DataFrame(rows))
+
+
+def optuna_points(
+    ingredients: Sequence[str],
+    evaluate: Callable[[dict[str, float]], dict[str, float]],
+    n_trials: int,
+    seed: int = 0,
+    storage: str | None = None,
+    study_name: str = "soce",
+    min_weight: float = 0.0,
+    on_point: Callable[[int, dict[str, float], dict[str, float]], None] | None = None,
+) -> SearchResult:
+    """TPE search of the weights (optuna), maximising ``overall``; resumable from ``storage``.
+
+    Each trial draws one raw value per ingredient in [0, 1]; weights are the raw values normalised to
+    sum 1 and rounded to 0.01 (so nearby points share cache entries), floored at ``min_weight``.
+    ``n_trials`` is the study's total budget: a resumed study only runs the trials it is missing.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    study = optuna.create_study(direction="maximize", sampler=sampler, storage=storage,
+                                study_name=study_name, load_if_exists=storage is not None)
+    rows: list[dict] = []
+
+    def weights_of(params: dict[str, float]) -> dict[str, float]:
+        raw = [max(params[f"r.{n}"], 1e-6) for n in ingredients]
+        w = [max(min_weight, r / sum(raw)) for r in raw]
+        w = [round(x / sum(w), 2) for x in w]
+        w[0] = round(1.0 - sum(w[1:]), 2)  # exact sum 1 after rounding
+        return dict(zip(ingredients, w, strict=True))
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {f"r.{n}": trial.suggest_float(f"r.{n}", 0.0, 1.0) for n in ingredients}
+        weights = weights_of(params)
+        cat_scores = evaluate(weights)
+        score = overall(pd.Series(cat_scores))
+        trial.set_user_attr("weights", weights)
+        trial.set_user_attr("scores", cat_scores)
+        if on_point is not None:
+            on_point(trial.number, weights, {**cat_scores, "overall": score})
+        return score
+
+    done = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
+    if n_trials > done:
+        study.optimize(objective, n_trials=n_trials - done)
+    best = None
+    for t in study.trials:
+        if t.state != optuna.trial.TrialState.COMPLETE:
+            continue
+        w, cs = t.user_attrs["weights"], t.user_attrs["scores"]
+        rows.append({"point": t.number, **{f"w.{k}": v for k, v in w.items()}, **cs, "overall": t.value})
+        if best is None or t.value > best[0]:
+            best = (t.value, w, cs)
+    return SearchResult(weights=best[1], scores={**best[2], "overall": best[0]}, trace=pd.DataFrame(rows))
+
+
+def greedy_soup(
+    ranked: Sequence[str], evaluate: Callable[[dict[str, float]], dict[str, float]]
+) -> SearchResult:
+    """Greedy soup (Wortsman et al. 2022): walk the candidates best first, keep each one whose addition
+    to the uniform soup improves the selection-split overall."""
+    if not ranked:
+        raise SelectionError("greedy soup needs at least one candidate")
+    kept = [ranked[0]]
+    first = evaluate({ranked[0]: 1.0})
+    best = overall(pd.Series(first))
+    rows = [{"point": 0, "added": ranked[0], "kept": True, **first, "overall": best}]
+    best_scores = first
+    for i, cand in enumerate(ranked[1:], start=1):
+        trial = kept + [cand]
+        cs = evaluate({n: 1 / len(trial) for n in trial})
+        score = overall(pd.Series(cs))
+        keep = score > best
+        rows.append({"point": i, "added": cand, "kept": keep, **cs, "overall": score})
+        if keep:
+            kept, best, best_scores = trial, score, cs
+    return SearchResult({n: 1 / len(kept) for n in kept}, {**best_scores, "overall": best}, pd.DataFrame(rows))

@@ -18,10 +18,13 @@ import yaml
 from soce import __version__, method
 from soce.evaluate import Benchmark, Evaluator, lm_eval_version, load_model, pick_device, quiet_lm_eval
 from soce.scores import ScoreCache, model_fingerprint, score_table, write_json_atomic
-from soce.strategies import STRATEGIES, Context, select
+from soce.strategies import SEARCHES, SELECTION_METHODS, STRATEGIES, Context, select
 from soce.tracking import JobTracker, split_metrics
 
 log = logging.getLogger(__name__)
+
+
+CSV_STRATEGIES = ("soce_selected", "uniform", "best_single")  # need no evaluation
 
 
 class ConfigError(ValueError):
@@ -36,8 +39,8 @@ def resolve_pool(cfg: Mapping[str, Any], progress: bool = True) -> tuple[dict[st
 
         manifest = build_demo(DemoConfig(**cfg["demo"]), progress=progress)
         return dict(manifest["candidates"]), dict(manifest["population"]), manifest["task_dir"]
-    if pool["source"] != "paths":
-        raise ConfigError(f"pool.source must be 'paths' or 'demo', got {pool['source']!r}")
+    if pool["source"] not in ("paths", "csv"):
+        raise ConfigError(f"pool.source must be 'paths', 'demo' or 'csv', got {pool['source']!r}")
     return dict(pool["candidates"]), dict(pool["population"]), None
 
 
@@ -57,10 +60,30 @@ def validate(cfg: Mapping[str, Any]) -> None:
             f"selection.tie_break must be one of {', '.join(method.TIE_BREAKS)}, got {sel['tie_break']!r}")
     if not 0 <= sel["tau"] <= 1:
         raise ConfigError(f"selection.tau must be in [0, 1], got {sel['tau']}")
-    if cfg["search"]["name"] != "grid":
-        raise ConfigError(f"unknown search {cfg['search']['name']!r}; available: grid")
-    method.weight_grid(1, cfg["search"]["step"], cfg["search"]["min_weight"])  # step sanity
+    if sel["method"] not in SELECTION_METHODS:
+        raise ConfigError(f"selection.method must be one of {', '.join(SELECTION_METHODS)}, got {sel['method']!r}")
+    if sel["max_experts"] is not None and sel["max_experts"] < 1:
+        raise ConfigError(f"selection.max_experts must be >= 1, got {sel['max_experts']}")
+    if cfg["search"]["name"] not in SEARCHES:
+        raise ConfigError(f"unknown search {cfg['search']['name']!r}; available: {', '.join(SEARCHES)}")
+    if cfg["search"]["n_trials"] < 1:
+        raise ConfigError(f"search.n_trials must be >= 1, got {cfg['search']['n_trials']}")
+    try:
+        method.weight_grid(1, cfg["search"]["step"], cfg["search"]["min_weight"])
+    except method.SelectionError as e:
+        raise ConfigError(str(e)) from None
     pool = cfg["pool"]
+    if pool["source"] not in ("paths", "demo", "csv"):
+        raise ConfigError(f"pool.source must be 'paths', 'demo' or 'csv', got {pool['source']!r}")
+    for key, path in (("pool.csv", pool["csv"]), ("selection.population_csv", sel["population_csv"])):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{key}: no file {path}")
+    if pool["source"] == "csv":
+        if pool["csv"] is None:
+            raise ConfigError("pool.source=csv needs pool.csv=<score table>")
+        if s["name"] not in CSV_STRATEGIES:
+            raise ConfigError(f"strategy {s['name']!r} evaluates soups and needs checkpoints; with pool.source=csv "
+                              f"use one of {', '.join(CSV_STRATEGIES)}")
     if pool["source"] == "paths":
         if not pool["candidates"]:
             raise ConfigError(f"pool {pool['name']!r} lists no candidates")
@@ -72,8 +95,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
 def run(cfg: Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None = None) -> dict[str, Any]:
     """Run one job; write ``result.json`` (and the soup) into ``out_dir``; return the result dict."""
     validate(cfg)
-    quiet_lm_eval()
     out_dir = Path(out_dir)
+    if cfg["pool"]["source"] == "csv":
+        return run_scores_only(cfg, out_dir, parent_run_id)
+    quiet_lm_eval()
     progress = bool(cfg.get("progress", True))
     candidates, population, demo_tasks = resolve_pool(cfg, progress)
     bcfg = dict(cfg["benchmark"])
@@ -109,9 +134,12 @@ def run(cfg: Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None =
     cats = bench.categories
     cand_table = score_table(cand_scores[sel_split], cats)[cats]
     pop_table = score_table(pop_scores, cats)[cats]
+    if cfg["selection"]["population_csv"]:
+        extra = read_score_csv(cfg["selection"]["population_csv"], cats)[0]
+        pop_table = pd.concat([pop_table, extra.loc[~extra.index.isin(pop_table.index)]])
 
     sc = cfg["selection"]
-    selection = select(pop_table, cand_table, sc["tau"], sc["tie_break"], sc["max_experts"])
+    selection = select(pop_table, cand_table, sc["tau"], sc["tie_break"], sc["max_experts"], sc["method"])
     log.info("L = %s; experts = %s", selection.weak, selection.ingredients)
 
     tracker = JobTracker.start(
@@ -202,6 +230,8 @@ def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, ca
 
     params = {"strategy": strategy, "pool": cfg["pool"]["name"], "benchmark": bench.name,
               "tau": cfg["selection"]["tau"], "tie_break": cfg["selection"]["tie_break"],
+              "selection_method": cfg["selection"]["method"], "max_experts": cfg["selection"]["max_experts"],
+              "search": cfg["search"]["name"],
               "select_split": sel_split, "report_split": bench.report_split,
               "experts": ",".join(selection.ingredients), "weak_set": ",".join(selection.weak),
               "best_single": best, **{f"w.{n}": w for n, w in weights.items()}}
@@ -217,6 +247,7 @@ def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, ca
         "pool": cfg["pool"]["name"],
         "experts": selection.ingredients,
         "weak_set": selection.weak,
+        "expert_of": selection.experts,
         "weights": weights,
         "scores": scores,
         "candidate_scores": {n: {s: cand_scores[s][n] for s in bench.splits} for n in candidates},
@@ -226,6 +257,108 @@ def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, ca
         "evaluated": cache.evaluated,
         "cached": cache.cached,
     }
+
+
+def read_score_csv(path: str | Path, categories: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """(scores, paths) from a CSV: first column = model name, then one numeric column per category,
+    optional ``path`` column. Scores in [0, 1] or in percent (> 1: divided by 100). One clear error per
+    problem: duplicate models, missing or non-numeric cells, missing categories."""
+    try:
+        raw = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
+    except Exception as e:  # noqa: BLE001 - pandas raises many types; the user needs one line
+        raise ConfigError(f"{path}: cannot read as CSV ({str(e).splitlines()[0]})") from None
+    raw.index = raw.index.map(str).str.strip()
+    if raw.empty:
+        raise ConfigError(f"{path}: no rows")
+    dup = raw.index[raw.index.duplicated()]
+    if len(dup):
+        raise ConfigError(f"{path}: model {dup[0]!r} appears twice")
+    paths = {m: p for m, p in raw.pop("path").items() if p.strip()} if "path" in raw.columns else {}
+    cats = categories or list(raw.columns)
+    missing = [c for c in cats if c not in raw.columns]
+    if missing:
+        raise ConfigError(f"{path}: no column for category {missing[0]!r}")
+    table = pd.DataFrame(index=raw.index, columns=cats, dtype=float)
+    for m in raw.index:
+        for c in cats:
+            cell = raw.at[m, c].strip()
+            if cell == "":
+                raise ConfigError(f"{path}: missing score for model {m!r}, category {c!r}")
+            try:
+                table.at[m, c] = float(cell.rstrip("%"))
+            except ValueError:
+                raise ConfigError(f"{path}: non-numeric score {cell!r} for model {m!r}, category {c!r}") from None
+    if (table.values > 1).any():
+        table = table / 100.0
+    table.index.name = "model"
+    return table, paths
+
+
+def run_scores_only(cfg: Mapping[str, Any], out_dir: Path, parent_run_id: str | None) -> dict[str, Any]:
+    """Selection from a score table alone (pool.source=csv): no model is loaded or needed.
+
+    Categories are the table's columns. Writes result.json (L, experts, weights, correlation) and logs it;
+    if the table has a ``path`` column and ``save_soup`` is set, the chosen soup is also written."""
+    table, paths = read_score_csv(cfg["pool"]["csv"])
+    cats = list(table.columns)
+    population = table
+    if cfg["selection"]["population_csv"]:
+        extra = read_score_csv(cfg["selection"]["population_csv"], cats)[0]
+        population = pd.concat([table, extra.loc[~extra.index.isin(table.index)]])
+    sc, strategy = cfg["selection"], cfg["strategy"]["name"]
+    try:
+        selection = select(population, table, sc["tau"], sc["tie_break"], sc["max_experts"], sc["method"])
+    except method.SelectionError as e:
+        raise ConfigError(str(e)) from None
+    plan = STRATEGIES[strategy](Context(table, selection, dict(cfg["search"]), _no_evaluation))
+    weights = {m: float(plan.weights.get(m, 0.0)) for m in table.index}
+    split = cfg["benchmark"]["select_split"]
+    tracker = JobTracker.start(cfg["tracking"]["uri"], cfg["tracking"]["experiment"],
+                               cfg["tracking"]["artifact_location"], name=strategy, parent_run_id=parent_run_id,
+                               tags={"soce.kind": "job", "soce.version": __version__, "soce.scores_only": "true"})
+    try:
+        soup_path = None
+        ingredients = {m: w for m, w in weights.items() if w > 0}
+        if paths and cfg.get("save_soup", True) and all(m in paths for m in ingredients):
+            from soce.soup import write_soup
+
+            soup_path = write_soup({m: paths[m] for m in ingredients}, ingredients, out_dir / "soup", overwrite=True,
+                                   recipe={"strategy": strategy, "pool": cfg["pool"]["name"], "weights": ingredients})
+        art = out_dir / "artifacts"
+        art.mkdir(parents=True, exist_ok=True)
+        table.to_csv(art / "candidate_scores.csv")
+        selection.correlation.to_csv(art / "correlation.csv")
+        from soce.report import correlation_heatmap
+
+        correlation_heatmap(selection.correlation, art / "correlation.png",
+                            title=f"category correlation across {len(population)} models")
+        result = {
+            "strategy": strategy, "benchmark": cfg["benchmark"]["name"], "pool": cfg["pool"]["name"],
+            "experts": selection.ingredients, "weak_set": selection.weak, "expert_of": selection.experts,
+            "weights": weights, "scores": {},
+            "candidate_scores": {m: {split: {**table.loc[m].to_dict(), "overall": float(table.loc[m].mean())}}
+                                 for m in table.index},
+            "correlation": {c: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
+                            for c, row in selection.correlation.to_dict(orient="index").items()},
+            "soup_path": str(soup_path) if soup_path else None,
+            "mlflow_run_id": tracker.run_id, "evaluated": 0, "cached": 0,
+        }
+        write_json_atomic(out_dir / "result.json", result)
+        tracker.log({"strategy": strategy, "pool": cfg["pool"]["name"], "benchmark": cfg["benchmark"]["name"],
+                     "tau": sc["tau"], "tie_break": sc["tie_break"], "selection_method": sc["method"],
+                     "experts": ",".join(selection.ingredients), "weak_set": ",".join(selection.weak),
+                     **{f"w.{m}": w for m, w in weights.items()}}, {"population.size": len(population)})
+        for f in [*sorted(art.iterdir()), out_dir / "result.json"]:
+            tracker.log_artifact(f)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+    return result
+
+
+def _no_evaluation(weights: dict[str, float]) -> dict[str, float]:
+    raise ConfigError("this strategy evaluates soups; a score table alone cannot")
 
 
 def _categories(scores: Mapping[str, float], categories: list[str]) -> dict[str, float]:

@@ -56,12 +56,22 @@ def strategy(name: str) -> Callable[[Callable[[Context], Plan]], Callable[[Conte
     return register
 
 
+SELECTION_METHODS = ("threshold", "cluster")
+
+
 def select(population: pd.DataFrame, candidates: pd.DataFrame, tau: float, tie_break: str,
-           max_experts: int | None) -> Selection:
-    """Correlate categories across ``population``, take the weak set, pick the candidates' experts."""
+           max_experts: int | None, how: str = "threshold") -> Selection:
+    """Correlate categories across ``population``, take the weak set (or clusters), pick the experts."""
     corr = method.category_correlation(population)
-    weak = method.weak_categories(corr, tau)
-    experts = method.select_experts(candidates, weak, tie_break)
+    if how == "threshold":
+        weak = method.weak_categories(corr, tau)
+        experts = method.select_experts(candidates, weak, tie_break)
+    elif how == "cluster":
+        clusters = method.category_clusters(corr, tau)
+        weak = ["+".join(c) for c in clusters] if len(clusters) > 1 else []
+        experts = method.cluster_experts(candidates, clusters if len(clusters) > 1 else [], tie_break)
+    else:
+        raise method.SelectionError(f"unknown selection.method {how!r}; expected one of {SELECTION_METHODS}")
     return Selection(corr, weak, experts, method.distinct_experts(experts, candidates, max_experts))
 
 
@@ -81,17 +91,22 @@ def soce_selected(ctx: Context) -> Plan:
     return Plan(equal(ctx.selection.ingredients))
 
 
+SEARCHES = ("grid", "optuna")
+
+
 @strategy("soce_weighted")
 def soce_weighted(ctx: Context) -> Plan:
     """SoCE: the experts, weights searched on the selection split (objective: mean over all categories)."""
-    names = ctx.selection.ingredients
-    if ctx.search.get("name", "grid") != "grid":
-        raise ValueError(f"unknown search {ctx.search['name']!r}; available: grid")
-    points = method.weight_grid(
-        len(names), ctx.search["step"], ctx.search["min_weight"], ctx.search["include_uniform"]
-    )
+    names, s = ctx.selection.ingredients, ctx.search
+    if s["name"] == "optuna" and len(names) > 1:
+        result = method.optuna_points(names, ctx.evaluate_soup, s["n_trials"], s["seed"], s["storage"],
+                                      min_weight=0.0, on_point=ctx.on_point)
+        return Plan(result.weights, trace=result.trace)
+    if s["name"] not in SEARCHES:
+        raise ValueError(f"unknown search {s['name']!r}; available: {', '.join(SEARCHES)}")
+    points = method.weight_grid(len(names), s["step"], s["min_weight"], s["include_uniform"])
     result = method.search_weights(names, points, ctx.evaluate_soup, ctx.on_point)
-    return Plan(result.weights, trace=result.trace, notes={"search_points": len(points)})
+    return Plan(result.weights, trace=result.trace)
 
 
 @strategy("best_single")
@@ -99,3 +114,11 @@ def best_single(ctx: Context) -> Plan:
     """Baseline: the single candidate with the best selection-split overall (no soup)."""
     best = method.overall(ctx.candidates).idxmax()
     return Plan({best: 1.0})
+
+
+@strategy("greedy_soup")
+def greedy(ctx: Context) -> Plan:
+    """Baseline: greedy soup (Wortsman et al. 2022) over all candidates, best first, on the selection split."""
+    ranked = list(method.overall(ctx.candidates).sort_values(ascending=False, kind="stable").index)
+    result = method.greedy_soup(ranked, ctx.evaluate_soup)
+    return Plan(result.weights, trace=result.trace)

@@ -121,3 +121,46 @@ def test_search_picks_best_overall_and_traces_every_point():
     assert res.weights == pytest.approx(target)
     assert res.scores["overall"] == pytest.approx(0.75)
     assert len(res.trace) == 9 and {"w.m1", "w.m2", "a", "b", "overall"} <= set(res.trace.columns)
+
+
+def test_clusters_follow_families():
+    corr = pd.DataFrame(
+        [[1, 0.9, 0.1, 0.0], [0.9, 1, 0.2, 0.1], [0.1, 0.2, 1, 0.8], [0.0, 0.1, 0.8, 1]],
+        index=list("abcd"), columns=list("abcd"))
+    assert method.category_clusters(corr, 0.5) == [["a", "b"], ["c", "d"]]
+    assert method.category_clusters(corr, 0.05) == [["a", "b", "c", "d"]]
+    cands = table({"m1": [0.9, 0.8, 0.1, 0.1], "m2": [0.1, 0.1, 0.7, 0.9]}, list("abcd"))
+    assert method.cluster_experts(cands, [["a", "b"], ["c", "d"]]) == {"a+b": "m1", "c+d": "m2"}
+
+
+def test_optuna_search_is_seeded_and_finds_the_peak(tmp_path):
+    def evaluate(w):
+        return {"a": 1 - abs(w["m1"] - 0.7), "b": 1.0}
+
+    r1 = method.optuna_points(["m1", "m2"], evaluate, n_trials=12, seed=3)
+    r2 = method.optuna_points(["m1", "m2"], evaluate, n_trials=12, seed=3)
+    assert r1.weights == r2.weights and len(r1.trace) == 12
+    assert sum(r1.weights.values()) == pytest.approx(1.0)
+    assert abs(r1.weights["m1"] - 0.7) < 0.15
+    # resumable: a study in storage continues to the budget instead of starting over
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    calls = []
+
+    def counting(w):
+        calls.append(w)
+        return evaluate(w)
+
+    method.optuna_points(["m1", "m2"], counting, n_trials=5, seed=1, storage=storage)
+    res = method.optuna_points(["m1", "m2"], counting, n_trials=8, seed=1, storage=storage)
+    assert len(calls) == 8 and len(res.trace) == 8
+
+
+def test_greedy_soup_keeps_only_improving_candidates():
+    good = {"m1", "m3"}
+
+    def evaluate(w):  # soups containing m2 are bad
+        return {"a": 0.2 if "m2" in w else 0.5 + 0.1 * len(set(w) & good)}
+
+    res = method.greedy_soup(["m1", "m2", "m3"], evaluate)
+    assert res.weights == {"m1": 0.5, "m3": 0.5}
+    assert list(res.trace["kept"]) == [True, False, True]

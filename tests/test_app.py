@@ -1,0 +1,130 @@
+"""The Hydra app: composition, validation at compose time, and one real multirun checked in MLflow."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from soce.config import register_configs, to_plain
+from soce.pipeline import ConfigError, validate
+
+from .conftest import ROOT, soce_cmd
+
+register_configs()
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=["paths.root_dir=/tmp/soce-x", *overrides])
+
+
+def test_default_config_composes_and_validates():
+    cfg = to_plain(composed())
+    assert cfg["strategy"]["name"] == "soce_weighted" and cfg["pool"]["source"] == "demo"
+    assert cfg["tracking"]["uri"] == "sqlite:////tmp/soce-x/outputs/mlflow.db"
+    validate(cfg)
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "soce_selected", "soce_weighted", "best_single"])
+def test_every_strategy_option_composes(strategy):
+    validate(to_plain(composed(f"strategy={strategy}")))
+
+
+def test_unknown_option_key_and_type_fail_at_compose():
+    with pytest.raises(ConfigCompositionException, match="nonexistent"):
+        composed("strategy=nonexistent")
+    with pytest.raises(ValidationError, match="step"):
+        composed("search.step=abc")
+    with pytest.raises(ConfigCompositionException, match="no_such_key"):
+        composed("+selection.no_such_key=1")
+
+
+def test_semantic_errors_before_anything_runs(tmp_path):
+    cfg = to_plain(composed("pool=example_local"))
+    with pytest.raises(ConfigError, match="checkpoint 'model_a' not found"):
+        validate(cfg)
+    cfg = to_plain(composed("selection.tie_break=coin"))
+    with pytest.raises(ConfigError, match="tie_break"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(("arg", "needle"), [("strategy=nonexistent", "nonexistent"),
+                                             ("search.step=abc", "search.step")])
+def test_cli_bad_input_one_clear_line(tmp_path, arg, needle):
+    p = subprocess.run(soce_cmd(arg, f"paths.root_dir={tmp_path}"), capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    assert needle in lines[0]
+    assert not (tmp_path / "outputs").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_real_multirun_logs_parent_children_and_points(tmp_path, tiny_demo_root):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "strategy=uniform,soce_selected,soce_weighted", "debug=fast", f"paths.root_dir={tmp_path}",
+            f"demo.root={tiny_demo_root}", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.run(soce_cmd(*args), capture_output=True, text=True, cwd=tmp_path, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    results = {r["strategy"]: r for r in (json.loads(f.read_text()) for f in sweep.glob("*/result.json"))}
+    assert set(results) == {"uniform", "soce_selected", "soce_weighted"}
+    uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["soce-demo"])
+    parents = runs[runs["tags.soce.kind"] == "sweep"]
+    jobs = runs[runs["tags.soce.kind"] == "job"]
+    points = runs[runs["tags.soce.kind"] == "search_point"]
+    assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
+    assert len(jobs) == 3 and set(jobs["status"]) == {"FINISHED"}
+    assert set(jobs["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
+    weighted = results["soce_weighted"]
+    n_experts = len(weighted["experts"])
+    from soce.method import weight_grid
+
+    assert len(points) == len(weight_grid(n_experts))
+    assert set(points["tags.mlflow.parentRunId"]) == {weighted["mlflow_run_id"]}
+
+    # result.json contract
+    cands = set(weighted["candidate_scores"])
+    for r in results.values():
+        assert set(r["weights"]) == cands and abs(sum(r["weights"].values()) - 1) < 1e-9
+        assert set(r["scores"]) == {"dev", "test"} and "overall" in r["scores"]["test"]
+        job = jobs[jobs["run_id"] == r["mlflow_run_id"]].iloc[0]
+        assert job["metrics.test.overall"] == pytest.approx(r["scores"]["test"]["overall"])
+        assert all(f"params.w.{c}" in job for c in cands)
+    assert results["uniform"]["weights"] == {c: 1 / len(cands) for c in cands}
+    assert {c for c, w in weighted["weights"].items() if w > 0} <= set(weighted["experts"])
+    arts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(weighted["mlflow_run_id"])}
+    assert {"candidate_scores.csv", "correlation.png", "search_trace.csv", "recipe.yaml", "config.yaml",
+            "result.json"} <= arts
+
+    # candidate scores were computed once and reused by the later jobs
+    assert results["soce_selected"]["evaluated"] <= 2  # only its own soup (dev + test)
+
+    # the saved soup loads with transformers, and lm-eval's command line gives the logged scores
+    from transformers import AutoModelForCausalLM
+
+    soup = Path(weighted["soup_path"])
+    AutoModelForCausalLM.from_pretrained(soup)
+    manifest = json.loads(next(Path(tiny_demo_root).glob("*/manifest.json")).read_text())
+    tasks = ",".join(f"soce_demo_{c}_test" for c in manifest["categories"])
+    out = tmp_path / "lm_eval_out"
+    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf",
+           "--model_args", f"pretrained={soup}", "--tasks", tasks, "--include_path", manifest["task_dir"],
+           "--batch_size", "128", "--output_path", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, timeout=600)
+    res = json.loads(next(out.rglob("results*.json")).read_text())["results"]
+    for c in manifest["categories"]:
+        assert res[f"soce_demo_{c}_test"]["acc,none"] == pytest.approx(weighted["scores"]["test"][c])
+
+    # the report reads the table back from MLflow
+    rep = subprocess.run([sys.executable, "-m", "soce.report", f"root={tmp_path}"],
+                         capture_output=True, text=True, check=True)
+    assert "soce_weighted" in rep.stdout and "best single" in rep.stdout

@@ -1,0 +1,83 @@
+"""Scores only: experts picked from a hand-made CSV, with no model files and no network."""
+
+import json
+import subprocess
+
+import pandas as pd
+import pytest
+
+from soce.pipeline import ConfigError, read_score_csv
+
+from .conftest import soce_cmd
+
+# two families: (x1, x2) move together, (y1, y2) move together, weakly across
+ROWS = {
+    "alpha": [80, 78, 20, 22], "beta": [30, 32, 85, 83], "gamma": [60, 61, 55, 50],
+    "delta": [50, 49, 40, 41], "eps": [40, 42, 70, 69], "zeta": [70, 69, 30, 33],
+}
+
+
+def write_csv(path, rows=ROWS, extra=""):
+    lines = ["model,x1,x2,y1,y2"] + [f"{m},{','.join(map(str, v))}" for m, v in rows.items()]
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+def test_scores_only_selection_one_command(tmp_path):
+    csv = write_csv(tmp_path / "scores.csv")
+    p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={csv}", "strategy=soce_selected",
+                                f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"),
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert r["experts"] == ["alpha", "beta"]  # best on x-family and y-family
+    assert r["weights"]["alpha"] == pytest.approx(0.5) and r["weights"]["gamma"] == 0.0
+    assert set(r["weak_set"]) == {"x1", "x2", "y1", "y2"}
+    assert r["correlation"]["x1"]["x2"] > 0.9 and r["evaluated"] == 0
+    assert not list((tmp_path / "outputs").glob("demo*"))  # no demo zoo, no model touched
+
+
+def test_csv_percent_and_path_column(tmp_path):
+    t, paths = read_score_csv(write_csv(tmp_path / "s.csv"))
+    assert t.loc["alpha", "x1"] == pytest.approx(0.8) and paths == {}
+    f = tmp_path / "p.csv"
+    f.write_text("model,a,b,path\nm1,0.1,0.2,/ckpt/m1\nm2,0.3,0.4,\n")
+    t, paths = read_score_csv(f)
+    assert list(t.columns) == ["a", "b"] and paths == {"m1": "/ckpt/m1"}
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("model,a,b\nm1,0.1,\nm2,0.2,0.3\n", "missing score for model 'm1', category 'b'"),
+    ("model,a,b\nm1,0.1,x\nm2,0.2,0.3\n", "non-numeric score 'x'"),
+    ("model,a,b\nm1,0.1,0.2\nm1,0.2,0.3\n", "model 'm1' appears twice"),
+])
+def test_csv_bad_cells_one_clear_error(tmp_path, text, needle):
+    f = tmp_path / "bad.csv"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        read_score_csv(f)
+
+
+def test_csv_error_from_the_command_line_is_one_line(tmp_path):
+    f = tmp_path / "bad.csv"
+    f.write_text("model,a,b\nm1,0.1,x\nm2,0.2,0.3\nm3,0.5,0.5\n")
+    p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={f}", "strategy=soce_selected",
+                                f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"),
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "non-numeric score 'x'" in lines[0], p.stderr
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_population_csv_drives_the_correlation(tmp_path):
+    cands = write_csv(tmp_path / "c.csv", {k: ROWS[k] for k in ("alpha", "beta", "gamma")})
+    pop = pd.DataFrame(ROWS, index=["x1", "x2", "y1", "y2"]).T
+    pop.index.name = "model"
+    pop.to_csv(tmp_path / "pop.csv")
+    p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={cands}", f"selection.population_csv={tmp_path / 'pop.csv'}",
+                                "strategy=soce_selected", f"paths.root_dir={tmp_path}",
+                                f"hydra.run.dir={tmp_path / 'run'}"), capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert r["experts"] == ["alpha", "beta"]
