@@ -27,14 +27,16 @@ import shutil
 import struct
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["SoupError", "check_models", "write_soup", "Remixer", "parse_size"]
+__all__ = ["SoupError", "check_models", "write_soup", "Remixer", "parse_size", "reference_soup", "mix_into"]
 
 # safetensors dtype codes -> torch dtypes (the ones torch can hold).
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -56,7 +58,8 @@ DONOR_FILES = (
     "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
 )
 INDEX_NAME = "model.safetensors.index.json"
-CHUNK_ELEMS = 1 << 20  # elements per arithmetic chunk on CPU: 4 MiB of float32, stays in cache
+CHUNK_ELEMS = 1 << 18  # elements per arithmetic chunk on CPU: 1 MiB of float32 accumulator, stays in L2
+GPU_CHUNK_ELEMS = 1 << 22  # on GPU: 16 MiB of float32 accumulator, stays in L2
 
 
 class SoupError(ValueError):
@@ -202,11 +205,11 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPE_NAMES[key]
 
 
-def normalise_weights(
+def check_weights(
     names: list[str], weights: Mapping[str, float], *, normalize: bool = True, subset: bool = False
 ) -> dict[str, float]:
-    """Check weights (finite, >= 0, one per candidate unless ``subset``) and return them scaled to sum 1
-    (float64), in ``names`` order, zeros dropped. ``normalize=False`` rejects a sum off 1 by > 1e-6."""
+    """Check weights (numbers, finite, >= 0, not all 0, one per candidate unless ``subset``) and return them
+    as given, in ``names`` order, zeros dropped. ``normalize=False`` rejects a sum off 1 by more than 1e-6."""
     unknown = [k for k in weights if k not in names]
     if unknown:
         raise SoupError(f"weights: {unknown[0]!r} is not a candidate (candidates: {', '.join(names)})")
@@ -232,7 +235,7 @@ def normalise_weights(
         raise SoupError("weights: all weights are zero")
     if not normalize and abs(total - 1.0) > 1e-6:
         raise SoupError(f"weights: sum {total!r} != 1 and normalize=false")
-    return {n: w / total for n, w in out.items() if w > 0}
+    return {n: w for n, w in out.items() if w > 0}
 
 
 def _dedup(models: Mapping[str, str | Path], weights: Mapping[str, float] | None = None):
@@ -292,6 +295,19 @@ def _check(ckpts: list[Checkpoint]) -> None:
                 f"{c.tensors[extra[0]].file}: tensor {extra[0]!r} only in candidate {c.name!r}"
                 f" (missing in {ref.path})"
             )
+    fixed = [k for k, i in ref.tensors.items() if ST_DTYPES[i.dtype] not in AVERAGED]
+    if fixed and len(ckpts) > 1:
+        maps = _Maps()
+        try:
+            for k in fixed:
+                first = maps.view(ref.tensors[k], 0, ref.tensors[k].numel)
+                for c in ckpts[1:]:
+                    if not torch.equal(first, maps.view(c.tensors[k], 0, ref.tensors[k].numel)):
+                        raise SoupError(f"{c.tensors[k].file}: tensor {k!r} ({ref.tensors[k].dtype}) differs from"
+                                        f" {ref.tensors[k].file} and cannot be averaged")
+            del first
+        finally:
+            maps.close()
     cfgs = {}
     for c in ckpts:
         cfg = c.path / "config.json"
@@ -338,23 +354,56 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _weight_tensors(ws: list[float], acc: torch.dtype, device: torch.device | str) -> list[torch.Tensor]:
-    # One-element (not 0-dim) tensors take part in type promotion: bf16 * w computes in float32, which
-    # equals (w * t.float()) exactly, in one pass and without a float32 copy of the input.
-    return [torch.tensor([w], dtype=acc, device=device) for w in ws]
+@dataclass(frozen=True)
+class Coefficients:
+    """Weights as accumulation-dtype tensors on one device: ``ws[j]`` has one element (so that it takes part
+    in type promotion), ``den`` is their sum, or None when it is exactly 1 (or ``normalize`` is off)."""
+
+    ws: list[torch.Tensor]
+    den: torch.Tensor | None
+
+    @staticmethod
+    def make(weights: list[float], acc: torch.dtype, device: torch.device | str = "cpu",
+             normalize: bool = True) -> Coefficients:
+        w = torch.tensor(weights, dtype=acc)
+        den = w.sum()
+        keep = normalize and bool(den != 1)
+        return Coefficients([w[j:j + 1].to(device) for j in range(len(weights))],
+                            den.reshape(1).to(device) if keep else None)
 
 
-def mix_into(
-    out: torch.Tensor, srcs: list[torch.Tensor], ws: list[torch.Tensor], acc: torch.Tensor, tmp: torch.Tensor
-) -> None:
-    """out <- round(sum_j ws[j] * srcs[j]) with float accumulation in ``acc``/``tmp`` (same numel as out,
-    dtype of ws). All 1-D, same device. The operation order defines the soup's bits."""
-    torch.mul(srcs[0], ws[0], out=acc)
-    acc.add_(0.0)  # python's sum() starts at 0 (turns -0.0 into +0.0): kept for bit equality
-    for s, w in zip(srcs[1:], ws[1:], strict=True):
-        torch.mul(s, w, out=tmp)
-        acc.add_(tmp)
+def mix_into(out: torch.Tensor, srcs: list[torch.Tensor], co: Coefficients, acc: torch.Tensor,
+             tmp: torch.Tensor | None = None) -> None:
+    """``out <- round(fma-accumulate(ws[j] * srcs[j]) / den)``: ``acc`` (accumulation dtype) starts at +0 and
+    takes ``acc += w_j * src_j`` with one rounding per step (``addcmul_``, a fused multiply-add on CPU and
+    GPU), in candidate order; then the division by the weights' sum when it is not 1, then one rounding to
+    ``out``'s dtype. All tensors 1-D with the same numel, on one device. This order defines the soup's bits
+    (and matches mergekit 0.1.5's linear merge). ``tmp`` (like ``acc``): when given, sources of another dtype
+    are converted into it first (exact), which spares torch's CPU kernels a temporary allocation."""
+    acc.zero_()
+    for src, w in zip(srcs, co.ws, strict=True):
+        if tmp is not None and src.dtype != acc.dtype:
+            tmp.copy_(src)
+            src = tmp
+        acc.addcmul_(src, w)
+    if co.den is not None:
+        acc.div_(co.den)
     out.copy_(acc)
+
+
+def reference_soup(tensors: list[torch.Tensor], weights: list[float], dtype: torch.dtype | None = None,
+                   normalize: bool = True) -> torch.Tensor:
+    """Plain torch reference of one soup tensor, written independently of the streaming code: float32
+    (float64 for float64 inputs) fused multiply-add accumulation from zero in order, divided by the weights'
+    float32 sum unless that is 1, rounded to ``dtype`` (default: the inputs' dtype)."""
+    acc_dt = _acc_dtype(tensors[0].dtype)
+    w = torch.tensor(weights, dtype=acc_dt)
+    acc = torch.zeros(tensors[0].shape, dtype=acc_dt)
+    for t, wj in zip(tensors, w.unbind(0), strict=True):
+        acc.addcmul_(t, wj.reshape([1] * t.dim()))
+    if normalize and w.sum() != 1:
+        acc /= w.sum()
+    return acc.to(dtype or tensors[0].dtype)
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -445,12 +494,18 @@ class _Maps:
             return torch.frombuffer(self.get(info.file), dtype=dt, count=count,
                                     offset=info.begin + start * dt.itemsize)
 
-    def drop(self, info: TensorInfo) -> None:
+    def drop(self, info: TensorInfo, start: int = 0, count: int | None = None) -> None:
+        """Release the pages of elements [start, start+count) from this process (they stay in the page
+        cache), so that resident memory does not grow with the model."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
         m = self.maps[info.file]
-        page = mmap.PAGESIZE
-        b = info.begin - info.begin % page
-        e = min(len(m), info.end + (-info.end % page))
-        if hasattr(mmap, "MADV_DONTNEED") and e > b:
+        size = ST_DTYPES[info.dtype].itemsize
+        b = info.begin + start * size
+        e = info.end if count is None else b + count * size
+        b -= b % mmap.PAGESIZE
+        e = min(len(m), e + (-e % mmap.PAGESIZE))
+        if e > b:
             m.madvise(mmap.MADV_DONTNEED, b, e - b)
 
     def close(self) -> None:
@@ -468,47 +523,98 @@ def _write_all(fh, data) -> None:
         mv = mv[fh.write(mv):]
 
 
-def _stream_tensor(
-    maps: _Maps, infos: list[TensorInfo], ws: list[float], out_dtype: torch.dtype, buf: dict, fh
-) -> None:
-    """Write the soup of one tensor to ``fh`` chunk by chunk."""
-    src_dt = ST_DTYPES[infos[0].dtype]
-    numel = infos[0].numel
-    if src_dt not in AVERAGED:  # integer/bool/fp8 buffers: must be identical, copied as they are
-        first = maps.view(infos[0], 0, numel)
-        for other in infos[1:]:
-            if not torch.equal(first, maps.view(other, 0, numel)):
-                raise SoupError(f"{other.file}: tensor {infos[0].key!r} ({infos[0].dtype}) differs from"
-                                f" {infos[0].file} and cannot be averaged")
-        _write_all(fh, first.view(torch.uint8).numpy())
-        return
-    acc_dt = _acc_dtype(src_dt)
-    key = (acc_dt, out_dtype)
-    if key not in buf:
-        buf[key] = (torch.empty(CHUNK_ELEMS, dtype=acc_dt), torch.empty(CHUNK_ELEMS, dtype=acc_dt),
-                    torch.empty(CHUNK_ELEMS, dtype=out_dtype), _weight_tensors(ws, acc_dt, "cpu"))
-    acc, tmp, out, wts = buf[key]
-    for s in range(0, numel, CHUNK_ELEMS):
-        n = min(CHUNK_ELEMS, numel - s)
-        srcs = [maps.view(i, s, n) for i in infos]
-        mix_into(out[:n], srcs, wts, acc[:n], tmp[:n])
-        _write_all(fh, out[:n].view(torch.uint8).numpy())
-        del srcs
+class _Slot:
+    """Reusable scratch buffers of one in-flight chunk (grown on demand, never shrunk)."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.raw: dict[str, torch.Tensor] = {}
+        self.device = device
+
+    def get(self, name: str, dtype: torch.dtype, n: int) -> torch.Tensor:
+        need = n * dtype.itemsize
+        r = self.raw.get(name)
+        if r is None or r.numel() < need:
+            r = self.raw[name] = torch.empty(max(need, CHUNK_ELEMS * 4), dtype=torch.uint8, device=self.device)
+        return r[:need].view(dtype)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Elements [start, start+count) of one output tensor."""
+
+    infos: list[TensorInfo]
+    start: int
+    count: int
+    out_dtype: torch.dtype
+    co: Coefficients | None  # None: a non-floating tensor, copied after checking all candidates agree
+
+
+def _jobs(keys: list[str], ckpts: list[Checkpoint], specs: dict, coeffs: dict) -> Iterator[_Job]:
+    for k in keys:
+        infos = [c.tensors[k] for c in ckpts]
+        src = ST_DTYPES[infos[0].dtype]
+        if src not in AVERAGED:
+            yield _Job(infos, 0, infos[0].numel, src, None)
+            continue
+        for s, n in _chunks(infos[0].numel, CHUNK_ELEMS):
+            yield _Job(infos, s, n, specs[k][0], coeffs[_acc_dtype(src)])
+
+
+def _compute(maps: _Maps, job: _Job, slot: _Slot) -> torch.Tensor:
+    """The soup of one chunk, in ``slot``'s buffers (valid until the slot is reused)."""
+    infos = job.infos
+    if job.co is None:  # checked equal across candidates by _check
+        return maps.view(infos[0], 0, job.count)
+    srcs = [maps.view(i, job.start, job.count) for i in infos]
+    out = slot.get("out", job.out_dtype, job.count)
+    acc_dt = job.co.ws[0].dtype
+    mix_into(out, srcs, job.co, slot.get("acc", acc_dt, job.count), slot.get("tmp", acc_dt, job.count))
+    del srcs
     for i in infos:
-        maps.drop(i)
+        maps.drop(i, job.start, job.count)
+    return out
 
 
-def _recipe(ckpts: list[Checkpoint], ws: dict[str, float], given: Mapping[str, float], donor: str,
-            dtype: torch.dtype | None, alias: dict[str, str], recipe: Mapping[str, Any] | None) -> dict:
+def _stream(maps: _Maps, jobs: Iterator[_Job], fh, workers: int) -> None:
+    """Compute jobs on ``workers`` threads (torch ops release the GIL) and write results in order."""
+    if workers <= 1:
+        slot = _Slot()
+        for job in jobs:
+            _write_all(fh, _compute(maps, job, slot).view(torch.uint8).numpy())
+        return
+    depth = 2 * workers
+    free = [_Slot() for _ in range(depth)]
+    pending: deque = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="soce-soup") as pool:
+        try:
+            for job in jobs:
+                if len(pending) == depth:
+                    fut, slot = pending.popleft()
+                    _write_all(fh, fut.result().view(torch.uint8).numpy())
+                    free.append(slot)
+                slot = free.pop()
+                pending.append((pool.submit(_compute, maps, job, slot), slot))
+            while pending:
+                fut, _ = pending.popleft()
+                _write_all(fh, fut.result().view(torch.uint8).numpy())
+        finally:
+            for fut, _ in pending:
+                fut.cancel()
+
+
+def _recipe(ckpts: list[Checkpoint], ws: dict[str, float], donor: str, dtype: torch.dtype | None,
+            alias: dict[str, str], recipe: Mapping[str, Any] | None) -> dict:
     from soce import __version__
 
+    total = math.fsum(ws.values())
     rec: dict[str, Any] = {
         "soce_version": __version__,
         "method": "linear",
-        "accumulation": "float32 (float64 for float64 tensors), in candidate order",
+        "accumulation": "float32 fused multiply-add from 0 in candidate order (float64 for float64 tensors),"
+                        " divided by the float32 sum of the weights unless it is 1, rounded to the output dtype",
         "candidates": [
-            {"name": c.name, "path": str(c.path), "weight": ws.get(c.name, 0.0),
-             "given_weight": float(given.get(c.name, 0.0))}
+            {"name": c.name, "path": str(c.path), "weight": ws.get(c.name, 0.0) / total,
+             "given_weight": ws.get(c.name, 0.0)}
             for c in ckpts
         ],
         "donor": donor,
@@ -561,6 +667,14 @@ def _clean_stale(output: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _default_workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
 def write_soup(
     models: Mapping[str, str | Path],
     weights: Mapping[str, float],
@@ -572,6 +686,7 @@ def write_soup(
     overwrite: bool = False,
     normalize: bool = True,
     recipe: Mapping[str, Any] | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Stream the weighted average of the candidates' safetensors tensors (file keys) to a Hugging Face
     checkpoint dir ``output`` and return its path.
@@ -583,10 +698,11 @@ def write_soup(
     (default: each tensor's own dtype). ``max_shard_size``: bytes or '5GB'/'500MiB'. Everything is checked
     before anything is written; the directory appears atomically (an existing one is replaced only with
     ``overwrite=True``). ``recipe``: extra provenance stored in README.md and the safetensors metadata.
+    ``workers``: compute threads (default: CPUs available, at most 8); torch runs single-threaded meanwhile.
     """
     mp, wts_given, alias = _dedup(models, weights)
     names = list(mp)
-    ws = normalise_weights(names, wts_given or {}, normalize=normalize)
+    ws = check_weights(names, wts_given or {}, normalize=normalize)
     donor = alias.get(donor, donor) if donor is not None else names[0]
     if donor not in mp:
         raise SoupError(f"donor: {donor!r} is not a candidate (candidates: {', '.join(names)})")
@@ -602,7 +718,7 @@ def write_soup(
     ref = ckpts[0].tensors
     specs = {k: ((out_dt if out_dt and ST_DTYPES[i.dtype] in AVERAGED else ST_DTYPES[i.dtype]), i.shape)
              for k, i in ref.items()}
-    rec = _recipe(ckpts, ws, wts_given or {}, donor, out_dt, alias, recipe)
+    rec = _recipe(ckpts, ws, donor, out_dt, alias, recipe)
     meta = {"format": "pt", "soce_recipe": json.dumps(rec, default=str)}
     shards = _plan_shards(specs, shard_bytes, meta)
 
@@ -611,17 +727,19 @@ def write_soup(
     tmp = out.parent / f".{out.name}.soce-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     maps = _Maps()
+    threads = torch.get_num_threads()
     try:
         used = [c for c in ckpts if c.name in ws]
         wl = [ws[c.name] for c in used]
-        buf: dict = {}
+        coeffs = {dt: Coefficients.make(wl, dt, "cpu", normalize) for dt in (torch.float32, torch.float64)}
         weight_map: dict[str, str] = {}
+        torch.set_num_threads(1)  # parallel over chunks instead: no OpenMP barriers (costly on busy CPUs)
         for sh in shards:
             with open(tmp / sh.name, "wb", buffering=0) as fh:
-                fh.write(sh.header)
-                for k in sh.keys:
-                    _stream_tensor(maps, [c.tensors[k] for c in used], wl, specs[k][0], buf, fh)
-                    weight_map[k] = sh.name
+                _write_all(fh, sh.header)
+                _stream(maps, _jobs(sh.keys, used, specs, coeffs), fh, workers or _default_workers())
+            weight_map.update(dict.fromkeys(sh.keys, sh.name))
+        torch.set_num_threads(threads)
         if len(shards) > 1:
             total = sum(s.size for s in shards)
             idx = {"metadata": {"total_size": total, "soce_recipe": rec},
@@ -636,9 +754,8 @@ def write_soup(
         if out_dt is not None and (tmp / "config.json").is_file():
             cfg = json.loads((tmp / "config.json").read_text())
             name = str(out_dt).removeprefix("torch.")
-            for k in ("dtype", "torch_dtype"):
-                if k in cfg:
-                    cfg[k] = name
+            for k in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
+                cfg[k] = name
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         rec["donor_files"] = copied
         (tmp / "README.md").write_text(_model_card(rec, shards, copied))
@@ -652,6 +769,7 @@ def write_soup(
         else:
             tmp.rename(out)
     except BaseException:
+        torch.set_num_threads(threads)
         maps.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -700,7 +818,7 @@ class Remixer:
         self._maps = _Maps()
         for c in ckpts:
             self.experts[c.name] = {k: self._load(info) for k, info in c.tensors.items()}
-        self._buf: dict = {}
+        self._slot = _Slot(self.expert_device)
 
     @staticmethod
     def _map_keys(model, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
@@ -741,38 +859,31 @@ class Remixer:
     @torch.no_grad()
     def mix(self, weights: Mapping[str, float]) -> Any:
         """Write the soup with ``weights`` (subset allowed, missing = 0; normalised to sum 1) into
-        ``self.model`` in place and return the model."""
-        merged: dict[str, float] = {}
+        ``self.model`` in place and return the model. Asynchronous on CUDA (synchronise to time it)."""
+        merged: dict[str, Any] = {}
         for n, w in weights.items():
             tgt = self.duplicates.get(n, n)
             merged[tgt] = (float(merged[tgt]) + float(w)) if tgt in merged else w
-        ws = normalise_weights(self.names, merged, subset=True)
+        ws = check_weights(self.names, merged, subset=True)
         used = [n for n in self.names if n in ws]
         dev = self.expert_device
-        chunk = CHUNK_ELEMS if dev.type == "cpu" else 1 << 24
-        wcache: dict = {}
+        wl = [ws[n] for n in used]
+        coeffs = {dt: Coefficients.make(wl, dt, dev) for dt in (torch.float32, torch.float64)}
+        chunk = CHUNK_ELEMS if dev.type == "cpu" else GPU_CHUNK_ELEMS
         for key, target in self.targets.items():
-            srcs_full = [self.experts[n][key].reshape(-1) for n in used]
-            src_dt = srcs_full[0].dtype
+            srcs = [self.experts[n][key] for n in used]
             flat = target.data.view(-1)
+            src_dt = srcs[0].dtype
             if src_dt not in AVERAGED:
-                flat.copy_(srcs_full[0])
+                flat.copy_(srcs[0])
                 continue
             acc_dt = _acc_dtype(src_dt)
-            out_dt = self.out_dtype or src_dt  # round as write_soup would, even if the model differs
-            bkey = (acc_dt, out_dt)
-            if bkey not in self._buf:
-                self._buf[bkey] = (torch.empty(chunk, dtype=acc_dt, device=dev),
-                                   torch.empty(chunk, dtype=acc_dt, device=dev),
-                                   torch.empty(chunk, dtype=out_dt, device=dev))
-            acc, tmp, outb = self._buf[bkey]
-            if bkey not in wcache:
-                wcache[bkey] = _weight_tensors([ws[n] for n in used], acc_dt, dev)
-            wts = wcache[bkey]
+            out_dt = self.out_dtype or src_dt  # round as write_soup does, even if the model's dtype differs
             direct = flat.device == dev and flat.dtype == out_dt
             for s, n in _chunks(flat.numel(), chunk):
-                dst = flat[s:s + n] if direct else outb[:n]
-                mix_into(dst, [x[s:s + n] for x in srcs_full], wts, acc[:n], tmp[:n])
+                dst = flat[s:s + n] if direct else self._slot.get("out", out_dt, n)
+                tmp = self._slot.get("tmp", acc_dt, n) if dev.type == "cpu" else None
+                mix_into(dst, [x[s:s + n] for x in srcs], coeffs[acc_dt], self._slot.get("acc", acc_dt, n), tmp)
                 if not direct:
                     flat[s:s + n].copy_(dst)
         return self.model

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from soce.soup import Remixer, SoupError, check_models, parse_size, write_soup
+from soce.soup import Remixer, SoupError, check_models, parse_size, reference_soup, write_soup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,12 +57,21 @@ def load_dir(path: Path) -> dict[str, torch.Tensor]:
 
 
 def reference(dirs: list[Path], ws: list[float], dtype=None) -> dict[str, torch.Tensor]:
-    """The contract: sum(w * t.float()) in candidate order, rounded to the output dtype."""
-    tot = sum(ws)
-    wn = [w / tot for w in ws]
+    """The contract, in plain torch on whole tensors: float32 accumulator from 0, acc += w_j * t_j as a fused
+    multiply-add (addcmul_) in candidate order, divided by the float32 sum of the weights unless it is 1,
+    rounded to the output dtype (what mergekit 0.1.5's linear merge computes)."""
     sds = [load_dir(d) for d in dirs]
-    return {k: sum(w * sd[k].float() for w, sd in zip(wn, sds, strict=True)).to(dtype or sds[0][k].dtype)
-            for k in sds[0]}
+    w = torch.tensor(ws, dtype=torch.float32)
+    out = {}
+    for k in sds[0]:
+        acc = torch.zeros(sds[0][k].shape)
+        for j, sd in enumerate(sds):
+            acc.addcmul_(sd[k], w[j])
+        if w.sum() != 1:
+            acc = acc / w.sum()
+        out[k] = acc.to(dtype or sds[0][k].dtype)
+        assert torch.equal(out[k], reference_soup([sd[k] for sd in sds], ws, dtype))
+    return out
 
 
 def assert_bits_equal(a: dict, b: dict) -> None:
@@ -94,10 +103,27 @@ def test_bit_equal_reference_and_card(zoo, tmp_path):
     with safe_open(out / "model.safetensors", "pt") as f:
         rec = json.loads(f.metadata()["soce_recipe"])
     assert [c["weight"] for c in rec["candidates"]] == pytest.approx(ws)
+    # fused multiply-add accumulation: one rounding per term, close to exact float64 arithmetic
+    k = "model.layers.0.mlp.up_proj.weight"
+    exact = sum(w * load_dir(d)[k].double() for w, d in zip(ws, models.values(), strict=True))
+    assert (load_dir(out)[k] == exact.to(torch.bfloat16)).float().mean() > 0.995
     assert rec["donor"] == "a" and rec["strategy"] == "soce"
     assert json.loads((out / "tokenizer_config.json").read_text())["from"] == "a"
     assert (out / "config.json").is_file() and (out / "generation_config.json").is_file()
     assert not list(tmp_path.glob(".soup*"))  # no temporary left
+
+
+def test_workers_and_threads_do_not_change_bits(zoo, tmp_path, monkeypatch):
+    import soce.soup as soup
+
+    monkeypatch.setattr(soup, "CHUNK_ELEMS", 1000)  # many chunks, ragged ends
+    threads = torch.get_num_threads()
+    models = {k: zoo[k] for k in ("a", "b", "c")}
+    ws = {"a": 0.35, "b": 0.3, "c": 0.2}  # sum != 1: normalised by division
+    outs = [load_dir(write_soup(models, ws, tmp_path / f"o{w}", workers=w)) for w in (1, 3)]
+    assert_bits_equal(outs[0], outs[1])
+    assert_bits_equal(outs[0], reference(list(models.values()), list(ws.values())))
+    assert torch.get_num_threads() == threads  # restored
 
 
 def test_unnormalised_weights_and_donor_and_dtype(zoo, tmp_path):
@@ -111,14 +137,13 @@ def test_unnormalised_weights_and_donor_and_dtype(zoo, tmp_path):
     write_soup(models, {"a": 0.75, "b": 0.25}, tmp_path / "s3", normalize=False)
 
 
-def test_negative_zero_follows_python_sum(tmp_path):
+def test_negative_zero_accumulates_from_plus_zero(tmp_path):
     t = torch.tensor([-0.0, 1.0, -0.0], dtype=torch.bfloat16)
     for n in ("a", "b"):
         (tmp_path / n).mkdir()
         save_file({"w": t.clone()}, tmp_path / n / "model.safetensors")
     out = write_soup({n: tmp_path / n for n in "ab"}, {"a": 0.5, "b": 0.5}, tmp_path / "o")
-    ref = (0.5 * t.float() + 0.5 * t.float())
-    ref = sum([0.5 * t.float(), 0.5 * t.float()]).to(torch.bfloat16)
+    ref = sum([0.5 * t.float(), 0.5 * t.float()]).to(torch.bfloat16)  # exact here: +0.0 where t is -0.0
     assert torch.equal(load_dir(out)["w"].view(torch.int16), ref.view(torch.int16))
 
 
@@ -286,15 +311,15 @@ def test_sigkill_mid_write_leaves_no_target(tmp_path):
     out = tmp_path / "soup"
     code = (
         "import sys, soce.soup as s\n"
-        "orig = s._stream_tensor\n"
+        "orig = s._write_all\n"
         "def slow(*a, **k):\n"
-        "    orig(*a, **k); print('tensor', flush=True); import time; time.sleep(0.05)\n"
-        "s._stream_tensor = slow\n"
+        "    orig(*a, **k); print('chunk', flush=True); import time; time.sleep(0.05)\n"
+        "s._write_all = slow\n"
         f"s.write_soup({big!r}, {{'x': 1, 'y': 1}}, {str(out)!r}, max_shard_size='8MB')\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=ROOT, text=True)
     for _ in range(3):
-        assert proc.stdout.readline().startswith("tensor")
+        assert proc.stdout.readline().startswith("chunk")
     tmps = list(tmp_path.glob(".soup.soce-tmp-*"))
     assert len(tmps) == 1 and any(tmps[0].iterdir())
     os.kill(proc.pid, signal.SIGKILL)
