@@ -126,6 +126,24 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="_config_schema", node=Config)
 
 
+def unknown_keys(cfg: Any, schema: type = Config, prefix: str = "") -> list[str]:
+    """Keys of ``cfg`` that the schema does not declare (``+key=...`` overrides bypass Hydra's check)."""
+    import dataclasses
+
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    out = []
+    for key in cfg:
+        if key == "hydra" and not prefix:
+            continue
+        if key not in known:
+            out.append(prefix + str(key))
+            continue
+        sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            out += unknown_keys(cfg[key], sub, f"{prefix}{key}.")
+    return out
+
+
 def to_plain(cfg: Any) -> dict:
     """A resolved config as plain Python containers (nothing downstream touches OmegaConf)."""
     from omegaconf import OmegaConf

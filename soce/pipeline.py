@@ -84,6 +84,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
         if s["name"] not in CSV_STRATEGIES:
             raise ConfigError(f"strategy {s['name']!r} evaluates soups and needs checkpoints; with pool.source=csv "
                               f"use one of {', '.join(CSV_STRATEGIES)}")
+        cats = list(read_score_csv(pool["csv"])[0].columns)
+        if sel["population_csv"]:
+            read_score_csv(sel["population_csv"], cats)
     if pool["source"] == "paths":
         if not pool["candidates"]:
             raise ConfigError(f"pool {pool['name']!r} lists no candidates")

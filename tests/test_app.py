@@ -9,9 +9,8 @@ import mlflow
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ValidationError
 
-from soce.config import register_configs, to_plain
+from soce.config import register_configs, to_plain, unknown_keys
 from soce.pipeline import ConfigError, validate
 
 from .conftest import ROOT, soce_cmd
@@ -39,10 +38,13 @@ def test_every_strategy_option_composes(strategy):
 def test_unknown_option_key_and_type_fail_at_compose():
     with pytest.raises(ConfigCompositionException, match="nonexistent"):
         composed("strategy=nonexistent")
-    with pytest.raises(ValidationError, match="step"):
+    with pytest.raises(ConfigCompositionException, match="search.step=abc"):
         composed("search.step=abc")
     with pytest.raises(ConfigCompositionException, match="no_such_key"):
-        composed("+selection.no_such_key=1")
+        composed("selection.no_such_key=1")
+    # '+key=' forces a key into the config; the schema check still finds it
+    assert unknown_keys(composed("+selection.no_such_key=1")) == ["selection.no_such_key"]
+    assert unknown_keys(composed()) == []
 
 
 def test_semantic_errors_before_anything_runs(tmp_path):
@@ -54,15 +56,20 @@ def test_semantic_errors_before_anything_runs(tmp_path):
         validate(cfg)
 
 
-@pytest.mark.parametrize(("arg", "needle"), [("strategy=nonexistent", "nonexistent"),
-                                             ("search.step=abc", "search.step")])
-def test_cli_bad_input_one_clear_line(tmp_path, arg, needle):
-    p = subprocess.run(soce_cmd(arg, f"paths.root_dir={tmp_path}"), capture_output=True, text=True, cwd=tmp_path)
-    assert p.returncode != 0
+@pytest.mark.parametrize(("args", "needle"), [
+    (["strategy=nonexistent"], "Could not find 'strategy/nonexistent' (available: best_single"),
+    (["search.step=abc"], "search.step=abc: Value 'abc' of type 'str' could not be converted to Float"),
+    (["+selection.typo=1"], "unknown config key 'selection.typo'"),
+    (["-m", "strategy=uniform,nope"], "strategy/nope"),  # every job of a sweep is checked first
+    (["pool=example_local"], "checkpoint 'model_a' not found"),
+])
+def test_cli_bad_input_one_clear_line(tmp_path, args, needle):
+    p = subprocess.run(soce_cmd(*args, f"paths.root_dir={tmp_path}"), capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, p.stderr
-    assert needle in lines[0]
-    assert not (tmp_path / "outputs").exists()  # nothing written
+    assert lines[0].startswith("soce: error: ") and needle in lines[0]
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()  # nothing written
 
 
 @pytest.mark.slow

@@ -11,9 +11,9 @@ from soce.pipeline import ConfigError, read_score_csv
 from .conftest import soce_cmd
 
 # two families: (x1, x2) move together, (y1, y2) move together, weakly across
-ROWS = {
-    "alpha": [80, 78, 20, 22], "beta": [30, 32, 85, 83], "gamma": [60, 61, 55, 50],
-    "delta": [50, 49, 40, 41], "eps": [40, 42, 70, 69], "zeta": [70, 69, 30, 33],
+ROWS = {  # corr(x, y) = -0.21 across these six models
+    "alpha": [80, 78, 60, 62], "beta": [30, 32, 85, 83], "gamma": [60, 61, 20, 22],
+    "delta": [50, 49, 45, 44], "eps": [40, 42, 30, 29], "zeta": [70, 69, 50, 53],
 }
 
 
