@@ -209,7 +209,8 @@ def main() -> int:
     n_params = sum(math.prod(s) for s in llama_shapes(cfg).values())
     size = sum((d / "model.safetensors").stat().st_size for d in dirs)
     ws = (MAIN_WEIGHTS if a.models == 4 else [1.0 / a.models] * a.models)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     tools = {"soce": lambda w, o: soce_cmd(a.soce_python, dirs, w, o)}
     if not a.skip_mergekit:
         if not Path(a.mergekit).exists():
