@@ -10,6 +10,7 @@ Arguments are Hydra-style ``key=value`` overrides (lists in brackets, comma sepa
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -101,12 +102,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     from soce.soup import SoupError, write_soup
 
+    # SIGTERM unwinds like Ctrl-C, so the temporary output directory is removed (SIGKILL leaves a hidden
+    # temporary sibling that the next merge to the same target removes; never a partial target).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         kw = parse_args(argv)
         out = write_soup(**kw)
     except (UsageError, SoupError) as e:
         print(f"soce.merge: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"soce.merge: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(out)
     return 0
 

@@ -268,8 +268,9 @@ def _dedup(models: Mapping[str, str | Path], weights: Mapping[str, float] | None
     return out, merged, alias
 
 
-def _check(ckpts: list[Checkpoint]) -> None:
-    """Identical tensor names, shapes and dtypes across candidates; one line per failure."""
+def _check(ckpts: list[Checkpoint], mixed_ok: bool = False) -> None:
+    """Identical tensor names, shapes and dtypes across candidates (floating dtypes may differ when
+    ``mixed_ok``: an output dtype was given); non-floating tensors identical; one line per failure."""
     ref = ckpts[0]
     for c in ckpts[1:]:
         for key, info in ref.tensors.items():
@@ -284,10 +285,11 @@ def _check(ckpts: list[Checkpoint]) -> None:
                     f"{other.file}: tensor {key!r} shape {list(other.shape)} != {list(info.shape)}"
                     f" in {info.file}{what}"
                 )
-            if other.dtype != info.dtype:
+            floating = ST_DTYPES[other.dtype] in AVERAGED and ST_DTYPES[info.dtype] in AVERAGED
+            if other.dtype != info.dtype and not (mixed_ok and floating):
+                hint = "pass an output dtype (dtype=bfloat16, ...) to mix them" if floating else "cannot be mixed"
                 raise SoupError(
-                    f"{other.file}: tensor {key!r} dtype {other.dtype} != {info.dtype} in {info.file}"
-                    " (candidates must share dtypes; convert one first)"
+                    f"{other.file}: tensor {key!r} dtype {other.dtype} != {info.dtype} in {info.file} ({hint})"
                 )
         extra = [k for k in c.tensors if k not in ref.tensors]
         if extra:
@@ -295,7 +297,7 @@ def _check(ckpts: list[Checkpoint]) -> None:
                 f"{c.tensors[extra[0]].file}: tensor {extra[0]!r} only in candidate {c.name!r}"
                 f" (missing in {ref.path})"
             )
-    fixed = [k for k, i in ref.tensors.items() if ST_DTYPES[i.dtype] not in AVERAGED]
+    fixed = [k for k, i in ref.tensors.items() if ST_DTYPES[i.dtype] not in AVERAGED and i.numel]
     if fixed and len(ckpts) > 1:
         maps = _Maps()
         try:
@@ -320,9 +322,9 @@ def _check(ckpts: list[Checkpoint]) -> None:
         raise SoupError(f"config.json: model_type differs across candidates ({cfgs})")
 
 
-def _open_all(models: Mapping[str, Path]) -> list[Checkpoint]:
+def _open_all(models: Mapping[str, Path], mixed_ok: bool = False) -> list[Checkpoint]:
     ckpts = [open_checkpoint(n, p) for n, p in models.items()]
-    _check(ckpts)
+    _check(ckpts, mixed_ok)
     return ckpts
 
 
@@ -350,8 +352,9 @@ def check_models(models: Mapping[str, str | Path]) -> dict:
 # ------------------------------------------------------------------------------------------ arithmetic
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 if any input is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 @dataclass(frozen=True)
@@ -396,7 +399,7 @@ def reference_soup(tensors: list[torch.Tensor], weights: list[float], dtype: tor
     """Plain torch reference of one soup tensor, written independently of the streaming code: float32
     (float64 for float64 inputs) fused multiply-add accumulation from zero in order, divided by the weights'
     float32 sum unless that is 1, rounded to ``dtype`` (default: the inputs' dtype)."""
-    acc_dt = _acc_dtype(tensors[0].dtype)
+    acc_dt = _acc_dtype(*(t.dtype for t in tensors))
     w = torch.tensor(weights, dtype=acc_dt)
     acc = torch.zeros(tensors[0].shape, dtype=acc_dt)
     for t, wj in zip(tensors, w.unbind(0), strict=True):
@@ -554,10 +557,12 @@ def _jobs(keys: list[str], ckpts: list[Checkpoint], specs: dict, coeffs: dict) -
         infos = [c.tensors[k] for c in ckpts]
         src = ST_DTYPES[infos[0].dtype]
         if src not in AVERAGED:
-            yield _Job(infos, 0, infos[0].numel, src, None)
+            if infos[0].numel:
+                yield _Job(infos, 0, infos[0].numel, src, None)
             continue
+        acc = _acc_dtype(*(ST_DTYPES[i.dtype] for i in infos))
         for s, n in _chunks(infos[0].numel, CHUNK_ELEMS):
-            yield _Job(infos, s, n, specs[k][0], coeffs[_acc_dtype(src)])
+            yield _Job(infos, s, n, specs[k][0], coeffs[acc])
 
 
 def _compute(maps: _Maps, job: _Job, slot: _Slot) -> torch.Tensor:
@@ -658,7 +663,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _clean_stale(output: Path) -> None:
     """Remove temporary siblings left by merges that were killed (their process is gone)."""
-    for d in output.parent.glob(f".{output.name}.soce-tmp-*"):
+    for d in [*output.parent.glob(f".{output.name}.soce-tmp-*"), *output.parent.glob(f".{output.name}.soce-old-*")]:
         try:
             pid = int(d.name.rsplit("-", 2)[-2])
         except ValueError:
@@ -714,7 +719,7 @@ def write_soup(
             raise SoupError(f"{out}: output overlaps candidate {n!r} ({p})")
     if out.exists() and not overwrite:
         raise SoupError(f"{out}: output exists (pass overwrite=true to replace it)")
-    ckpts = _open_all(mp)
+    ckpts = _open_all(mp, mixed_ok=out_dt is not None)
     ref = ckpts[0].tensors
     specs = {k: ((out_dt if out_dt and ST_DTYPES[i.dtype] in AVERAGED else ST_DTYPES[i.dtype]), i.shape)
              for k, i in ref.items()}
@@ -758,6 +763,8 @@ def write_soup(
                 cfg[k] = name
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         rec["donor_files"] = copied
+        if (src / "config.json").is_file() and "auto_map" in (src / "config.json").read_text():
+            rec["note"] = "config.json has auto_map (custom code): its .py files are not copied; soce never runs them"
         (tmp / "README.md").write_text(_model_card(rec, shards, copied))
         (tmp / "soce_recipe.json").write_text(json.dumps(rec, indent=2, default=str) + "\n")
         maps.close()
@@ -804,10 +811,10 @@ class Remixer:
 
         mp, _, self.duplicates = _dedup(models)
         self.names = list(mp)
-        ckpts = _open_all(mp)
+        out_dt = _dtype(dtype)
+        ckpts = _open_all(mp, mixed_ok=out_dt is not None)
         self.ckpts = ckpts
         self.device = _device(device)
-        out_dt = _dtype(dtype)
         kw: dict[str, Any] = {"dtype": out_dt if out_dt is not None else "auto"}
         self.out_dtype = out_dt
         self.model = AutoModelForCausalLM.from_pretrained(ckpts[0].path, trust_remote_code=False, **kw)
@@ -877,7 +884,7 @@ class Remixer:
             if src_dt not in AVERAGED:
                 flat.copy_(srcs[0])
                 continue
-            acc_dt = _acc_dtype(src_dt)
+            acc_dt = _acc_dtype(*(x.dtype for x in srcs))
             out_dt = self.out_dtype or src_dt  # round as write_soup does, even if the model's dtype differs
             direct = flat.device == dev and flat.dtype == out_dt
             for s, n in _chunks(flat.numel(), chunk):

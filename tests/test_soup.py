@@ -225,7 +225,9 @@ def test_validation_errors(zoo, tmp_path):
     _one_line_error(lambda: write_soup({"a": a, "t": zoo["ta"]}, ws("a", "t"), out), "lm_head.weight")
     # dtype mismatch
     h = make_model(tmp_path / "h", 8, dtype=torch.float16)
-    _one_line_error(lambda: write_soup({"a": a, "h": h}, ws("a", "h"), out), "dtype F16 != BF16")
+    _one_line_error(lambda: write_soup({"a": a, "h": h}, ws("a", "h"), out), "dtype F16 != BF16.*output dtype")
+    mixed = write_soup({"a": a, "h": h}, ws("a", "h"), tmp_path / "mixed", dtype="bfloat16")  # allowed
+    assert_bits_equal(load_dir(mixed), reference([a, h], [1.0, 1.0], torch.bfloat16))
     # weights
     _one_line_error(lambda: write_soup({"a": a, "b": b}, {"a": 1.0}, out), "no weight for candidate 'b'")
     _one_line_error(lambda: write_soup({"a": a, "b": b}, {"a": 1, "b": 1, "c": 1}, out), "'c' is not a")
