@@ -364,6 +364,7 @@ class Coefficients:
 
     ws: list[torch.Tensor]
     den: torch.Tensor | None
+    zero: torch.Tensor  # one +0.0 element: the accumulator's start, broadcast
 
     @staticmethod
     def make(weights: list[float], acc: torch.dtype, device: torch.device | str = "cpu",
@@ -372,7 +373,7 @@ class Coefficients:
         den = w.sum()
         keep = normalize and bool(den != 1)
         return Coefficients([w[j:j + 1].to(device) for j in range(len(weights))],
-                            den.reshape(1).to(device) if keep else None)
+                            den.reshape(1).to(device) if keep else None, torch.zeros(1, dtype=acc, device=device))
 
 
 def mix_into(out: torch.Tensor, srcs: list[torch.Tensor], co: Coefficients, acc: torch.Tensor,
@@ -383,12 +384,16 @@ def mix_into(out: torch.Tensor, srcs: list[torch.Tensor], co: Coefficients, acc:
     ``out``'s dtype. All tensors 1-D with the same numel, on one device. This order defines the soup's bits
     (and matches mergekit 0.1.5's linear merge). ``tmp`` (like ``acc``): when given, sources of another dtype
     are converted into it first (exact), which spares torch's CPU kernels a temporary allocation."""
-    acc.zero_()
-    for src, w in zip(srcs, co.ws, strict=True):
+    for j, (src, w) in enumerate(zip(srcs, co.ws, strict=True)):
         if tmp is not None and src.dtype != acc.dtype:
             tmp.copy_(src)
             src = tmp
-        acc.addcmul_(src, w)
+        if j > 0:
+            acc.addcmul_(src, w)
+        elif acc.is_cuda:
+            torch.addcmul(co.zero, src, w, out=acc)  # = acc.zero_().addcmul_(src, w) in one kernel
+        else:
+            acc.zero_().addcmul_(src, w)  # (a broadcast input is slower on CPU)
     if co.den is not None:
         acc.div_(co.den)
     out.copy_(acc)
