@@ -483,14 +483,17 @@ def _plan_shards(
 class _Maps:
     """Memory maps of the candidates' files, opened once; pages are dropped after use to keep RSS low."""
 
-    def __init__(self) -> None:
+    def __init__(self, sequential: bool = False) -> None:
         self.maps: dict[Path, mmap.mmap] = {}
+        self.sequential = sequential  # read once front to back: ask the kernel for aggressive read-ahead
 
     def get(self, file: Path) -> mmap.mmap:
         m = self.maps.get(file)
         if m is None:
             with open(file, "rb") as f:
                 m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if self.sequential and hasattr(mmap, "MADV_SEQUENTIAL"):
+                m.madvise(mmap.MADV_SEQUENTIAL)
             self.maps[file] = m
         return m
 
@@ -736,7 +739,7 @@ def write_soup(
     _clean_stale(out)
     tmp = out.parent / f".{out.name}.soce-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    maps = _Maps()
+    maps = _Maps(sequential=True)
     threads = torch.get_num_threads()
     try:
         used = [c for c in ckpts if c.name in ws]
