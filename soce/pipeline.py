@@ -38,6 +38,10 @@ def resolve_pool(cfg: Mapping[str, Any], progress: bool = True) -> tuple[dict[st
         from soce.demo.zoo import DemoConfig, build_demo
 
         manifest = build_demo(DemoConfig(**cfg["demo"]), progress=progress)
+        unknown = [c for c in cfg["benchmark"]["categories"] if c not in manifest["categories"]]
+        if unknown:
+            raise ConfigError(f"benchmark category {unknown[0]!r} is not in the demo zoo "
+                              f"(it has: {', '.join(manifest['categories'])})")
         return dict(manifest["candidates"]), dict(manifest["population"]), manifest["task_dir"]
     if pool["source"] not in ("paths", "csv"):
         raise ConfigError(f"pool.source must be 'paths', 'demo' or 'csv', got {pool['source']!r}")
