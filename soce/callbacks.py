@@ -43,7 +43,19 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         parent = _parent(config)
-        if parent:
+        if not parent:
+            return
+        from soce.report import write_sweep_report
+        from soce.tracking import client
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            report = write_sweep_report(sweep_dir)
+            if report is not None:
+                for name in ("report.md", "comparison.csv", "correlation.png"):
+                    if (sweep_dir / name).exists():
+                        client(parent["uri"]).log_artifact(parent["run_id"], str(sweep_dir / name))
+        finally:
             end_run(parent["uri"], parent["run_id"], "FINISHED")
 
 

@@ -44,6 +44,7 @@ class BenchmarkConfig:
     num_fewshot: int | None = None
     limit: int | None = None  # items per task (debugging only)
     batch_size: int = 64
+    families: dict[str, str] = field(default_factory=dict)  # category -> family (for the report); demo: filled in
 
 
 @dataclass

@@ -32,6 +32,7 @@ class Benchmark:
     num_fewshot: int | None = None
     limit: int | None = None
     batch_size: int = 64
+    families: dict[str, str] = field(default_factory=dict)
 
     @property
     def splits(self) -> list[str]:

@@ -31,8 +31,8 @@ class ConfigError(ValueError):
     """A config that composes but cannot run (one line naming the problem)."""
 
 
-def resolve_pool(cfg: Mapping[str, Any], progress: bool = True) -> tuple[dict[str, str], dict[str, str], str | None]:
-    """(candidates, population, demo task dir): from the config, or from the demo zoo (built on first use)."""
+def resolve_pool(cfg: Mapping[str, Any], progress: bool = True) -> tuple[dict[str, str], dict[str, str], dict]:
+    """(candidates, population, demo manifest or {}): from the config, or the demo zoo (built on first use)."""
     pool = cfg["pool"]
     if pool["source"] == "demo":
         from soce.demo.zoo import DemoConfig, build_demo
@@ -42,10 +42,10 @@ def resolve_pool(cfg: Mapping[str, Any], progress: bool = True) -> tuple[dict[st
         if unknown:
             raise ConfigError(f"benchmark category {unknown[0]!r} is not in the demo zoo "
                               f"(it has: {', '.join(manifest['categories'])})")
-        return dict(manifest["candidates"]), dict(manifest["population"]), manifest["task_dir"]
+        return dict(manifest["candidates"]), dict(manifest["population"]), manifest
     if pool["source"] not in ("paths", "csv"):
         raise ConfigError(f"pool.source must be 'paths', 'demo' or 'csv', got {pool['source']!r}")
-    return dict(pool["candidates"]), dict(pool["population"]), None
+    return dict(pool["candidates"]), dict(pool["population"]), {}
 
 
 def validate(cfg: Mapping[str, Any]) -> None:
@@ -107,10 +107,12 @@ def run(cfg: Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None =
         return run_scores_only(cfg, out_dir, parent_run_id)
     quiet_lm_eval()
     progress = bool(cfg.get("progress", True))
-    candidates, population, demo_tasks = resolve_pool(cfg, progress)
+    candidates, population, demo = resolve_pool(cfg, progress)
     bcfg = dict(cfg["benchmark"])
-    if bcfg.get("task_dir") is None and demo_tasks:
-        bcfg["task_dir"] = demo_tasks
+    if demo:
+        bcfg["task_dir"] = bcfg.get("task_dir") or demo["task_dir"]
+        demo_families = {c: f for c, f in demo["families"].items() if c in bcfg["categories"]}
+        bcfg["families"] = bcfg.get("families") or demo_families
     bench = Benchmark(**bcfg)
     if bench.select_split == bench.report_split:
         log.warning("select_split == report_split (%s): experts and weights are chosen on the scores "
@@ -238,7 +240,7 @@ def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, ca
     params = {"strategy": strategy, "pool": cfg["pool"]["name"], "benchmark": bench.name,
               "tau": cfg["selection"]["tau"], "tie_break": cfg["selection"]["tie_break"],
               "selection_method": cfg["selection"]["method"], "max_experts": cfg["selection"]["max_experts"],
-              "search": cfg["search"]["name"],
+              "search": cfg["search"]["name"], "categories": ",".join(bench.categories),
               "select_split": sel_split, "report_split": bench.report_split,
               "experts": ",".join(selection.ingredients), "weak_set": ",".join(selection.weak),
               "best_single": best, **{f"w.{n}": w for n, w in weights.items()}}
@@ -255,6 +257,11 @@ def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, ca
         "experts": selection.ingredients,
         "weak_set": selection.weak,
         "expert_of": selection.experts,
+        "categories": bench.categories,
+        "families": bench.families,
+        "select_split": sel_split,
+        "report_split": bench.report_split,
+        "correlation": _matrix(selection.correlation),
         "weights": weights,
         "scores": scores,
         "candidate_scores": {n: {s: cand_scores[s][n] for s in bench.splits} for n in candidates},
@@ -345,8 +352,7 @@ def run_scores_only(cfg: Mapping[str, Any], out_dir: Path, parent_run_id: str | 
             "weights": weights, "scores": {},
             "candidate_scores": {m: {split: {**table.loc[m].to_dict(), "overall": float(table.loc[m].mean())}}
                                  for m in table.index},
-            "correlation": {c: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
-                            for c, row in selection.correlation.to_dict(orient="index").items()},
+            "correlation": _matrix(selection.correlation),
             "soup_path": str(soup_path) if soup_path else None,
             "mlflow_run_id": tracker.run_id, "evaluated": 0, "cached": 0,
         }
@@ -362,6 +368,12 @@ def run_scores_only(cfg: Mapping[str, Any], out_dir: Path, parent_run_id: str | 
         raise
     tracker.end("FINISHED")
     return result
+
+
+def _matrix(df: pd.DataFrame) -> dict[str, dict[str, float | None]]:
+    """A correlation matrix as nested dicts, NaN as None (JSON has no NaN)."""
+    return {c: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
+            for c, row in df.to_dict("index").items()}
 
 
 def _no_evaluation(weights: dict[str, float]) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
     python -m soce.report                       # latest sweep of the demo experiment, report split
     python -m soce.report experiment=soce-demo parent=<run id> split=test out=DIR
+    python -m soce.report dir=outputs/multirun/<date>   # from a multirun directory's result.json files
 
 Rows: one per strategy of the sweep, plus the best single candidate (chosen on the selection split);
 columns: the benchmark's categories and ``overall``, as percentages.
@@ -9,6 +10,8 @@ columns: the benchmark's categories and ``overall``, as percentages.
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,7 +69,10 @@ def comparison_table(jobs: pd.DataFrame, split: str) -> pd.DataFrame:
         raise LookupError("the sweep has no job runs")
     prefix = f"metrics.{split}."
     cols = [c for c in jobs.columns if c.startswith(prefix)]
-    cats = [c[len(prefix):] for c in cols if not c.endswith(".overall")] + ["overall"]
+    cats = [c[len(prefix):] for c in cols if not c.endswith(".overall")]
+    if "params.categories" in jobs.columns and isinstance(jobs["params.categories"].iloc[0], str):
+        cats = jobs["params.categories"].iloc[0].split(",")
+    cats = [*cats, "overall"]
     rows: dict[str, Any] = {}
     jobs = jobs.sort_values("start_time")
     for _, job in jobs.iterrows():
@@ -75,6 +81,102 @@ def comparison_table(jobs: pd.DataFrame, split: str) -> pd.DataFrame:
     best = f"best single ({first['params.best_single']})"
     rows[best] = {c: 100 * first[f"metrics.best_single.{split}.{c}"] for c in cats}
     return pd.DataFrame.from_dict(rows, orient="index")[cats].round(2)
+
+
+def load_results(sweep_dir: str | Path) -> list[dict]:
+    """The jobs' result.json files of a multirun directory, in job order."""
+    files = sorted(Path(sweep_dir).glob("*/result.json"), key=lambda f: (len(f.parent.name), f.parent.name))
+    return [json.loads(f.read_text()) | {"job_dir": str(f.parent)} for f in files]
+
+
+def comparison_from_results(results: list[dict], split: str) -> pd.DataFrame:
+    """Strategies (+ best single candidate, picked on the selection split) x categories + overall, in %."""
+    if not results:
+        raise LookupError("no result.json in the sweep")
+    cats = [*results[0]["categories"], "overall"]
+    rows = {r["strategy"]: {c: 100 * r["scores"][split][c] for c in cats} for r in results}
+    best = results[0]["best_single"]
+    rows[f"best single ({best})"] = {c: 100 * results[0]["candidate_scores"][best][split][c] for c in cats}
+    return pd.DataFrame.from_dict(rows, orient="index")[cats].round(2)
+
+
+def family_correlation(corr: pd.DataFrame, families: dict[str, str]) -> tuple[float, float]:
+    """(mean |r| within families, mean |r| across families) over distinct category pairs with a defined r."""
+    within, across = [], []
+    cats = [c for c in corr.columns if c in families]
+    for i, a in enumerate(cats):
+        for b in cats[i + 1:]:
+            r = corr.at[a, b]
+            if pd.notna(r):
+                (within if families[a] == families[b] else across).append(abs(r))
+    mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")  # noqa: E731
+    return mean(within), mean(across)
+
+
+ORDERINGS = (  # (claim, larger row, smaller row, strict)
+    ("soce_weighted > best single", "soce_weighted", "best", True),
+    ("best single > uniform", "best", "uniform", True),
+    ("soce_selected >= uniform", "soce_selected", "uniform", False),
+    ("soce_weighted > soce_selected", "soce_weighted", "soce_selected", True),
+    ("soce_weighted > uniform", "soce_weighted", "uniform", True),
+)
+
+
+def orderings(table: pd.DataFrame) -> list[tuple[str, bool, float]]:
+    """The paper's orderings on ``table``'s overall column: (claim, holds, margin in points)."""
+    overall = table["overall"]
+    best = next((i for i in table.index if str(i).startswith("best single")), None)
+    out = []
+    for claim, hi, lo, strict in ORDERINGS:
+        hi, lo = (best if hi == "best" else hi), (best if lo == "best" else lo)
+        if hi in overall and lo in overall:
+            margin = float(overall[hi] - overall[lo])
+            out.append((claim, margin > 0 if strict else margin >= 0, round(margin, 2)))
+    return out
+
+
+def sweep_report(results: list[dict], split: str | None = None) -> str:
+    """A short markdown report of one sweep: table, heatmap, experts and weights, families, orderings."""
+    first = results[0]
+    split = split or first.get("report_split", "test")
+    table = comparison_from_results(results, split)
+    corr = pd.DataFrame(first["correlation"]).T.astype(float)
+    lines = [f"# SoCE sweep report: {first['benchmark']} / pool {first['pool']}", "",
+             f"Selection split `{first.get('select_split')}` (correlation, experts, weights); "
+             f"reported split `{split}` (accuracy %).", "", to_markdown(table), ""]
+    if first.get("select_split") == split:
+        lines += ["**Warning:** selection and report splits are the same (the paper's protocol): "
+                  "the gains are optimistic.", ""]
+    lines += ["## Orderings of the paper", ""]
+    lines += [f"- {'holds' if ok else 'does NOT hold'}: {claim} ({m:+.2f} points)" for claim, ok, m in orderings(table)]
+    lines += ["", "## Selection", "", f"- weak set L: {', '.join(first['weak_set']) or '(empty)'}",
+              "- experts: " + ", ".join(f"{c} -> {m}" for c, m in first.get("expert_of", {}).items())]
+    for r in results:
+        ws = ", ".join(f"{m} {w:.2f}" for m, w in r["weights"].items() if w > 0)
+        lines.append(f"- `{r['strategy']}` weights: {ws}")
+    fam = first.get("families") or {}
+    if fam:
+        w, a = family_correlation(corr, fam)
+        lines += ["", f"Mean |correlation| within families {w:.2f}, across families {a:.2f} "
+                      f"(families: {', '.join(sorted(set(fam.values())))})."]
+    lines += ["", "![category correlation](correlation.png)", ""]
+    return "\n".join(lines)
+
+
+def write_sweep_report(sweep_dir: str | Path) -> Path | None:
+    """Write report.md, comparison.csv and the heatmap into the sweep dir; None if no job finished."""
+    sweep_dir = Path(sweep_dir)
+    results = load_results(sweep_dir)
+    if not results:
+        return None
+    split = results[0].get("report_split", "test")
+    comparison_from_results(results, split).to_csv(sweep_dir / "comparison.csv")
+    heat = Path(results[0]["job_dir"]) / "artifacts" / "correlation.png"
+    if heat.exists():
+        shutil.copyfile(heat, sweep_dir / "correlation.png")
+    out = sweep_dir / "report.md"
+    out.write_text(sweep_report(results, split))
+    return out
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -92,13 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     experiment = args.get("experiment", "soce-demo")
     split = args.get("split", "test")
     try:
-        parent, jobs = sweep_runs(uri, experiment, args.get("parent"))
-        table = comparison_table(jobs, split)
+        if "dir" in args:
+            table, source = comparison_from_results(load_results(args["dir"]), split), args["dir"]
+        else:
+            parent, jobs = sweep_runs(uri, experiment, args.get("parent"))
+            table, source = comparison_table(jobs, split), f"MLflow sweep {parent}, experiment {experiment}"
     except LookupError as e:
         print(f"soce.report: {e}", file=sys.stderr)
         return 2
     md = to_markdown(table)
-    print(f"\nSoCE comparison on split '{split}' (accuracy %, sweep {parent}, experiment {experiment})\n")
+    print(f"\nSoCE comparison on split '{split}' (accuracy %, {source})\n")
     print(md)
     if "out" in args:
         out = Path(args["out"])
