@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from soce.callbacks import sweep_key
 from soce.config import register_configs, to_plain, unknown_keys
 from soce.tracking import PARENT_FILE
 
@@ -33,12 +34,14 @@ def hydra_main(cfg: DictConfig) -> None:
     from soce.pipeline import run
 
     hc = HydraConfig.get()
-    parent = None
+    parent, job_key = None, None
     if hc.mode == RunMode.MULTIRUN:
         marker = Path(hc.sweep.dir) / PARENT_FILE
         if marker.exists():
-            parent = json.loads(marker.read_text())["run_id"]
-    result = run(to_plain(cfg), Path(hc.runtime.output_dir), parent)
+            info = json.loads(marker.read_text())
+            parent = info["run_id"]
+            job_key = sweep_key([info.get("sweep_key", ""), *hc.overrides.task])
+    result = run(to_plain(cfg), Path(hc.runtime.output_dir), parent, job_key)
     log.info("%s: %s", result["strategy"],
              ", ".join(f"{s} overall {100 * v['overall']:.2f}%" for s, v in result["scores"].items()))
 

@@ -6,7 +6,9 @@ migrating a fresh sqlite database at once.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from soce import __version__
 from soce.scores import write_json_atomic
-from soce.tracking import PARENT_FILE, end_run, ensure_experiment, start_run
+from soce.tracking import PARENT_FILE, end_run, ensure_experiment, resume_or_start
+
+log = logging.getLogger(__name__)
+
+
+def sweep_key(overrides: list[str]) -> str:
+    """Identity of a sweep: its command-line overrides, order-free, without hydra.* and launcher settings."""
+    keep = sorted(o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/")))
+    return hashlib.sha256("\n".join(keep).encode()).hexdigest()[:16]
 
 
 class MlflowSweepCallback(Callback):
@@ -27,10 +37,16 @@ class MlflowSweepCallback(Callback):
         exp = ensure_experiment(uri, name, t.artifact_location)
         sweep_dir = Path(config.hydra.sweep.dir)
         overrides = list(config.hydra.overrides.task)
-        run_id = start_run(uri, exp, f"sweep {sweep_dir.name}", tags={
-            "soce.kind": "sweep", "soce.version": __version__, "soce.sweep_dir": str(sweep_dir),
-            "soce.overrides": " ".join(overrides)[:5000]})
-        write_json_atomic(sweep_dir / PARENT_FILE, {"run_id": run_id, "experiment_id": exp, "uri": uri})
+        # the same command after an interrupted sweep resumes it (same parent run); after a finished one,
+        # a new parent run is started
+        run_id, resumed = resume_or_start(uri, exp, f"sweep {sweep_dir.name}", "soce.sweep_key", sweep_key(overrides),
+                                          tags={"soce.kind": "sweep", "soce.version": __version__,
+                                                "soce.sweep_dir": str(sweep_dir),
+                                                "soce.overrides": " ".join(overrides)[:5000]})
+        if resumed:
+            log.info("resuming the interrupted sweep of MLflow run %s", run_id)
+        write_json_atomic(sweep_dir / PARENT_FILE, {"run_id": run_id, "experiment_id": exp, "uri": uri,
+                                                     "sweep_key": sweep_key(overrides)})
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         # Hydra skips on_multirun_end when a job raises: mark the parent FAILED here.

@@ -99,12 +99,16 @@ def validate(cfg: Mapping[str, Any]) -> None:
                 raise ConfigError(f"pool {pool['name']!r}: checkpoint {name!r} not found at {path}")
 
 
-def run(cfg: Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Run one job; write ``result.json`` (and the soup) into ``out_dir``; return the result dict."""
+def run(cfg: Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None = None,
+        job_key: str | None = None) -> dict[str, Any]:
+    """Run one job; write ``result.json`` (and the soup) into ``out_dir``; return the result dict.
+
+    ``job_key`` identifies the job within its sweep: an interrupted job with the same key is resumed in
+    MLflow (same run, missing search points only); evaluations are resumed through the score cache."""
     validate(cfg)
     out_dir = Path(out_dir)
     if cfg["pool"]["source"] == "csv":
-        return run_scores_only(cfg, out_dir, parent_run_id)
+        return run_scores_only(cfg, out_dir, parent_run_id, job_key)
     quiet_lm_eval()
     progress = bool(cfg.get("progress", True))
     candidates, population, demo = resolve_pool(cfg, progress)
@@ -154,7 +158,7 @@ def run(cfg: Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None =
     tracker = JobTracker.start(
         cfg["tracking"]["uri"], cfg["tracking"]["experiment"], cfg["tracking"]["artifact_location"],
         name=cfg["strategy"]["name"], parent_run_id=parent_run_id,
-        tags={"soce.kind": "job", "soce.version": __version__},
+        tags={"soce.kind": "job", "soce.version": __version__}, job_key=job_key,
     )
     try:
         result = _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, cand_scores,
@@ -308,7 +312,8 @@ def read_score_csv(path: str | Path, categories: list[str] | None = None) -> tup
     return table, paths
 
 
-def run_scores_only(cfg: Mapping[str, Any], out_dir: Path, parent_run_id: str | None) -> dict[str, Any]:
+def run_scores_only(cfg: Mapping[str, Any], out_dir: Path, parent_run_id: str | None,
+                    job_key: str | None = None) -> dict[str, Any]:
     """Selection from a score table alone (pool.source=csv): no model is loaded or needed.
 
     Categories are the table's columns. Writes result.json (L, experts, weights, correlation) and logs it;
@@ -329,7 +334,8 @@ def run_scores_only(cfg: Mapping[str, Any], out_dir: Path, parent_run_id: str | 
     split = cfg["benchmark"]["select_split"]
     tracker = JobTracker.start(cfg["tracking"]["uri"], cfg["tracking"]["experiment"],
                                cfg["tracking"]["artifact_location"], name=strategy, parent_run_id=parent_run_id,
-                               tags={"soce.kind": "job", "soce.version": __version__, "soce.scores_only": "true"})
+                               tags={"soce.kind": "job", "soce.version": __version__, "soce.scores_only": "true"},
+                               job_key=job_key)
     try:
         soup_path = None
         ingredients = {m: w for m, w in weights.items() if w > 0}
