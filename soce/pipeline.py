@@ -180,6 +180,7 @@ def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, ca
     sel_split = bench.select_split
     strategy = cfg["strategy"]["name"]
     remixers: dict[tuple[str, ...], Any] = {}
+    timings: list[tuple[float, float]] = []  # (re-mix seconds, evaluation seconds) per soup evaluated
     tokenizers: list[Any] = []
 
     def tokenizer() -> Any:  # ingredients share one base, hence one tokenizer: the donor's (first candidate)
@@ -194,11 +195,19 @@ def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, ca
         key = cache.key(live, fps, {**context, "split": split})
 
         def compute() -> dict[str, float]:
-            names = tuple(sorted(live))
-            if names not in remixers:
-                remixers.clear()  # keep one set of experts resident
+            resident = next(iter(remixers), ())
+            if not set(live) <= set(resident):  # (re)load the experts, growing the resident set
+                names = tuple(n for n in candidates if n in live or n in resident)
+                remixers.clear()
                 remixers[names] = Remixer({n: candidates[n] for n in names}, device=device, dtype=dtype)
-            return evaluator.score(remixers[names].mix(live), tokenizer(), split)
+                resident = names
+            t0 = time.perf_counter()
+            model = remixers[resident].mix(live)
+            _sync(device)
+            t1 = time.perf_counter()
+            scores = evaluator.score(model, tokenizer(), split)
+            timings.append((t1 - t0, time.perf_counter() - t1))
+            return scores
 
         return cache.get_or_compute(key, compute)
 
@@ -252,6 +261,8 @@ def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, ca
                **split_metrics({s: cand_scores[s][best] for s in bench.splits}, prefix="best_single.")}
     if plan.trace is not None:
         metrics["search.points"] = len(plan.trace)
+    timing = _timing_summary(timings)
+    metrics.update({f"timing.{k}": v for k, v in timing.items()})
     tracker.log(params, metrics)
 
     return {
@@ -274,6 +285,7 @@ def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, ca
         "mlflow_run_id": tracker.run_id,
         "evaluated": cache.evaluated,
         "cached": cache.cached,
+        "timing": timing,
     }
 
 
@@ -384,6 +396,24 @@ def _matrix(df: pd.DataFrame) -> dict[str, dict[str, float | None]]:
 
 def _no_evaluation(weights: dict[str, float]) -> dict[str, float]:
     raise ConfigError("this strategy evaluates soups; a score table alone cannot")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _timing_summary(timings: list[tuple[float, float]]) -> dict[str, float]:
+    """Median re-mix and evaluation seconds per soup evaluated in memory, and their ratio."""
+    if not timings:
+        return {}
+    mix = sorted(t[0] for t in timings)
+    ev = sorted(t[1] for t in timings)
+    mid = len(timings) // 2
+    return {"soups": len(timings), "mix_s_median": round(mix[mid], 5), "eval_s_median": round(ev[mid], 4),
+            "mix_over_eval": round(mix[mid] / ev[mid], 5) if ev[mid] else float("nan")}
 
 
 def _categories(scores: Mapping[str, float], categories: list[str]) -> dict[str, float]:
