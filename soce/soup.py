@@ -59,7 +59,8 @@ DONOR_FILES = (
 )
 INDEX_NAME = "model.safetensors.index.json"
 CHUNK_ELEMS = 1 << 18  # elements per arithmetic chunk on CPU: 1 MiB of float32 accumulator, stays in L2
-GPU_CHUNK_ELEMS = 1 << 22  # on GPU: 16 MiB of float32 accumulator, stays in L2
+GPU_CHUNK_ELEMS = 1 << 26  # on GPU: fewer, larger kernels (8B model, 3 experts, H100: 0.142 s per re-mix
+#                             at 64M elements, 0.15-0.19 s at 4M where kernel launches dominate)
 
 
 class SoupError(ValueError):
