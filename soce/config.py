@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from soce.analyze import AnalysisConfig
 from soce.demo.zoo import DemoConfig
 
 
@@ -115,6 +116,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str | None = None  # dtype to evaluate and write soups in; None keeps the checkpoints'

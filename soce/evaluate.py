@@ -97,8 +97,9 @@ class Evaluator:
             self._tasks[split] = task_dict
         return self._tasks[split]
 
-    def score(self, model: Any, tokenizer: Any, split: str, log_samples: bool = False) -> dict[str, Any]:
-        """{category: score, ..., "overall": mean} for ``model`` on ``split`` (plus "samples" if asked)."""
+    def score(self, model: Any, tokenizer: Any, split: str, log_samples: bool = True) -> dict[str, Any]:
+        """{category: score, ..., "overall": mean, "samples": {category: [per-item metric, by doc_id]}}
+        for ``model`` on ``split`` (per-item results feed the emergent-solves analysis)."""
         from lm_eval.evaluator import evaluate
         from lm_eval.models.huggingface import HFLM
 

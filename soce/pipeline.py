@@ -127,7 +127,7 @@ def run(cfg: Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None =
     cache = ScoreCache(Path(cfg["paths"]["cache_dir"]))
     fps = {name: model_fingerprint(p) for name, p in {**population, **candidates}.items()}
     context = {"benchmark": bench.fingerprint(), "metric": bench.metric, "dtype": dtype,
-               "device": device.split(":")[0], "lm_eval": lm_eval_version()}
+               "device": device.split(":")[0], "lm_eval": lm_eval_version(), "format": 2}
 
     def scores_of(name: str, path: str, split: str) -> dict[str, float]:
         key = cache.key({name: 1.0}, fps, {**context, "split": split})
@@ -227,8 +227,16 @@ def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, ca
     if cfg.get("save_soup", True):
         soup_path = write_soup({n: candidates[n] for n in ingredients}, ingredients, out_dir / "soup",
                                overwrite=True, recipe=recipe)
-    scores = {s: evaluate_weights(ingredients, s) for s in bench.splits}
+    scores = {s: _summary(evaluate_weights(ingredients, s)) for s in bench.splits}
     best = method.overall(cand_table).idxmax()
+    analysis_metrics, analysis_summary = {}, {}
+    if any(cfg["analysis"][k] for k in ("shapley", "consistency", "emergent")):
+        from soce.analyze import run_analyses
+
+        analysis_metrics, analysis_summary = run_analyses(
+            cfg["analysis"], candidates=list(candidates), ingredients=ingredients, evaluate=evaluate_weights,
+            population=pop_table, trace=plan.trace, categories=bench.categories, select_split=sel_split,
+            report_split=bench.report_split, out_dir=out_dir / "artifacts")
 
     # artifacts: score table, correlation heatmap, search trace, recipe, resolved config
     from soce.report import correlation_heatmap
@@ -258,7 +266,8 @@ def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, ca
               "experts": ",".join(selection.ingredients), "weak_set": ",".join(selection.weak),
               "best_single": best, **{f"w.{n}": w for n, w in weights.items()}}
     metrics = {**split_metrics(scores),
-               **split_metrics({s: cand_scores[s][best] for s in bench.splits}, prefix="best_single.")}
+               **split_metrics({s: _summary(cand_scores[s][best]) for s in bench.splits}, prefix="best_single."),
+               **analysis_metrics}
     if plan.trace is not None:
         metrics["search.points"] = len(plan.trace)
     timing = _timing_summary(timings)
@@ -279,13 +288,14 @@ def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, ca
         "correlation": _matrix(selection.correlation),
         "weights": weights,
         "scores": scores,
-        "candidate_scores": {n: {s: cand_scores[s][n] for s in bench.splits} for n in candidates},
+        "candidate_scores": {n: {s: _summary(cand_scores[s][n]) for s in bench.splits} for n in candidates},
         "best_single": best,
         "soup_path": str(soup_path) if soup_path else None,
         "mlflow_run_id": tracker.run_id,
         "evaluated": cache.evaluated,
         "cached": cache.cached,
         "timing": timing,
+        "analysis": analysis_summary,
     }
 
 
@@ -396,6 +406,11 @@ def _matrix(df: pd.DataFrame) -> dict[str, dict[str, float | None]]:
 
 def _no_evaluation(weights: dict[str, float]) -> dict[str, float]:
     raise ConfigError("this strategy evaluates soups; a score table alone cannot")
+
+
+def _summary(scores: Mapping[str, Any]) -> dict[str, float]:
+    """Category scores and overall, without the per-item results."""
+    return {k: v for k, v in scores.items() if k != "samples"}
 
 
 def _sync(device: str) -> None:
