@@ -1,10 +1,13 @@
 """Linear soups of fine-tuned checkpoints: streamed to disk, or re-mixed in memory.
 
 A soup of candidates M_1..M_n with weights w_1..w_n is, for every tensor key of the candidates'
-safetensors files, ``sum_j w_j * T_j`` accumulated in float32 (float64 for float64 tensors) in the order of
-the ``models`` mapping, then rounded to the output dtype. Bit for bit this equals the torch reference
-``sum(w * t.float() for w, t in zip(ws, ts)).to(dtype)`` with the normalised weights as float32 scalars.
-Candidates whose weight is 0 do not take part.
+safetensors files, ``sum_j w_j * T_j / sum_j w_j``. Bit for bit: a float32 accumulator (float64 if an input
+is float64) starts at +0 and takes ``acc = fma(w_j, T_j, acc)`` (one rounding per term, torch ``addcmul_``)
+in the order of the ``models`` mapping, with the weights as float32; it is divided by their float32 sum
+unless that is exactly 1; then rounded once to the output dtype. This is :func:`reference_soup`, and
+exactly what mergekit 0.1.5's linear merge computes (CPU and ``--cuda``). The unfused
+``sum(w * t.float())`` rounds twice per term and differs in ~1% of bf16 elements by one unit in the last
+place. Candidates whose weight is 0 do not take part.
 
 Two paths compute it with the same elementwise operations (so their results are identical):
 
