@@ -70,26 +70,33 @@ def job_overrides(overrides: list[str]) -> list[list[str]]:
     return lists
 
 
-def preflight(overrides: list[str]) -> str | None:
-    """Compose and validate every job's config; the first problem as one line, or None."""
+def compose_plain(overrides: list[str]) -> dict:
+    """The resolved job config (plain dicts, no ``hydra`` node) for one list of overrides (no sweeps)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
+    from soce.pipeline import ConfigError
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3", job_name="soce"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    extra = unknown_keys(cfg)
+    if extra:
+        raise ConfigError(f"unknown config key '{extra[0]}' (check the spelling; `--cfg job` shows the config)")
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = os.getcwd()
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return to_plain(cfg)
+
+
+def preflight(overrides: list[str]) -> str | None:
+    """Compose and validate every job's config; the first problem as one line, or None."""
     from soce.pipeline import ConfigError, validate
 
     try:
-        with initialize_config_dir(CONF_DIR, version_base="1.3", job_name="soce"):
-            for ov in job_overrides(overrides):
-                cfg = compose("config", overrides=ov, return_hydra_config=True)
-                extra = unknown_keys(cfg)
-                if extra:
-                    return f"unknown config key '{extra[0]}' (check the spelling; `--cfg job` shows the config)"
-                with open_dict(cfg):
-                    cfg.hydra.runtime.cwd = os.getcwd()
-                HydraConfig.instance().set_config(cfg)
-                with open_dict(cfg):
-                    del cfg["hydra"]
-                validate(to_plain(cfg))
+        for ov in job_overrides(overrides):
+            validate(compose_plain(ov))
     except ConfigError as e:
         return str(e)
     except Exception as e:  # Hydra/OmegaConf composition errors: condense to one line

@@ -81,6 +81,8 @@ class StrategyConfig:
     """A merge strategy, by its registered name (see soce.strategies.STRATEGIES)."""
 
     name: str = MISSING
+    ingredients: list[str] = field(default_factory=list)  # strategy=fixed: the candidates to soup ...
+    weights: list[float] = field(default_factory=list)  # ... and their weights (normalised to sum 1)
 
 
 @dataclass
@@ -121,6 +123,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str | None = None  # dtype to evaluate and write soups in; None keeps the checkpoints'
     save_soup: bool = True  # write the final soup as a Hugging Face checkpoint into the job dir
+    report: bool = True  # also score the final soup on the report split (sweep-mode points skip it)
     progress: bool = True
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,16 +100,26 @@ def validate(cfg: Mapping[str, Any]) -> None:
                 raise ConfigError(f"pool {pool['name']!r}: checkpoint {name!r} not found at {path}")
 
 
-def run(cfg: Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None = None,
-        job_key: str | None = None) -> dict[str, Any]:
-    """Run one job; write ``result.json`` (and the soup) into ``out_dir``; return the result dict.
+@dataclass
+class Prepared:
+    """Everything up to the selection (Algorithm 1 steps 1-2), shared by jobs and the sweep planner."""
 
-    ``job_key`` identifies the job within its sweep: an interrupted job with the same key is resumed in
-    MLflow (same run, missing search points only); evaluations are resumed through the score cache."""
-    validate(cfg)
-    out_dir = Path(out_dir)
-    if cfg["pool"]["source"] == "csv":
-        return run_scores_only(cfg, out_dir, parent_run_id, job_key)
+    bench: Benchmark
+    device: str
+    dtype: str | None
+    evaluator: Evaluator
+    cache: ScoreCache
+    fps: dict[str, str]
+    context: dict[str, Any]
+    candidates: dict[str, str]
+    cand_scores: dict[str, dict[str, dict[str, Any]]]  # split -> candidate -> scores
+    cand_table: pd.DataFrame  # selection split, categories only
+    pop_table: pd.DataFrame
+    selection: Any
+
+
+def prepare(cfg: Mapping[str, Any]) -> Prepared:
+    """Resolve the pool (build the demo if needed), score candidates and population (cached), select."""
     quiet_lm_eval()
     progress = bool(cfg.get("progress", True))
     candidates, population, demo = resolve_pool(cfg, progress)
@@ -138,7 +149,6 @@ def run(cfg: Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None =
 
         return cache.get_or_compute(key, compute)
 
-    t0 = time.time()
     sel_split = bench.select_split
     everyone = {**population, **candidates}
     log.info("scoring %d checkpoints on %s (cached after the first run)", len(everyone), sel_split)
@@ -154,15 +164,30 @@ def run(cfg: Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None =
     sc = cfg["selection"]
     selection = select(pop_table, cand_table, sc["tau"], sc["tie_break"], sc["max_experts"], sc["method"])
     log.info("L = %s; experts = %s", selection.weak, selection.ingredients)
+    return Prepared(bench, device, dtype, evaluator, cache, fps, context, candidates, cand_scores, cand_table,
+                    pop_table, selection)
 
+
+
+def run(cfg: Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None = None,
+        job_key: str | None = None) -> dict[str, Any]:
+    """Run one job; write ``result.json`` (and the soup) into ``out_dir``; return the result dict.
+
+    ``job_key`` identifies the job within its sweep: an interrupted job with the same key is resumed in
+    MLflow (same run, missing search points only); evaluations are resumed through the score cache."""
+    validate(cfg)
+    out_dir = Path(out_dir)
+    if cfg["pool"]["source"] == "csv":
+        return run_scores_only(cfg, out_dir, parent_run_id, job_key)
+    t0 = time.time()
+    p = prepare(cfg)
     tracker = JobTracker.start(
         cfg["tracking"]["uri"], cfg["tracking"]["experiment"], cfg["tracking"]["artifact_location"],
         name=cfg["strategy"]["name"], parent_run_id=parent_run_id,
         tags={"soce.kind": "job", "soce.version": __version__}, job_key=job_key,
     )
     try:
-        result = _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, cand_scores,
-                          cand_table, pop_table, selection, tracker, device, dtype)
+        result = _run_job(cfg, out_dir, p, tracker)
         result["seconds"] = round(time.time() - t0, 1)
         write_json_atomic(out_dir / "result.json", result)
         tracker.log_artifact(out_dir / "result.json")
@@ -173,10 +198,13 @@ def run(cfg: Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None =
     return result
 
 
-def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, cand_scores, cand_table,
-             pop_table, selection, tracker, device, dtype) -> dict[str, Any]:
+def _run_job(cfg: Mapping[str, Any], out_dir: Path, p: Prepared, tracker: JobTracker) -> dict[str, Any]:
+    """Algorithm 1 steps 3-4 for the configured strategy, then the final soup, its scores and the logs."""
     from soce.soup import Remixer, write_soup
 
+    bench, evaluator, cache, fps, context = p.bench, p.evaluator, p.cache, p.fps, p.context
+    candidates, cand_scores, cand_table, pop_table = p.candidates, p.cand_scores, p.cand_table, p.pop_table
+    selection, device, dtype = p.selection, p.device, p.dtype
     sel_split = bench.select_split
     strategy = cfg["strategy"]["name"]
     remixers: dict[tuple[str, ...], Any] = {}
@@ -215,8 +243,12 @@ def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, ca
         tracker.log_point(i, weights, scores, sel_split)
 
     ctx = Context(cand_table, selection, dict(cfg["search"]),
-                  lambda w: _categories(evaluate_weights(w, sel_split), bench.categories), on_point)
-    plan = STRATEGIES[strategy](ctx)
+                  lambda w: _categories(evaluate_weights(w, sel_split), bench.categories), on_point,
+                  params=dict(cfg["strategy"]))
+    try:
+        plan = STRATEGIES[strategy](ctx)
+    except method.SelectionError as e:
+        raise ConfigError(str(e)) from None
     weights = {n: float(plan.weights.get(n, 0.0)) for n in candidates}
     ingredients = {n: w for n, w in weights.items() if w > 0}
 
@@ -227,7 +259,8 @@ def _run_job(cfg, out_dir, bench, evaluator, cache, fps, context, candidates, ca
     if cfg.get("save_soup", True):
         soup_path = write_soup({n: candidates[n] for n in ingredients}, ingredients, out_dir / "soup",
                                overwrite=True, recipe=recipe)
-    scores = {s: _summary(evaluate_weights(ingredients, s)) for s in bench.splits}
+    splits = bench.splits if cfg.get("report", True) else [sel_split]
+    scores = {s: _summary(evaluate_weights(ingredients, s)) for s in splits}
     best = method.overall(cand_table).idxmax()
     analysis_metrics, analysis_summary = {}, {}
     if any(cfg["analysis"][k] for k in ("shapley", "consistency", "emergent")):

@@ -90,14 +90,23 @@ def load_results(sweep_dir: str | Path) -> list[dict]:
 
 
 def comparison_from_results(results: list[dict], split: str) -> pd.DataFrame:
-    """Strategies (+ best single candidate, picked on the selection split) x categories + overall, in %."""
-    if not results:
-        raise LookupError("no result.json in the sweep")
-    cats = [*results[0]["categories"], "overall"]
-    rows = {r["strategy"]: {c: 100 * r["scores"][split][c] for c in cats} for r in results}
-    best = results[0]["best_single"]
-    rows[f"best single ({best})"] = {c: 100 * results[0]["candidate_scores"][best][split][c] for c in cats}
+    """Strategies (+ best single candidate, picked on the selection split) x categories + overall, in %.
+
+    Jobs not scored on ``split`` are left out (sweep-mode points are scored on the selection split only)."""
+    scored = [r for r in results if split in r["scores"]]
+    if not scored:
+        raise LookupError(f"no job of the sweep was scored on split {split!r}")
+    cats = [*scored[0]["categories"], "overall"]
+    rows = {_label(r): {c: 100 * r["scores"][split][c] for c in cats} for r in scored}
+    best = scored[0]["best_single"]
+    rows[f"best single ({best})"] = {c: 100 * scored[0]["candidate_scores"][best][split][c] for c in cats}
     return pd.DataFrame.from_dict(rows, orient="index")[cats].round(2)
+
+
+def _label(result: dict) -> str:
+    if result["strategy"] != "fixed":
+        return result["strategy"]
+    return "fixed " + "/".join(f"{w:g}" for w in result["weights"].values() if w > 0)
 
 
 def family_correlation(corr: pd.DataFrame, families: dict[str, str]) -> tuple[float, float]:
@@ -170,6 +179,8 @@ def write_sweep_report(sweep_dir: str | Path) -> Path | None:
     if not results:
         return None
     split = results[0].get("report_split", "test")
+    if not any(split in r["scores"] for r in results):
+        split = results[0]["select_split"]
     comparison_from_results(results, split).to_csv(sweep_dir / "comparison.csv")
     heat = Path(results[0]["job_dir"]) / "artifacts" / "correlation.png"
     if heat.exists():

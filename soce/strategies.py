@@ -34,6 +34,7 @@ class Context:
     search: dict[str, Any]
     evaluate_soup: Callable[[dict[str, float]], dict[str, float]]  # {ingredient: w} -> {category: score}
     on_point: Callable[[int, dict[str, float], dict[str, float]], None] | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # the strategy's own config
 
 
 @dataclass
@@ -122,3 +123,15 @@ def greedy(ctx: Context) -> Plan:
     ranked = list(method.overall(ctx.candidates).sort_values(ascending=False, kind="stable").index)
     result = method.greedy_soup(ranked, ctx.evaluate_soup)
     return Plan(result.weights, trace=result.trace)
+
+
+@strategy("fixed")
+def fixed(ctx: Context) -> Plan:
+    """Given weights (``strategy.ingredients``, ``strategy.weights``): one point of a spread-out search."""
+    names, ws = list(ctx.params.get("ingredients", [])), [float(w) for w in ctx.params.get("weights", [])]
+    unknown = [n for n in names if n not in ctx.candidates.index]
+    if not names or len(names) != len(ws) or unknown or min(ws) < 0 or sum(ws) <= 0:
+        raise method.SelectionError(
+            f"strategy=fixed needs strategy.ingredients (candidates) and as many non-negative weights; got "
+            f"{names} / {ws}" + (f"; unknown candidate {unknown[0]!r}" if unknown else ""))
+    return Plan({n: w / sum(ws) for n, w in zip(names, ws, strict=True)})
