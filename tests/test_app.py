@@ -135,3 +135,15 @@ def test_real_multirun_logs_parent_children_and_points(tmp_path, tiny_demo_root)
     rep = subprocess.run([sys.executable, "-m", "soce.report", f"root={tmp_path}"],
                          capture_output=True, text=True, check=True)
     assert "soce_weighted" in rep.stdout and "best single" in rep.stdout
+
+
+@pytest.mark.parametrize("exp", ["paper_bfcl_70b", "paper_bfcl_8b", "paper_mgsm_7b", "demo_paper_protocol"])
+def test_paper_presets_compose(exp):
+    cfg = composed(f"experiment={exp}")
+    assert cfg.strategy.name == "soce_weighted"
+    if exp == "paper_bfcl_70b":
+        assert cfg.pool.candidates.xlam2_70b == "Salesforce/Llama-xLAM-2-70b-fc-r" and len(cfg.pool.candidates) == 4
+        assert "multi_turn_base" in cfg.benchmark.categories
+        validate(to_plain(cfg))  # hub ids are not checked as local paths
+    if exp == "paper_mgsm_7b":
+        assert cfg.benchmark.task.format(category="de") == "mgsm_direct_de"
