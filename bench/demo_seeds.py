@@ -69,7 +69,8 @@ def main() -> None:
     lines.append("| mean ± s.e. over seeds | " + " | ".join(f"{means[k]:.2f} ± {sems[k]:.2f}" for k in names)
                  + " | | |")
     md = (f"Overall accuracy (%) on the report split, demo preset `{args.preset}`, per seed ± binomial s.e.; "
-          f"best single = best candidate on the selection split ({', '.join(str(per_seed[s]['_best']) for s in rows)}).\n\n"
+          "best single = best candidate on the selection split ("
+          + ", ".join(str(per_seed[s]["_best"]) for s in rows) + ").\n\n"
           + "\n".join(lines) + "\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(md)
