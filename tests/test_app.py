@@ -147,3 +147,9 @@ def test_paper_presets_compose(exp):
         validate(to_plain(cfg))  # hub ids are not checked as local paths
     if exp == "paper_mgsm_7b":
         assert cfg.benchmark.task.format(category="de") == "mgsm_direct_de"
+
+
+def test_slurm_launcher_preset_composes():
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "paths.root_dir=/x"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1
