@@ -131,10 +131,22 @@ def test_real_multirun_logs_parent_children_and_points(tmp_path, tiny_demo_root)
     for c in manifest["categories"]:
         assert res[f"soce_demo_{c}_test"]["acc,none"] == pytest.approx(weighted["scores"]["test"][c])
 
-    # the report reads the table back from MLflow
+    # the report reads the table back from MLflow; the sweep's own report is on the parent run
     rep = subprocess.run([sys.executable, "-m", "soce.report", f"root={tmp_path}"],
                          capture_output=True, text=True, check=True)
     assert "soce_weighted" in rep.stdout and "best single" in rep.stdout
+    parent_arts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(parents.iloc[0]["run_id"])}
+    assert {"report.md", "comparison.csv", "correlation.png"} <= parent_arts
+    assert "Orderings of the paper" in (sweep / "report.md").read_text()
+
+    # the same command again: a new sweep (the first finished), and nothing is evaluated
+    sweep2 = tmp_path / "sweep2"
+    args2 = [a if not a.startswith("hydra.sweep.dir=") else f"hydra.sweep.dir={sweep2}" for a in args]
+    p = subprocess.run(soce_cmd(*args2), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    again = [json.loads(f.read_text()) for f in sweep2.glob("*/result.json")]
+    assert len(again) == 3 and sum(r["evaluated"] for r in again) == 0
+    assert {r["strategy"]: r["scores"] for r in again} == {k: r["scores"] for k, r in results.items()}
 
 
 @pytest.mark.parametrize("exp", ["paper_bfcl_70b", "paper_bfcl_8b", "paper_mgsm_7b", "demo_paper_protocol"])
