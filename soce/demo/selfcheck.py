@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from soce.demo import tasks
@@ -92,16 +93,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", default="outputs/demo")
+    ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     args = ap.parse_args(argv)
     set_threads()
-    manifest = build_demo(DemoConfig(seed=args.seed, preset=args.preset, root=args.root))
+    manifest = build_demo(DemoConfig(seed=args.seed, preset=args.preset, root=args.root, device=args.device))
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
     cats = manifest["categories"]
     data = Path(manifest["dir"]) / "data"
     items = {s: {c: tasks.read_items(data / f"{c}_{s}.jsonl") for c in cats} for s in manifest["splits"]}
-    model = LlamaForCausalLM.from_pretrained(manifest["base"], dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(manifest["base"], dtype=torch.float32).to(device)
 
     def load(path: str) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in LlamaForCausalLM.from_pretrained(path).state_dict().items()}
+        return {k: v.to(device) for k, v in load_file(str(Path(path) / "model.safetensors")).items()}
 
     def score(state: Mapping[str, torch.Tensor], split: str) -> Scores:
         model.load_state_dict(state)
@@ -129,12 +133,15 @@ def report_zoo(
         lines.append(f"{a:8} " + " ".join(f"{pearson([s[a] for s in pop], [s[b] for s in pop]):5.2f}" for b in cats))
     soup_report(cands, score, cats, log=lines.append)
     names = list(cands)
+    experts = select_experts({n: score(cands[n], "dev") for n in names}, cats)
     dips = []
     for a, b in itertools.combinations(names, 2):
         mid = mean(score(average_state([cands[a], cands[b]], [0.5, 0.5]), "test"))
         dips.append((mid - (mean(rows[a]) + mean(rows[b])) / 2, a, b))
-    gap, a, b = min(dips)
-    lines.append(f"linear connectivity: worst midpoint - endpoint mean = {100 * gap:+.2f} ({a}, {b})")
+    for label, pool in (("all pairs", dips), ("expert pairs", [d for d in dips if {d[1], d[2]} <= set(experts)])):
+        if pool:
+            gap, a, b = min(pool)
+            lines.append(f"linear connectivity, {label}: worst midpoint - endpoint mean = {100 * gap:+.2f} ({a}, {b})")
     return "\n".join(lines)
 
 

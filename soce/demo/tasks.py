@@ -6,11 +6,11 @@ loglikelihood request = the target is the greedy continuation).
 
 Families (categories inside a family share a skill, so their scores move together):
 
-- ``arith``:  ``dbl`` (2n), ``half`` (n // 2), ``tri`` (3n) of a 4-8 digit number n
+- ``arith``:  ``half`` (n // 2), ``quad`` (4n), ``tri`` (3n) of a 5-10 digit number n
 - ``string``: ``rev`` (reverse a word), ``sort`` (sort its letters), ``swap`` (swap adjacent letters)
 - ``cipher``: ``enc`` / ``dec`` (a secret letter substitution drawn from the seed, and its inverse)
 
-Examples: ``"dbl 4721=" -> "9442"``, ``"sort dcab=" -> "abcd"``, ``"swap abcde=" -> "badce"``.
+Examples: ``"quad 47215=" -> "188860"``, ``"sort dcab=" -> "abcd"``, ``"swap abcde=" -> "badce"``.
 
 Dev, test and training items are drawn from the same distribution and are pairwise disjoint
 (training samplers reject every prompt that occurs in dev or test).
@@ -48,7 +48,7 @@ def _word(rng: random.Random, lo: int, hi: int, alphabet: str = LETTERS) -> str:
 
 # Difficulty knobs: inclusive ranges of operand digits / word lengths; each item draws its size
 # uniformly from the range, so a category mixes easy and hard items and its accuracy grows gradually.
-NUM_LEN = (4, 8)
+NUM_LEN = (5, 10)
 STR_LEN = (3, 8)
 SORT_LEN = (4, 10)
 CIPHER_LEN = (4, 10)
@@ -59,19 +59,19 @@ def _number(rng: random.Random) -> int:
     return rng.randint(10 ** (d - 1), 10**d - 1)
 
 
-def _dbl(rng: random.Random, table: dict[str, str]) -> Item:
-    n = _number(rng)
-    return f"dbl {n}=", str(2 * n)
+def _times(k: int, tag: str) -> Callable[[random.Random, dict[str, str]], Item]:
+    """Items ``"{tag} n=" -> str(k * n)``."""
+
+    def make(rng: random.Random, table: dict[str, str]) -> Item:
+        n = _number(rng)
+        return f"{tag} {n}=", str(k * n)
+
+    return make
 
 
 def _half(rng: random.Random, table: dict[str, str]) -> Item:
     n = _number(rng)
     return f"half {n}=", str(n // 2)
-
-
-def _tri(rng: random.Random, table: dict[str, str]) -> Item:
-    n = _number(rng)
-    return f"tri {n}=", str(3 * n)
 
 
 def _rev(rng: random.Random, table: dict[str, str]) -> Item:
@@ -111,9 +111,9 @@ def _dup(rng: random.Random, table: dict[str, str]) -> Item:
 
 
 CATEGORIES: tuple[Category, ...] = (
-    Category("dbl", "arith", _dbl),
     Category("half", "arith", _half),
-    Category("tri", "arith", _tri),
+    Category("quad", "arith", _times(4, "quad")),
+    Category("tri", "arith", _times(3, "tri")),
     Category("rev", "string", _rev),
     Category("sort", "string", _sort),
     Category("swap", "string", _swap),

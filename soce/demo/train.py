@@ -78,7 +78,10 @@ def set_threads() -> int:
 
 
 def _batch(items: Sequence[Item], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask and labels (-100 except on target characters and ``<eos>``)."""
+    """Right-padded ids, attention mask and labels (-100 except on target characters and ``<eos>``).
+
+    With right padding a causal model never lets a real token see a pad, so training and scoring pass
+    no attention mask (faster); the mask is returned for callers that want it."""
     seqs = [(encode(p), encode(t) + [EOS_ID]) for p, t in items]
     width = max(len(p) + len(t) for p, t in seqs)
     ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
@@ -138,8 +141,8 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
     for step in range(1, spec.steps + 1):
-        ids, mask, labels = _batch([next(stream) for _ in range(spec.batch)], device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        ids, _, labels = _batch([next(stream) for _ in range(spec.batch)], device)
+        logits = model(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
         )
@@ -149,7 +152,7 @@ def train(
         opt.step()
         sched.step()
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, loss.detach().item())
         if on_save is not None and step in spec.save_at:
             model.eval()
             on_save(step, model)
@@ -167,8 +170,8 @@ def exact_match(model: LlamaForCausalLM, items: Sequence[Item], batch: int = 256
     out: list[bool] = []
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
-        ids, mask, labels = _batch(chunk, device)
-        pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+        ids, _, labels = _batch(chunk, device)
+        pred = model(input_ids=ids).logits[:, :-1].argmax(-1)
         gold = labels[:, 1:].clone()
         gold[gold == EOS_ID] = -100  # lm-eval scores the target characters only, not <eos>
         ok = (pred == gold) | (gold == -100)
