@@ -160,4 +160,17 @@ def quiet_lm_eval() -> None:
     """lm-eval logs every task build at INFO; keep job logs readable."""
     for name in ("lm_eval", "lm-eval", "lm_eval.evaluator", "datasets", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Passed an already-initialized model": intended, once per evaluation
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
+    # lm-eval draws several progress bars per evaluation (building requests, tokenizing, running); a
+    # search runs hundreds of evaluations, and soce shows its own bars over them instead
+    import functools
+    import importlib
+
+    from tqdm import tqdm
+
+    for module in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface"):
+        mod = importlib.import_module(module)
+        if getattr(mod, "tqdm", None) is tqdm:
+            mod.tqdm = functools.partial(tqdm, disable=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -239,8 +239,18 @@ def _run_job(cfg: Mapping[str, Any], out_dir: Path, p: Prepared, tracker: JobTra
 
         return cache.get_or_compute(key, compute)
 
+    shown: dict[str, Any] = {"bar": None, "best": 0.0}  # one progress bar over the soups of a search
+
     def on_point(i: int, weights: dict[str, float], scores: dict[str, float]) -> None:
         tracker.log_point(i, weights, scores, sel_split)
+        if cfg.get("progress", True):
+            if shown["bar"] is None:
+                from tqdm.auto import tqdm
+
+                shown["bar"] = tqdm(desc=f"{strategy}: soups on {sel_split}", unit="soup", leave=False)
+            shown["best"] = max(shown["best"], scores["overall"])
+            shown["bar"].set_postfix(best=f"{100 * shown['best']:.2f}%", refresh=False)
+            shown["bar"].update(1)
 
     ctx = Context(cand_table, selection, dict(cfg["search"]),
                   lambda w: _categories(evaluate_weights(w, sel_split), bench.categories), on_point,
