@@ -114,10 +114,10 @@ PRESETS: dict[str, Preset] = {
         shape=ModelShape(hidden=128, layers=4, heads=4, mlp=512, max_len=64),
         base_steps=500, base_batch=64, base_lr=2e-3, ft_steps=200, ft_batch=32, ft_lr=4e-4,
     ),
-    "tiny": Preset(
+    "tiny": Preset(  # for tests: trained just enough that candidates differ (seconds on 2 cores)
         sizes={"dev": 40, "test": 60},
-        shape=ModelShape(hidden=32, layers=2, heads=2, mlp=64, max_len=64),
-        base_steps=40, base_batch=16, base_lr=3e-3, ft_steps=12, ft_batch=8, ft_lr=1e-3,
+        shape=ModelShape(hidden=64, layers=2, heads=2, mlp=128, max_len=64),
+        base_steps=300, base_batch=32, base_lr=3e-3, ft_steps=80, ft_batch=16, ft_lr=1e-3,
     ),
     "gpu": Preset(
         sizes={"dev": 200, "test": 500},
