@@ -68,7 +68,7 @@ class MlflowSweepCallback(Callback):
         try:
             report = write_sweep_report(sweep_dir)
             if report is not None:
-                for name in ("report.md", "comparison.csv", "correlation.png"):
+                for name in ("report.md", "comparison.csv", "correlation.png", "scores.png", "weights.png"):
                     if (sweep_dir / name).exists():
                         client(parent["uri"]).log_artifact(parent["run_id"], str(sweep_dir / name))
         finally:

@@ -168,7 +168,8 @@ def sweep_report(results: list[dict], split: str | None = None) -> str:
         w, a = family_correlation(corr, fam)
         lines += ["", f"Mean |correlation| within families {w:.2f}, across families {a:.2f} "
                       f"(families: {', '.join(sorted(set(fam.values())))})."]
-    lines += ["", "![category correlation](correlation.png)", ""]
+    lines += ["", "![scores by strategy](scores.png)", "", "![soup weights](weights.png)", "",
+              "![category correlation](correlation.png)", ""]
     return "\n".join(lines)
 
 
@@ -181,7 +182,13 @@ def write_sweep_report(sweep_dir: str | Path) -> Path | None:
     split = results[0].get("report_split", "test")
     if not any(split in r["scores"] for r in results):
         split = results[0]["select_split"]
-    comparison_from_results(results, split).to_csv(sweep_dir / "comparison.csv")
+    table = comparison_from_results(results, split)
+    table.to_csv(sweep_dir / "comparison.csv")
+    from soce.analysis import scores_figure, weights_figure
+
+    scores_figure(table, sweep_dir / "scores.png")
+    if len(results) <= 12:  # a sweep of many weight points is read in the MLflow UI instead
+        weights_figure({_label(r): r["weights"] for r in results}, sweep_dir / "weights.png")
     heat = Path(results[0]["job_dir"]) / "artifacts" / "correlation.png"
     if heat.exists():
         shutil.copyfile(heat, sweep_dir / "correlation.png")
