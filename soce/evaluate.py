@@ -164,13 +164,15 @@ def quiet_lm_eval() -> None:
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     # lm-eval draws several progress bars per evaluation (building requests, tokenizing, running); a
     # search runs hundreds of evaluations, and soce shows its own bars over them instead
-    import functools
     import importlib
 
     from tqdm import tqdm
 
+    def silent_tqdm(*args: Any, **kwargs: Any) -> tqdm:
+        return tqdm(*args, **{**kwargs, "disable": True})
+
     for module in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface"):
         mod = importlib.import_module(module)
         if getattr(mod, "tqdm", None) is tqdm:
-            mod.tqdm = functools.partial(tqdm, disable=True)
+            mod.tqdm = silent_tqdm
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
