@@ -48,8 +48,9 @@ FORMAT_VERSION = 1
 class DemoConfig:
     """Where and how to build the demo (a Hydra structured-config node ``demo``).
 
-    preset: ``"cpu"`` (default demo, ~1M params, a few minutes on 2 cores), ``"tiny"`` (tests, well
-    under a minute) or ``"gpu"`` (tens of millions of params, uses CUDA when available).
+    preset: ``"cpu"`` (default demo, ~1M params, a few minutes on 2 cores), ``"small"`` (the cpu zoo with
+    shorter training and 40/60 items per split: debug=fast and end-to-end tests), ``"tiny"`` (mechanics
+    only, seconds) or ``"gpu"`` (tens of millions of params, uses CUDA when available).
     The zoo is built under ``f"{root}/{preset}-seed{seed}"``.
     """
 
@@ -114,10 +115,15 @@ PRESETS: dict[str, Preset] = {
         shape=ModelShape(hidden=128, layers=4, heads=4, mlp=512, max_len=64),
         base_steps=500, base_batch=64, base_lr=2e-3, ft_steps=200, ft_batch=32, ft_lr=4e-4,
     ),
-    "tiny": Preset(  # for tests: trained just enough that candidates differ (seconds on 2 cores)
+    "tiny": Preset(  # mechanics only (seconds): models barely trained, scores near 0
         sizes={"dev": 40, "test": 60},
-        shape=ModelShape(hidden=64, layers=2, heads=2, mlp=128, max_len=64),
-        base_steps=300, base_batch=32, base_lr=3e-3, ft_steps=80, ft_batch=16, ft_lr=1e-3,
+        shape=ModelShape(hidden=32, layers=2, heads=2, mlp=64, max_len=64),
+        base_steps=40, base_batch=16, base_lr=3e-3, ft_steps=12, ft_batch=8, ft_lr=1e-3,
+    ),
+    "small": Preset(  # debug=fast and end-to-end tests: the cpu zoo, shorter training, 40/60 items per split
+        sizes={"dev": 40, "test": 60},
+        shape=ModelShape(hidden=128, layers=4, heads=4, mlp=512, max_len=64),
+        base_steps=300, base_batch=64, base_lr=2e-3, ft_steps=120, ft_batch=32, ft_lr=4e-4,
     ),
     "gpu": Preset(
         sizes={"dev": 200, "test": 500},

@@ -1,0 +1,33 @@
+"""The dev/test protocol: selection and weight search never read the report split."""
+
+import pytest
+
+from soce import evaluate
+from soce.app import compose_plain
+from soce.pipeline import run
+
+pytestmark = pytest.mark.slow
+
+
+def test_selection_and_search_ignore_report_split(tmp_path, tiny_demo_root, monkeypatch):
+    def job(name: str) -> dict:
+        cfg = compose_plain(["strategy=soce_weighted", "debug=fast", "selection.tau=1.0", "selection.max_experts=3",
+                             f"paths.root_dir={tmp_path / name}", f"demo.root={tiny_demo_root}", "save_soup=false"])
+        return run(cfg, tmp_path / name / "job")
+
+    honest = job("honest")
+    original = evaluate.Evaluator.score
+
+    def poisoned(self, model, tokenizer, split, log_samples=True):
+        out = original(self, model, tokenizer, split, log_samples)
+        if split == self.benchmark.report_split:  # report-split scores turned upside down
+            out = {k: (1.0 - v if isinstance(v, float) else v) for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(evaluate.Evaluator, "score", poisoned)
+    liar = job("poisoned")  # its own cache dir: nothing is served from the honest run
+    assert liar["evaluated"] > 0 and liar["cached"] < liar["evaluated"]
+    for key in ("weak_set", "experts", "expert_of", "weights", "best_single"):
+        assert liar[key] == honest[key], key
+    assert liar["scores"]["dev"] == honest["scores"]["dev"]
+    assert liar["scores"]["test"]["overall"] == pytest.approx(1 - honest["scores"]["test"]["overall"])
