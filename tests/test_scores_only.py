@@ -77,7 +77,8 @@ def test_population_csv_drives_the_correlation(tmp_path):
     pop.to_csv(tmp_path / "pop.csv")
     p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={cands}",
                                 f"selection.population_csv={tmp_path / 'pop.csv'}", "strategy=soce_selected",
-                                f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"), capture_output=True, text=True, cwd=tmp_path)
+                                f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"),
+                       capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads((tmp_path / "run" / "result.json").read_text())
     assert r["experts"] == ["alpha", "beta"]
