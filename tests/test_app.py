@@ -149,7 +149,7 @@ def test_real_multirun_logs_parent_children_and_points(tmp_path, tiny_demo_root)
     assert {r["strategy"]: r["scores"] for r in again} == {k: r["scores"] for k, r in results.items()}
 
 
-@pytest.mark.parametrize("exp", ["paper_bfcl_70b", "paper_bfcl_8b", "paper_mgsm_7b", "demo_paper_protocol"])
+@pytest.mark.parametrize("exp", ["paper_bfcl_70b", "paper_bfcl_8b", "paper_mgsm_7b", "demo_paper_protocol", "demo_gpu"])
 def test_paper_presets_compose(exp):
     cfg = composed(f"experiment={exp}")
     assert cfg.strategy.name == "soce_weighted"
