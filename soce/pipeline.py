@@ -44,9 +44,7 @@ def resolve_pool(cfg: Mapping[str, Any], progress: bool = True) -> tuple[dict[st
             raise ConfigError(f"benchmark category {unknown[0]!r} is not in the demo zoo "
                               f"(it has: {', '.join(manifest['categories'])})")
         return dict(manifest["candidates"]), dict(manifest["population"]), manifest
-    if pool["source"] not in ("paths", "csv"):
-        raise ConfigError(f"pool.source must be 'paths', 'demo' or 'csv', got {pool['source']!r}")
-    return dict(pool["candidates"]), dict(pool["population"]), {}
+    return dict(pool["candidates"]), dict(pool["population"]), {}  # pool.source checked by validate()
 
 
 def validate(cfg: Mapping[str, Any]) -> None:
@@ -157,9 +155,7 @@ def prepare(cfg: Mapping[str, Any]) -> Prepared:
     cats = bench.categories
     cand_table = score_table(cand_scores[sel_split], cats)[cats]
     pop_table = score_table(pop_scores, cats)[cats]
-    if cfg["selection"]["population_csv"]:
-        extra = read_score_csv(cfg["selection"]["population_csv"], cats)[0]
-        pop_table = pd.concat([pop_table, extra.loc[~extra.index.isin(pop_table.index)]])
+    pop_table = with_population_csv(pop_table, cfg["selection"]["population_csv"], cats)
 
     sc = cfg["selection"]
     selection = select(pop_table, cand_table, sc["tau"], sc["tie_break"], sc["max_experts"], sc["method"])
@@ -377,6 +373,14 @@ def read_score_csv(path: str | Path, categories: list[str] | None = None) -> tup
     return table, paths
 
 
+def with_population_csv(population: pd.DataFrame, path: str | None, categories: list[str]) -> pd.DataFrame:
+    """``population`` plus the models of the score table at ``path`` (selection.population_csv) it lacks."""
+    if not path:
+        return population
+    extra = read_score_csv(path, categories)[0]
+    return pd.concat([population, extra.loc[~extra.index.isin(population.index)]])
+
+
 def run_scores_only(cfg: Mapping[str, Any], out_dir: Path, parent_run_id: str | None,
                     job_key: str | None = None) -> dict[str, Any]:
     """Selection from a score table alone (pool.source=csv): no model is loaded or needed.
@@ -385,10 +389,7 @@ def run_scores_only(cfg: Mapping[str, Any], out_dir: Path, parent_run_id: str | 
     if the table has a ``path`` column and ``save_soup`` is set, the chosen soup is also written."""
     table, paths = read_score_csv(cfg["pool"]["csv"])
     cats = list(table.columns)
-    population = table
-    if cfg["selection"]["population_csv"]:
-        extra = read_score_csv(cfg["selection"]["population_csv"], cats)[0]
-        population = pd.concat([table, extra.loc[~extra.index.isin(table.index)]])
+    population = with_population_csv(table, cfg["selection"]["population_csv"], cats)
     sc, strategy = cfg["selection"], cfg["strategy"]["name"]
     try:
         selection = select(population, table, sc["tau"], sc["tie_break"], sc["max_experts"], sc["method"])
