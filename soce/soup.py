@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from soce import gpu_mix
+
 __all__ = ["SoupError", "check_models", "write_soup", "Remixer", "parse_size", "reference_soup", "mix_into"]
 
 # safetensors dtype codes -> torch dtypes (the ones torch can hold).
@@ -62,8 +64,7 @@ DONOR_FILES = (
 )
 INDEX_NAME = "model.safetensors.index.json"
 CHUNK_ELEMS = 1 << 18  # elements per arithmetic chunk on CPU: 1 MiB of float32 accumulator, stays in L2
-GPU_CHUNK_ELEMS = 1 << 26  # on GPU: fewer, larger kernels (8B model, 3 experts, H100: 0.142 s per re-mix
-#                             at 64M elements, 0.15-0.19 s at 4M where kernel launches dominate)
+GPU_CHUNK_ELEMS = 1 << 26  # on GPU without the fused kernel (soce/gpu_mix.py): fewer, larger torch kernels
 
 
 class SoupError(ValueError):
@@ -799,9 +800,12 @@ def write_soup(
 
 
 def _device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """The torch device, with an index for CUDA (``cuda`` -> ``cuda:0``), so that it compares equal to a
+    tensor's ``.device`` (a bare ``cuda`` does not, which silently took the slow path)."""
+    d = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if d.type == "cuda" and d.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return d
 
 
 def _chunks(numel: int, size: int) -> Iterator[tuple[int, int]]:
@@ -889,6 +893,8 @@ class Remixer:
         wl = [ws[n] for n in used]
         coeffs = {dt: Coefficients.make(wl, dt, dev) for dt in (torch.float32, torch.float64)}
         chunk = CHUNK_ELEMS if dev.type == "cpu" else GPU_CHUNK_ELEMS
+        fused = gpu_mix.available(dev)
+        ws32 = torch.cat(coeffs[torch.float32].ws) if fused else None
         for key, target in self.targets.items():
             srcs = [self.experts[n][key] for n in used]
             flat = target.data.view(-1)
@@ -899,6 +905,8 @@ class Remixer:
             acc_dt = _acc_dtype(*(x.dtype for x in srcs))
             out_dt = self.out_dtype or src_dt  # round as write_soup does, even if the model's dtype differs
             direct = flat.device == dev and flat.dtype == out_dt
+            if direct and fused and gpu_mix.fused_mix(flat, srcs, ws32, coeffs[torch.float32].den):
+                continue
             for s, n in _chunks(flat.numel(), chunk):
                 dst = flat[s:s + n] if direct else self._slot.get("out", out_dt, n)
                 tmp = self._slot.get("tmp", acc_dt, n) if dev.type == "cpu" else None

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from soce import gpu_mix
 from soce.soup import Remixer, SoupError, check_models, parse_size, reference_soup, write_soup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -330,3 +331,53 @@ def test_sigkill_mid_write_leaves_no_target(tmp_path):
     assert not out.exists()
     write_soup(big, {"x": 1, "y": 1}, out)  # a later merge succeeds and removes the orphan
     assert out.is_dir() and not list(tmp_path.glob(".soup.*"))
+
+
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and gpu_mix.triton is not None),
+                               reason="needs a CUDA GPU and Triton (runs on the device machine, not in CI)")
+
+
+def test_fused_mix_off_the_gpu_declines():
+    assert not gpu_mix.available(torch.device("cpu"))
+    t = torch.zeros(4, dtype=torch.float64)
+    assert not gpu_mix.fused_mix(t, [t, t], torch.ones(2), None)  # float64: mix_into's job
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+def test_fused_mix_bit_equal_to_mix_into(dtype, k):
+    from soce.soup import Coefficients, mix_into
+
+    dev = torch.device("cuda")
+    n = 1_000_003  # not a multiple of the block
+    g = torch.Generator(device=dev).manual_seed(k)
+    srcs = [torch.randn(n, generator=g, device=dev).to(dtype) for _ in range(k)]
+    srcs[0][:7] = -0.0
+    for ws in ([1 / k] * k, [0.3 + 0.1 * j for j in range(k)]):  # summing to 1 (or nearly) and not
+        co = Coefficients.make(ws, torch.float32, dev)
+        ref = torch.empty(n, dtype=dtype, device=dev)
+        mix_into(ref, srcs, co, torch.empty(n, device=dev))
+        got = torch.empty(n, dtype=dtype, device=dev)
+        assert gpu_mix.fused_mix(got, srcs, torch.cat(co.ws), co.den)
+        iview = torch.int16 if dtype.itemsize == 2 else torch.int32
+        assert torch.equal(got.view(iview), ref.view(iview)), (k, ws, dtype)
+
+
+@needs_gpu
+def test_remixer_fused_equals_unfused_and_disk(zoo, tmp_path, monkeypatch):
+    models = {k: zoo[k] for k in ("a", "b", "c")}
+    ws = {"a": 0.2, "b": 0.5, "c": 0.4}
+    disk = load_dir(write_soup(models, ws, tmp_path / "s"))
+    calls = []
+    real = gpu_mix.fused_mix
+    monkeypatch.setattr(gpu_mix, "fused_mix", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SOCE_FUSED_MIX", flag)
+        rmx = Remixer(models, device="cuda")
+        sd = rmx.mix(ws).state_dict()
+        for k, v in disk.items():
+            assert torch.equal(sd[k].cpu().view(torch.int16), v.view(torch.int16)), (flag, k)
+        # every averaged tensor goes through the fused kernel when on, none when off
+        assert len(calls) == (len(rmx.targets) if flag == "1" else 0), (flag, len(calls))
+        calls.clear()
