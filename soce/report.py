@@ -64,9 +64,14 @@ def sweep_runs(uri: str, experiment: str, parent: str | None = None) -> tuple[st
 
 
 def comparison_table(jobs: pd.DataFrame, split: str) -> pd.DataFrame:
-    """Strategies (and the best single candidate) x categories + overall, in percent, on ``split``."""
+    """Strategies (and the best single candidate) x categories + overall, in percent, on ``split``.
+
+    Jobs not (yet) scored on ``split`` (running, killed, failed) are left out; see :func:`unscored_jobs`."""
     if jobs.empty:
         raise LookupError("the sweep has no job runs")
+    jobs = jobs[~jobs.index.isin(unscored_jobs(jobs, split).index)]
+    if jobs.empty:
+        raise LookupError(f"no job of the sweep has scores on split {split!r} yet")
     prefix = f"metrics.{split}."
     cols = [c for c in jobs.columns if c.startswith(prefix)]
     cats = [c[len(prefix):] for c in cols if not c.endswith(".overall")]
@@ -81,6 +86,14 @@ def comparison_table(jobs: pd.DataFrame, split: str) -> pd.DataFrame:
     best = f"best single ({first['params.best_single']})"
     rows[best] = {c: 100 * first[f"metrics.best_single.{split}.{c}"] for c in cats}
     return pd.DataFrame.from_dict(rows, orient="index")[cats].round(2)
+
+
+def unscored_jobs(jobs: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The job runs without an overall score on ``split`` (still running, or interrupted before the end)."""
+    col = f"metrics.{split}.overall"
+    if col not in jobs.columns:
+        return jobs
+    return jobs[jobs[col].isna()]
 
 
 def load_results(sweep_dir: str | Path) -> list[dict]:
@@ -217,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parent, jobs = sweep_runs(uri, experiment, args.get("parent"))
             table, source = comparison_table(jobs, split), f"MLflow sweep {parent}, experiment {experiment}"
+            left = unscored_jobs(jobs, split)
+            if not left.empty:
+                names = ", ".join(f"{r.get('tags.mlflow.runName', r['run_id'])} ({r['status']})"
+                                  for _, r in left.iterrows())
+                print(f"soce.report: left out, no {split} scores yet: {names}", file=sys.stderr)
     except LookupError as e:
         print(f"soce.report: {e}", file=sys.stderr)
         return 2

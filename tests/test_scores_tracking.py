@@ -1,7 +1,8 @@
-"""The evaluation cache and the MLflow layer, against a real sqlite store."""
+"""The evaluation cache and the MLflow layer, against a real sqlite store; the report's table of runs."""
 
 import json
 
+import pandas as pd
 import pytest
 
 from soce.scores import ScoreCache, model_fingerprint, score_table, write_json_atomic
@@ -75,3 +76,24 @@ def test_job_tracker_nested_points(tmp_path):
     assert jobrow["tags.mlflow.parentRunId"] == parent and jobrow["status"] == "FINISHED"
     assert jobrow["metrics.test.overall"] == 0.5 and jobrow["params.w.m1"] == "0.7"
     assert [a.path for a in mlflow.MlflowClient(uri).list_artifacts(job.run_id)] == ["x.csv"]
+
+
+def test_comparison_table_leaves_out_unfinished_jobs():
+    from soce.report import comparison_table, unscored_jobs
+
+    nan = float("nan")
+    jobs = pd.DataFrame({
+        "run_id": ["r1", "r2", "r3"], "status": ["FINISHED", "RUNNING", "FINISHED"],
+        "start_time": [1, 2, 3], "params.strategy": ["uniform", nan, "soce_selected"],
+        "params.categories": ["a,b"] * 3, "params.best_single": ["m1"] * 3,
+        "metrics.test.a": [0.5, nan, 0.7], "metrics.test.b": [0.3, nan, 0.5],
+        "metrics.test.overall": [0.4, nan, 0.6],
+        "metrics.best_single.test.a": [0.6] * 3, "metrics.best_single.test.b": [0.2] * 3,
+        "metrics.best_single.test.overall": [0.4] * 3,
+    })
+    table = comparison_table(jobs, "test")
+    assert list(table.index) == ["uniform", "soce_selected", "best single (m1)"]
+    assert table.loc["soce_selected", "overall"] == 60.0
+    assert list(unscored_jobs(jobs, "test")["run_id"]) == ["r2"]
+    with pytest.raises(LookupError, match="no job of the sweep has scores"):
+        comparison_table(jobs.iloc[[1]], "test")
