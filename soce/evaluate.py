@@ -6,6 +6,7 @@ A category's score is its task's metric (``benchmark.metric``, e.g. lm-eval's ``
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -91,9 +92,10 @@ class Evaluator:
                     + (f" (task_dir={self.benchmark.task_dir})" if self.benchmark.task_dir else "")
                 )
             task_dict = get_task_dict(names, self._manager)
-            if self.benchmark.num_fewshot is not None:
-                for task in _leaf_tasks(task_dict):
+            for task in _leaf_tasks(task_dict):
+                if self.benchmark.num_fewshot is not None:
                     task.set_config(key="num_fewshot", value=self.benchmark.num_fewshot)
+                _build_requests_once(task)
             self._tasks[split] = task_dict
         return self._tasks[split]
 
@@ -127,6 +129,39 @@ class Evaluator:
                 for c in self.benchmark.categories
             }
         return out
+
+
+def _build_requests_once(task: Any) -> None:
+    """Make ``task.build_all_requests`` build lm-eval's request Instances once and hand out fresh copies
+    (empty responses) on later calls with the same arguments, and remember ``task.doc_to_target`` per
+    document. lm-eval redoes both at every ``evaluate``, compiling every document's Jinja templates anew:
+    most of a search point's evaluation time on small models. (lm-eval's own ``cache_requests`` is keyed by
+    task name only and kept on disk: a changed task file or data set with the same name would be served
+    stale requests, so it stays off.)"""
+    build, to_target = task.build_all_requests, task.doc_to_target
+    built: dict[str, list[Any]] = {}
+    targets: dict[str, Any] = {}  # document's content -> target (lm-eval hands out new dicts at every pass)
+
+    def doc_to_target(doc: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs or not isinstance(doc, dict):
+            return to_target(doc, *args, **kwargs)
+        key = json.dumps(doc, sort_keys=True, default=repr)
+        if key not in targets:
+            targets[key] = to_target(doc)
+        return targets[key]
+
+    def fresh(instances: list[Any]) -> list[Any]:
+        return [dataclasses.replace(i, resps=[], filtered_resps={}) for i in instances]
+
+    def build_once(**kwargs: Any) -> None:
+        key = repr(sorted((k, v) for k, v in kwargs.items() if not callable(v)))
+        if key not in built:
+            build(**kwargs)
+            built[key] = fresh(task.instances)
+        task._instances = fresh(built[key])
+
+    task.build_all_requests = build_once
+    task.doc_to_target = doc_to_target
 
 
 def _leaf_tasks(task_dict: Any) -> list[Any]:

@@ -1,0 +1,62 @@
+"""The lm-eval bridge: requests built once per task and handed out fresh, scores unchanged by that."""
+
+from __future__ import annotations
+
+import pytest
+
+from soce.demo.zoo import DemoConfig, build_demo
+from soce.evaluate import Benchmark, Evaluator, load_model
+
+
+def _evaluator(man: dict) -> Evaluator:
+    bench = Benchmark(name="demo", categories=man["categories"], task=man["task_template"],
+                      task_dir=man["task_dir"])
+    return Evaluator(bench, "cpu")
+
+
+def test_requests_built_once_and_handed_out_fresh(tmp_path, monkeypatch):
+    from lm_eval.api.task import ConfigurableTask
+
+    builds = []
+    original = ConfigurableTask.build_all_requests
+
+    def counting(self, **kw):
+        builds.append(kw["limit"])
+        return original(self, **kw)
+
+    monkeypatch.setattr(ConfigurableTask, "build_all_requests", counting)
+    man = build_demo(DemoConfig(seed=0, preset="tiny", root=str(tmp_path)), progress=False)
+    ev = _evaluator(man)
+    task = ev.tasks("dev")[ev.benchmark.task_name(man["categories"][0], "dev")]
+    kw = dict(limit=None, samples=None, rank=0, world_size=1, cache_requests=False, rewrite_requests_cache=False,
+              system_instruction=None, apply_chat_template=False, fewshot_as_multiturn=False, chat_template=None,
+              tokenizer_name="")
+    task.build_all_requests(**kw)
+    first = task.instances
+    assert len(first) == 40 and all(i.resps == [] for i in first)
+    for i in first:  # what evaluate() does with them
+        i.resps.append((-1.0, True))
+        i.filtered_resps["none"] = (-1.0, True)
+    task.build_all_requests(**kw)
+    second = task.instances
+    assert builds == [None]  # built once
+    assert [i.arguments for i in second] == [i.arguments for i in first]
+    assert [(i.doc_id, i.task_name) for i in second] == [(i.doc_id, i.task_name) for i in first]
+    assert all(i.resps == [] and i.filtered_resps == {} for i in second)
+    assert all(a is not b for a, b in zip(first, second, strict=True))
+    task.build_all_requests(**{**kw, "limit": 5})  # other arguments: built for them
+    assert builds == [None, 5] and len(task.instances) == 5
+    assert task.doc_to_target(first[0].doc) == task.doc_to_target(dict(first[0].doc))  # by content
+
+
+@pytest.mark.slow
+def test_reused_evaluator_scores_like_a_fresh_one(tiny_demo_root):
+    """A search scores many models with one Evaluator: each score equals a fresh Evaluator's, per item."""
+    man = build_demo(DemoConfig(seed=0, preset="small", root=str(tiny_demo_root)), progress=False)
+    a, b = list(man["candidates"].values())[:2]
+    ev = _evaluator(man)
+    ev.score(*load_model(a, "cpu"), "dev")
+    got = ev.score(*load_model(b, "cpu"), "dev")
+    want = _evaluator(man).score(*load_model(b, "cpu"), "dev")
+    assert got == want
+    assert 0 < got["overall"] < 1
