@@ -18,6 +18,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+FEWSHOT_SEED = 1234  # lm-eval's default (what `lm_eval --num_fewshot k` uses): the same shots in every evaluation
+
+
 @dataclass
 class Benchmark:
     """Plain description of a benchmark (from ``BenchmarkConfig``)."""
@@ -45,7 +48,7 @@ class Benchmark:
     def fingerprint(self) -> str:
         """Hash of the task definitions and data files, and the settings that change scores."""
         h = hashlib.sha256()
-        settings = [self.task, sorted(self.categories), self.metric, self.num_fewshot, self.limit]
+        settings = [self.task, sorted(self.categories), self.metric, self.num_fewshot, self.limit, FEWSHOT_SEED]
         h.update(json.dumps(settings, sort_keys=True).encode())
         if self.task_dir:
             for p in sorted(Path(self.task_dir).rglob("*")):
@@ -95,6 +98,7 @@ class Evaluator:
             for task in _leaf_tasks(task_dict):
                 if self.benchmark.num_fewshot is not None:
                     task.set_config(key="num_fewshot", value=self.benchmark.num_fewshot)
+                task.set_fewshot_seed(FEWSHOT_SEED)  # else lm-eval's sampler is seeded from the OS: random shots
                 _build_requests_once(task)
             self._tasks[split] = task_dict
         return self._tasks[split]

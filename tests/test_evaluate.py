@@ -60,3 +60,17 @@ def test_reused_evaluator_scores_like_a_fresh_one(tiny_demo_root):
     want = _evaluator(man).score(*load_model(b, "cpu"), "dev")
     assert got == want
     assert 0 < got["overall"] < 1
+
+
+def test_few_shot_contexts_are_seeded(tmp_path):
+    """lm-eval seeds its few-shot sampler from the OS unless told: two evaluators must build the same shots."""
+    man = build_demo(DemoConfig(seed=0, preset="tiny", root=str(tmp_path)), progress=False)
+    contexts = []
+    for _ in range(2):
+        ev = _evaluator(man)
+        ev.benchmark.num_fewshot = 3
+        task = ev.tasks("dev")[ev.benchmark.task_name(man["categories"][0], "dev")]
+        task.build_all_requests(limit=None, rank=0, world_size=1)
+        contexts.append([i.arguments[0] for i in task.instances])
+    assert contexts[0] == contexts[1]
+    assert contexts[0][0].count("\n") >= 3  # the shots are there
