@@ -41,7 +41,7 @@ class BenchmarkConfig:
     include_default_tasks: bool = False  # also index lm-eval's ~15k built-in tasks (slow, ~12 s)
     select_split: str = "dev"  # correlation, selection and weight search read only this split
     report_split: str = "test"  # the split reported in tables (held out from selection)
-    metric: str = "acc"  # lm-eval metric read per task (its ',none' filter)
+    metric: str = "acc"  # lm-eval metric read per task: "name" (filter none) or "name,filter"
     num_fewshot: int | None = None
     limit: int | None = None  # items per task (debugging only)
     batch_size: int = 64

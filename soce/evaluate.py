@@ -21,6 +21,16 @@ log = logging.getLogger(__name__)
 FEWSHOT_SEED = 1234  # lm-eval's default (what `lm_eval --num_fewshot k` uses): the same shots in every evaluation
 
 
+def _tolerant_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that reads lm-eval's ``!function`` tags (and any other) as plain values."""
+
+    Loader.add_multi_constructor("", lambda loader, suffix, node: None)
+    return Loader
+
+
 @dataclass
 class Benchmark:
     """Plain description of a benchmark (from ``BenchmarkConfig``)."""
@@ -51,11 +61,36 @@ class Benchmark:
         settings = [self.task, sorted(self.categories), self.metric, self.num_fewshot, self.limit, FEWSHOT_SEED]
         h.update(json.dumps(settings, sort_keys=True).encode())
         if self.task_dir:
-            for p in sorted(Path(self.task_dir).rglob("*")):
-                if p.is_file():
-                    h.update(p.name.encode())
-                    h.update(p.read_bytes())
+            root = Path(self.task_dir).resolve()
+            files = [p for p in sorted(root.rglob("*")) if p.is_file()]
+            data = sorted({d for p in files if p.suffix in (".yaml", ".yml") for d in _data_files(p)} - set(files))
+            for p in [*files, *data]:
+                blob = p.read_bytes()
+                name = str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+                h.update(f"{name}\0{len(blob)}\0".encode())
+                h.update(blob)
         return h.hexdigest()[:16]
+
+
+def _data_files(task_yaml: Path) -> list[Path]:
+    """Local files a task YAML reads through ``dataset_kwargs.data_files`` (absolute, or relative to the YAML
+    or the working directory), so that the fingerprint changes with the data, not only with the YAML."""
+    import yaml
+
+    try:
+        cfg = yaml.load(task_yaml.read_text(), Loader=_tolerant_loader())
+    except yaml.YAMLError:
+        return []
+    spec = (cfg.get("dataset_kwargs") or {}).get("data_files") if isinstance(cfg, dict) else None
+    names = [spec] if isinstance(spec, str) else list(spec.values()) if isinstance(spec, dict) else spec or []
+    flat = [n for x in names for n in ([x] if isinstance(x, str) else x if isinstance(x, list) else [])]
+    found = []
+    for n in flat:
+        for cand in (Path(n), task_yaml.parent / n):
+            if cand.is_file():
+                found.append(cand.resolve())
+                break
+    return found
 
 
 def lm_eval_version() -> str:
@@ -118,21 +153,39 @@ class Evaluator:
             log_samples=log_samples,
             verbosity="WARNING",
         )
-        key = f"{self.benchmark.metric},none"
-        out: dict[str, Any] = {}
-        for c in self.benchmark.categories:
-            res = results["results"][self.benchmark.task_name(c, split)]
-            if key not in res:
-                raise ValueError(f"task {self.benchmark.task_name(c, split)!r} reports no metric {key!r}")
-            out[c] = float(res[key])
-        out["overall"] = sum(out[c] for c in self.benchmark.categories) / len(self.benchmark.categories)
-        if log_samples:
-            out["samples"] = {
-                c: [float(s[self.benchmark.metric]) for s in sorted(
-                    results["samples"][self.benchmark.task_name(c, split)], key=lambda s: s["doc_id"])]
-                for c in self.benchmark.categories
-            }
-        return out
+        return category_scores(results, self.benchmark, split, log_samples)
+
+
+def metric_key(metric: str) -> tuple[str, str]:
+    """``"acc"`` -> ("acc", "none"); ``"exact_match,flexible-extract"`` -> ("exact_match", "flexible-extract"):
+    lm-eval reports each metric under ``<metric>,<filter>``, and tasks with a filter_list have no ``none``."""
+    name, _, filt = metric.partition(",")
+    return name, filt or "none"
+
+
+def category_scores(results: dict[str, Any], benchmark: Benchmark, split: str,
+                    log_samples: bool = True) -> dict[str, Any]:
+    """Per-category scores (+ "overall", their mean, + "samples" per item, by doc_id) from the output of
+    ``lm_eval.evaluator.evaluate``, for the benchmark's metric and filter."""
+    name, filt = metric_key(benchmark.metric)
+    key = f"{name},{filt}"
+    out: dict[str, Any] = {}
+    for c in benchmark.categories:
+        task = benchmark.task_name(c, split)
+        res = results["results"][task]
+        if key not in res:
+            have = sorted(k for k in res if "," in k and not k.split(",")[0].endswith("_stderr"))
+            raise ValueError(f"task {task!r} reports no metric {key!r} (it reports: {', '.join(have)}; "
+                             f"set benchmark.metric to one of them)")
+        out[c] = float(res[key])
+    out["overall"] = sum(out[c] for c in benchmark.categories) / len(benchmark.categories)
+    if log_samples:
+        out["samples"] = {
+            c: [float(s[name]) for s in sorted(results["samples"][benchmark.task_name(c, split)],
+                                               key=lambda s: s["doc_id"]) if s.get("filter", "none") == filt]
+            for c in benchmark.categories
+        }
+    return out
 
 
 def _build_requests_once(task: Any) -> None:
@@ -169,8 +222,13 @@ def _build_requests_once(task: Any) -> None:
 
 
 def _leaf_tasks(task_dict: Any) -> list[Any]:
-    tasks = task_dict.get("tasks", task_dict) if isinstance(task_dict, dict) else {}
-    return [t for t in tasks.values() if hasattr(t, "set_config")]
+    """The leaf Task objects of a ``get_task_dict`` result, groups (nested dicts) included."""
+    if not isinstance(task_dict, dict):
+        return []
+    out: list[Any] = []
+    for v in task_dict.values():
+        out.extend(_leaf_tasks(v) if isinstance(v, dict) else [v] if hasattr(v, "set_config") else [])
+    return out
 
 
 def pick_device(device: str) -> str:

@@ -74,3 +74,56 @@ def test_few_shot_contexts_are_seeded(tmp_path):
         contexts.append([i.arguments[0] for i in task.instances])
     assert contexts[0] == contexts[1]
     assert contexts[0][0].count("\n") >= 3  # the shots are there
+
+
+def test_category_scores_reads_the_metric_under_its_filter():
+    from soce.evaluate import category_scores, metric_key
+
+    assert metric_key("acc") == ("acc", "none")
+    assert metric_key("exact_match,flexible-extract") == ("exact_match", "flexible-extract")
+    bench = Benchmark(name="m", categories=["en", "de"], task="mgsm_{category}", metric="exact_match,flexible-extract")
+    samples = lambda v: [  # noqa: E731  (lm-eval logs one sample per document and filter)
+        {"doc_id": 1, "filter": "remove_whitespace", "exact_match": 0.0},
+        {"doc_id": 1, "filter": "flexible-extract", "exact_match": v},
+        {"doc_id": 0, "filter": "flexible-extract", "exact_match": 1.0},
+        {"doc_id": 0, "filter": "remove_whitespace", "exact_match": 1.0},
+    ]
+    results = {
+        "results": {f"mgsm_{c}": {"exact_match,remove_whitespace": 0.5, "exact_match,flexible-extract": v,
+                                  "exact_match_stderr,flexible-extract": "N/A"} for c, v in (("en", 1.0), ("de", 0.5))},
+        "samples": {"mgsm_en": samples(1.0), "mgsm_de": samples(0.0)},
+    }
+    out = category_scores(results, bench, "test")
+    assert out["en"] == 1.0 and out["de"] == 0.5 and out["overall"] == 0.75
+    assert out["samples"] == {"en": [1.0, 1.0], "de": [1.0, 0.0]}  # one per document, by doc_id, this filter only
+    bench.metric = "exact_match"
+    with pytest.raises(ValueError, match=r"no metric 'exact_match,none' \(it reports: exact_match,flexible-extract, "
+                                         r"exact_match,remove_whitespace"):
+        category_scores(results, bench, "test")
+
+
+def test_leaf_tasks_walks_groups():
+    from soce.evaluate import _leaf_tasks
+
+    class T:
+        def set_config(self, **kw):
+            pass
+
+    a, b, c = T(), T(), T()
+    assert _leaf_tasks({"a": a, "group": {"b": b, "sub": {"c": c}}, "x": 1}) == [a, b, c]
+
+
+def test_fingerprint_follows_data_files_outside_the_task_dir(tmp_path):
+    data = tmp_path / "data" / "d.jsonl"
+    data.parent.mkdir()
+    data.write_text('{"prompt": "a", "target": "b"}\n')
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text(
+        f"task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "process_docs: !function utils.process\n")
+    bench = Benchmark(name="x", categories=["c"], task="t", task_dir=str(tasks))
+    before = bench.fingerprint()
+    assert bench.fingerprint() == before
+    data.write_text('{"prompt": "a", "target": "X"}\n')  # same YAML, other gold answer
+    assert bench.fingerprint() != before
