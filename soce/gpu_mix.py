@@ -69,8 +69,11 @@ def fused_mix(out: torch.Tensor, srcs: list[torch.Tensor], ws: torch.Tensor, den
     if any(s.dtype == torch.float64 or not s.is_contiguous() for s in srcs) or not out.is_contiguous():
         return False
     n = out.numel()
+    if any(s.numel() != n or s.device != out.device for s in srcs) or ws.device != out.device:
+        raise ValueError("fused_mix: sources, weights and output must have one size and one device")
     ptrs = list(srcs) + [srcs[0]] * (MAX_SOURCES - len(srcs))
     grid = (triton.cdiv(n, block),)
-    _mix_kernel[grid](out, *ptrs, ws, den if den is not None else ws, n,
-                      N_SRC=len(srcs), HAS_DEN=den is not None, BLOCK=block)
+    with torch.cuda.device(out.device):  # Triton launches on the current device, not the tensors'
+        _mix_kernel[grid](out, *ptrs, ws, den if den is not None else ws, n,
+                          N_SRC=len(srcs), HAS_DEN=den is not None, BLOCK=block)
     return True
