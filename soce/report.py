@@ -52,15 +52,21 @@ def sweep_runs(uri: str, experiment: str, parent: str | None = None) -> tuple[st
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         raise LookupError(f"no MLflow experiment {experiment!r} at {uri}")
-    if parent is None:
-        sweeps = mlflow.search_runs([exp.experiment_id], filter_string="tags.`soce.kind` = 'sweep'",
-                                    order_by=["start_time DESC"], max_results=1)
-        if sweeps.empty:
-            raise LookupError(f"experiment {experiment!r} has no sweep (parent) run yet")
-        parent = sweeps.iloc[0]["run_id"]
-    jobs = mlflow.search_runs([exp.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.`soce.kind` = 'job'")
-    return parent, jobs
+    def jobs_of(run_id: str) -> pd.DataFrame:
+        return mlflow.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}' and tags.`soce.kind` = 'job'")
+
+    if parent is not None:
+        return parent, jobs_of(parent)
+    sweeps = mlflow.search_runs([exp.experiment_id], filter_string="tags.`soce.kind` = 'sweep'",
+                                order_by=["start_time DESC"], max_results=50)
+    if sweeps.empty:
+        raise LookupError(f"experiment {experiment!r} has no sweep (parent) run yet")
+    for run_id in sweeps["run_id"]:  # the latest sweep that has job runs (one that failed at start has none)
+        jobs = jobs_of(run_id)
+        if not jobs.empty:
+            return run_id, jobs
+    raise LookupError(f"none of the latest {len(sweeps)} sweeps of experiment {experiment!r} has job runs")
 
 
 def comparison_table(jobs: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -218,12 +224,30 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join([head, sep, *body])
 
 
+USAGE = ("usage: python -m soce.report [experiment=soce-demo] [parent=RUN_ID] [dir=MULTIRUN_DIR] [split=test] "
+         "[root=.] [uri=MLFLOW_URI] [out=DIR]")
+KEYS = ("experiment", "parent", "dir", "split", "root", "uri", "out")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    bad = [a for a in argv if "=" not in a or a.split("=", 1)[0] not in KEYS]
+    if bad:
+        print(f"soce.report: error: unknown argument {bad[0]!r} (known: {', '.join(KEYS)})", file=sys.stderr)
+        return 2
+    args = dict(a.split("=", 1) for a in argv)
     root = Path(args.get("root", ".")).resolve()
-    uri = args.get("uri", f"sqlite:///{root / 'outputs' / 'mlflow.db'}")
+    db = root / "outputs" / "mlflow.db"
+    uri = args.get("uri", f"sqlite:///{db}")
     experiment = args.get("experiment", "soce-demo")
     split = args.get("split", "test")
+    if "dir" not in args and "uri" not in args and not db.is_file():
+        print(f"soce.report: error: no MLflow store at {db} (run `make run` first, or give root=, uri= or dir=)",
+              file=sys.stderr)
+        return 2
     try:
         if "dir" in args:
             table, source = comparison_from_results(load_results(args["dir"]), split), args["dir"]
@@ -236,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                                   for _, r in left.iterrows())
                 print(f"soce.report: left out, no {split} scores yet: {names}", file=sys.stderr)
     except LookupError as e:
-        print(f"soce.report: {e}", file=sys.stderr)
+        print(f"soce.report: error: {e}", file=sys.stderr)
         return 2
     md = to_markdown(table)
     print(f"\nSoCE comparison on split '{split}' (accuracy %, {source})\n")

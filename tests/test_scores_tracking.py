@@ -97,3 +97,14 @@ def test_comparison_table_leaves_out_unfinished_jobs():
     assert list(unscored_jobs(jobs, "test")["run_id"]) == ["r2"]
     with pytest.raises(LookupError, match="no job of the sweep has scores"):
         comparison_table(jobs.iloc[[1]], "test")
+
+
+def test_report_cli_rejects_bad_arguments_without_creating_a_store(tmp_path, capsys):
+    from soce.report import main
+
+    assert main([f"root={tmp_path}", "expermient=x"]) == 2
+    assert "soce.report: error: unknown argument 'expermient=x'" in capsys.readouterr().err
+    assert main([f"root={tmp_path}"]) == 2
+    assert "soce.report: error: no MLflow store at" in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists()
+    assert main(["--help"]) == 0 and "usage:" in capsys.readouterr().out
