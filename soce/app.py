@@ -6,8 +6,10 @@ of every swept key), so a bad input fails with one line and nothing is written.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -46,8 +48,12 @@ def hydra_main(cfg: DictConfig) -> None:
              ", ".join(f"{s} overall {100 * v['overall']:.2f}%" for s, v in result["scores"].items()))
 
 
+MAX_CHECKED_JOBS = 256  # a larger sweep has each swept value checked once (others at their first value)
+
+
 def job_overrides(overrides: list[str]) -> list[list[str]]:
-    """One override list per value of every swept key (others at their first value): what to check."""
+    """The override lists to check before a multirun: every job of the sweep (the product of the swept
+    values) up to MAX_CHECKED_JOBS, else one list per value of every swept key, others at their first."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -62,6 +68,13 @@ def job_overrides(overrides: list[str]) -> list[list[str]]:
             first.append(f"{o.get_key_element()}={values[0]}")
         else:
             first.append(o.input_line)
+    if math.prod(len(v) for _, v in sweeps) <= MAX_CHECKED_JOBS:
+        keys = [o.get_key_element() for o, _ in sweeps]
+        jobs = []
+        for combo in itertools.product(*(values for _, values in sweeps)):
+            chosen = dict(zip(keys, combo, strict=True))
+            jobs.append([f"{k}={chosen[k]}" if (k := x.split("=", 1)[0]) in chosen else x for x in first])
+        return jobs
     lists = [first]
     for o, values in sweeps:
         key = o.get_key_element()

@@ -47,6 +47,9 @@ def resolve_pool(cfg: Mapping[str, Any], progress: bool = True) -> tuple[dict[st
     return dict(pool["candidates"]), dict(pool["population"]), {}  # pool.source checked by validate()
 
 
+DTYPES = ("bfloat16", "float16", "float32", "float64")  # what soups are evaluated and written in (dtype=)
+
+
 def validate(cfg: Mapping[str, Any]) -> None:
     """Checks that need more than types; raises ConfigError before anything is written."""
     b, s, sel = cfg["benchmark"], cfg["strategy"], cfg["selection"]
@@ -75,7 +78,29 @@ def validate(cfg: Mapping[str, Any]) -> None:
         method.weight_grid(1, cfg["search"]["step"], cfg["search"]["min_weight"])
     except method.SelectionError as e:
         raise ConfigError(str(e)) from None
+    if s["name"] == "fixed":
+        names, ws = list(s.get("ingredients") or []), list(s.get("weights") or [])
+        if not names or len(names) != len(ws) or min(ws) < 0 or sum(ws) <= 0:
+            raise ConfigError(f"strategy=fixed needs strategy.ingredients=[...] and as many non-negative "
+                              f"strategy.weights=[...] (not all 0); got {names} / {ws}")
+    if cfg["dtype"] is not None and cfg["dtype"] not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} or null, got {cfg['dtype']!r}")
+    if cfg["device"] != "auto":
+        import torch
+
+        try:
+            dev = torch.device(cfg["device"])
+        except RuntimeError:
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={cfg['device']}: no CUDA device here (use device=auto or cpu)")
+        if dev.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}")
     pool = cfg["pool"]
+    from soce.demo.zoo import PRESETS
+
+    if pool["source"] == "demo" and cfg["demo"]["preset"] not in PRESETS:
+        raise ConfigError(f"demo.preset must be one of {', '.join(PRESETS)}, got {cfg['demo']['preset']!r}")
     if pool["source"] not in ("paths", "demo", "csv"):
         raise ConfigError(f"pool.source must be 'paths', 'demo' or 'csv', got {pool['source']!r}")
     for key, path in (("pool.csv", pool["csv"]), ("selection.population_csv", sel["population_csv"])):

@@ -54,6 +54,22 @@ def test_semantic_errors_before_anything_runs(tmp_path):
     cfg = to_plain(composed("selection.tie_break=coin"))
     with pytest.raises(ConfigError, match="tie_break"):
         validate(cfg)
+    for override, needle in (("strategy=fixed", "strategy=fixed needs strategy.ingredients"),
+                             ("demo.preset=huge", "demo.preset must be one of"),
+                             ("dtype=float17", "dtype must be one of"),
+                             ("device=tpu", "device must be auto, cpu, cuda or cuda:N")):
+        with pytest.raises(ConfigError, match=needle):
+            validate(to_plain(composed(override)))
+
+
+def test_every_job_of_a_sweep_is_checked():
+    from soce.app import job_overrides
+
+    jobs = job_overrides(["a=1,2", "b=x,y", "c=3"])
+    assert sorted(map(tuple, jobs)) == [("a=1", "b=x", "c=3"), ("a=1", "b=y", "c=3"),
+                                        ("a=2", "b=x", "c=3"), ("a=2", "b=y", "c=3")]
+    big = job_overrides(["a=range(0,30)", "b=range(0,30)"])  # 900 jobs: each value once instead
+    assert len(big) == 1 + 29 + 29
 
 
 @pytest.mark.parametrize(("args", "needle"), [
@@ -62,8 +78,12 @@ def test_semantic_errors_before_anything_runs(tmp_path):
     (["+selection.typo=1"], "unknown config key 'selection.typo'"),
     (["-m", "strategy=uniform,nope"], "strategy/nope"),  # every job of a sweep is checked first
     (["pool=example_local"], "checkpoint 'model_a' not found"),
+    (["-m", "pool=demo,from_csv", "strategy=uniform,soce_weighted", "pool.csv=scores.csv"],
+     "evaluates soups"),  # only the 4th job (from_csv x soce_weighted) is bad
 ])
 def test_cli_bad_input_one_clear_line(tmp_path, args, needle):
+    (tmp_path / "scores.csv").write_text("model,half,quad,tri,rev,sort,swap,enc,dec\n"
+                                         "a,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8\nb,0.8,0.7,0.6,0.5,0.4,0.3,0.2,0.1\n")
     p = subprocess.run(soce_cmd(*args, f"paths.root_dir={tmp_path}"), capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
