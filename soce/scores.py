@@ -21,18 +21,21 @@ from typing import Any
 import pandas as pd
 
 _FULL_HASH_LIMIT = 256 * 2**20  # hash whole files below this total size, else headers + samples
+_FINGERPRINTED = {".safetensors", ".bin", ".json", ".model", ".txt", ".jinja"}  # weights, config, tokenizer
 
 
 def model_fingerprint(path: str | Path) -> str:
     """Content fingerprint of a checkpoint dir (weights, config). Hub ids fingerprint as their name.
 
-    Small checkpoints are hashed whole; large ones by file sizes, safetensors headers (names, dtypes,
-    shapes, offsets) and 1 MiB samples at the start, middle and end of each file.
+    Files: weights, configs and tokenizer files (``.safetensors .bin .json .model .txt .jinja``). Small
+    checkpoints (< 256 MiB in all) are hashed whole; large ones by file sizes and 1 MiB samples at the start
+    (safetensors header: names, dtypes, shapes, offsets), middle and end of each file, so a large checkpoint
+    rewritten in place with the same layout and sizes needs its cache entries removed (``outputs/cache``).
     """
     p = Path(path)
     if not p.exists():
         return "hub:" + str(path)
-    files = sorted(f for f in p.iterdir() if f.suffix in {".safetensors", ".json", ".bin"} and f.is_file())
+    files = sorted(f for f in p.iterdir() if f.suffix in _FINGERPRINTED and f.is_file())
     total = sum(f.stat().st_size for f in files)
     h = hashlib.sha256()
     for f in files:

@@ -43,7 +43,10 @@ def test_fingerprint_changes_with_content(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"abc")
     f1 = model_fingerprint(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"abd")
-    assert model_fingerprint(tmp_path) != f1
+    f2 = model_fingerprint(tmp_path)
+    assert f2 != f1
+    (tmp_path / "tokenizer.model").write_bytes(b"sentencepiece")  # the tokenizer changes what is scored
+    assert model_fingerprint(tmp_path) != f2
     assert model_fingerprint("org/model-on-hub") == "hub:org/model-on-hub"
 
 
