@@ -7,6 +7,7 @@ A category's score is its task's metric (``benchmark.metric``, e.g. lm-eval's ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 FEWSHOT_SEED = 1234  # lm-eval's default (what `lm_eval --num_fewshot k` uses): the same shots in every evaluation
 
 
+@functools.cache
 def _tolerant_loader() -> type:
     import yaml
 

@@ -89,13 +89,13 @@ def validate(cfg: Mapping[str, Any]) -> None:
         import torch
 
         try:
-            dev = torch.device(cfg["device"])
+            kind = torch.device(cfg["device"]).type
         except RuntimeError:
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device={cfg['device']}: no CUDA device here (use device=auto or cpu)")
-        if dev.type not in ("cpu", "cuda"):
+            kind = None
+        if kind not in ("cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={cfg['device']}: no CUDA device here (use device=auto or cpu)")
     pool = cfg["pool"]
     from soce.demo.zoo import PRESETS
 
