@@ -111,3 +111,20 @@ def test_report_cli_rejects_bad_arguments_without_creating_a_store(tmp_path, cap
     assert "soce.report: error: no MLflow store at" in capsys.readouterr().err
     assert not (tmp_path / "outputs").exists()
     assert main(["--help"]) == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_report_reads_the_latest_sweep_that_has_jobs(tmp_path):
+    """A sweep whose jobs never started (it failed first) must not hide the previous one."""
+    import time
+
+    from soce.report import sweep_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = ensure_experiment(uri, "soce-test", str(tmp_path / "art"))
+    good = start_run(uri, exp, "sweep 1", tags={"soce.kind": "sweep"})
+    start_run(uri, exp, "job", good, {"soce.kind": "job"})
+    time.sleep(0.05)  # start_time has millisecond resolution
+    empty = start_run(uri, exp, "sweep 2", tags={"soce.kind": "sweep"})
+    assert sweep_runs(uri, "soce-test")[0] == good
+    parent, jobs = sweep_runs(uri, "soce-test", parent=empty)
+    assert parent == empty and jobs.empty
