@@ -40,8 +40,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from soce import method
+    from soce.benchmarks.lmeval import load_model, quiet_lm_eval
     from soce.demo.zoo import DemoConfig, build_demo
-    from soce.evaluate import load_model, quiet_lm_eval
     from soce.soup import Remixer
     from soce.strategies import select
 
@@ -147,7 +147,7 @@ def main() -> None:
 
 def demo_evaluator(man: dict, batch_size: int, device: str):
     """An lm-eval Evaluator over the demo benchmark described by the zoo manifest ``man``."""
-    from soce.evaluate import Benchmark, Evaluator
+    from soce.benchmarks.lmeval import Benchmark, Evaluator
 
     bench = Benchmark(name="demo", categories=man["categories"], task=man["task_template"],
                       task_dir=man["task_dir"], batch_size=batch_size)

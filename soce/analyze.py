@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +23,6 @@ from soce import analysis
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class AnalysisConfig:
-    """Which analyses a job runs (all off by default: each costs evaluations)."""
-
-    shapley: bool = False
-    consistency: bool = False
-    emergent: bool = False
-    shapley_exact_max: int = 8  # exact Shapley up to this many candidates (2^n - 1 soups), sampled beyond
-    shapley_permutations: int = 64  # sampled Shapley: permutations (antithetic pairs)
-    seed: int = 0
 
 
 def run_analyses(

@@ -13,9 +13,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from soce.analyze import AnalysisConfig
-from soce.demo.zoo import DemoConfig
-
 
 @dataclass
 class PathsConfig:
@@ -27,25 +24,54 @@ class PathsConfig:
 
 
 @dataclass
-class BenchmarkConfig:
-    """A benchmark: categories, each an lm-eval task per split.
+class HoldoutConfig:
+    """Disjoint selection and report item sets carved out of ONE split (for benchmarks that ship one).
 
-    ``task`` is a template formatted with ``category`` and ``split``, e.g. ``mgsm_direct_{category}``
-    (no split: both splits are the task's own test set) or ``soce_demo_{category}_{split}``.
+    With ``split`` set, ``benchmark.select_split`` and ``benchmark.report_split`` name the two halves: the
+    items of ``split`` are divided per category, deterministically by item id and ``seed``, a fraction
+    ``select_fraction`` going to the selection half (``soce.benchmarks.holdout``)."""
+
+    split: str | None = None  # the split to carve; null: off (select/report splits are real splits)
+    select_fraction: float = 0.5  # share of each category's items used for selection
+    seed: int = 0
+
+
+@dataclass
+class BenchmarkConfig:
+    """A benchmark: categories scored by one backend (``soce.benchmarks``), on a selection and a report split.
+
+    For the ``lm_eval`` backend, ``task`` is a template formatted with ``category`` and ``split``, e.g.
+    ``mgsm_direct_{category}`` (no split: one task per category) or ``soce_demo_{category}_{split}``.
     """
 
     name: str = MISSING
     categories: list[str] = MISSING
-    task: str = MISSING
+    backend: str = "lm_eval"  # registered evaluator backend: lm_eval | bfcl
+    task: str = "{category}"  # lm_eval: task-name template
     task_dir: str | None = None  # extra lm-eval task folder (include_path)
     include_default_tasks: bool = False  # also index lm-eval's ~15k built-in tasks (slow, ~12 s)
     select_split: str = "dev"  # correlation, selection and weight search read only this split
     report_split: str = "test"  # the split reported in tables (held out from selection)
+    holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
     metric: str = "acc"  # lm-eval metric read per task: "name" (filter none) or "name,filter"
+    objective: str = "mean"  # what searches maximise and "overall" reports: mean (of categories) | official
     num_fewshot: int | None = None
     limit: int | None = None  # items per task (debugging only)
     batch_size: int = 64
     families: dict[str, str] = field(default_factory=dict)  # category -> family (for the report); demo: filled in
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific settings (e.g. bfcl: handler)
+
+    @property
+    def splits(self) -> list[str]:
+        """The distinct splits a job scores: selection first."""
+        return list(dict.fromkeys([self.select_split, self.report_split]))
+
+    def task_name(self, category: str, split: str) -> str:
+        return self.task.format(category=category, split=self.source_split(split))
+
+    def source_split(self, split: str) -> str:
+        """The data split that ``split`` reads (the carved split when a holdout is set)."""
+        return self.holdout.split if self.holdout.split else split
 
 
 @dataclass
@@ -96,6 +122,8 @@ class SearchConfig:
     n_trials: int = 15  # optuna: evaluation budget (trials in the study, resumed ones included)
     seed: int = 0  # optuna: sampler seed
     storage: str | None = None  # optuna: e.g. sqlite:////abs/optuna.db to resume a study across runs
+    sampler: str = "tpe"  # optuna: tpe | gp
+    budget: float | None = None  # most full selection-split evaluations a search may spend (null: no cap)
 
 
 @dataclass
@@ -105,6 +133,34 @@ class TrackingConfig:
     uri: str = MISSING
     artifact_location: str | None = None  # for new experiments; None lets the server decide
     experiment: str = "soce-${benchmark.name}"
+
+
+@dataclass
+class DemoConfig:
+    """Where and how to build the demo (a Hydra structured-config node ``demo``).
+
+    preset: ``"cpu"`` (default demo, ~1M params, a few minutes on 2 cores), ``"small"`` (the cpu zoo with
+    shorter training and 40/60 items per split: debug=fast and end-to-end tests), ``"tiny"`` (mechanics
+    only, seconds) or ``"gpu"`` (tens of millions of params, uses CUDA when available).
+    The zoo is built under ``f"{root}/{preset}-seed{seed}"``.
+    """
+
+    seed: int = 0
+    preset: str = "cpu"
+    root: str = "outputs/demo"
+    device: str = "auto"  # "auto" (cuda if available for the gpu preset, else cpu), "cpu" or "cuda"
+
+
+@dataclass
+class AnalysisConfig:
+    """Which analyses a job runs (all off by default: each costs evaluations)."""
+
+    shapley: bool = False
+    consistency: bool = False
+    emergent: bool = False
+    shapley_exact_max: int = 8  # exact Shapley up to this many candidates (2^n - 1 soups), sampled beyond
+    shapley_permutations: int = 64  # sampled Shapley: permutations (antithetic pairs)
+    seed: int = 0
 
 
 @dataclass
@@ -148,6 +204,15 @@ def unknown_keys(cfg: Any, schema: type = Config, prefix: str = "") -> list[str]
         if sub is not None and dataclasses.is_dataclass(sub):
             out += unknown_keys(cfg[key], sub, f"{prefix}{key}.")
     return out
+
+
+def typed(cfg: Any) -> Config:
+    """A composed config (DictConfig or plain dicts) as the typed :class:`Config` (nested dataclasses),
+    checked against the schema: the one conversion at the top of a job."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in dict(cfg).items() if k != "hydra"})
+    return OmegaConf.to_object(node)  # type: ignore[return-value]
 
 
 def to_plain(cfg: Any) -> dict:

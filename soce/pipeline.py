@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -17,15 +18,18 @@ import pandas as pd
 import yaml
 
 from soce import __version__, method
-from soce.evaluate import Benchmark, Evaluator, lm_eval_version, load_model, pick_device, quiet_lm_eval
+from soce.benchmarks import make_evaluator
+from soce.benchmarks.lmeval import Benchmark, lm_eval_version, load_model, pick_device, quiet_lm_eval
+from soce.config import typed
 from soce.scores import ScoreCache, model_fingerprint, score_table, write_json_atomic
-from soce.strategies import SEARCHES, SELECTION_METHODS, STRATEGIES, Context, select
+from soce.searches import SEARCHES
+from soce.selections import SELECTIONS, select
+from soce.strategies import STRATEGIES, Context
 from soce.tracking import JobTracker, split_metrics
 
 log = logging.getLogger(__name__)
 
 
-CSV_STRATEGIES = ("soce_selected", "uniform", "best_single")  # need no evaluation
 
 
 class ConfigError(ValueError):
@@ -66,8 +70,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
             f"selection.tie_break must be one of {', '.join(method.TIE_BREAKS)}, got {sel['tie_break']!r}")
     if not 0 <= sel["tau"] <= 1:
         raise ConfigError(f"selection.tau must be in [0, 1], got {sel['tau']}")
-    if sel["method"] not in SELECTION_METHODS:
-        raise ConfigError(f"selection.method must be one of {', '.join(SELECTION_METHODS)}, got {sel['method']!r}")
+    if sel["method"] not in SELECTIONS:
+        raise ConfigError(f"selection.method must be one of {', '.join(SELECTIONS)}, got {sel['method']!r}")
     if sel["max_experts"] is not None and sel["max_experts"] < 1:
         raise ConfigError(f"selection.max_experts must be >= 1, got {sel['max_experts']}")
     if cfg["search"]["name"] not in SEARCHES:
@@ -109,9 +113,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if pool["source"] == "csv":
         if pool["csv"] is None:
             raise ConfigError("pool.source=csv needs pool.csv=<score table>")
-        if s["name"] not in CSV_STRATEGIES:
+        if STRATEGIES[s["name"]].evaluates:
+            no_eval = [n for n, st in STRATEGIES.items() if not st.evaluates]
             raise ConfigError(f"strategy {s['name']!r} evaluates soups and needs checkpoints; with pool.source=csv "
-                              f"use one of {', '.join(CSV_STRATEGIES)}")
+                              f"use one of {', '.join(no_eval)}")
         cats = list(read_score_csv(pool["csv"])[0].columns)
         if sel["population_csv"]:
             read_score_csv(sel["population_csv"], cats)
@@ -130,7 +135,7 @@ class Prepared:
     bench: Benchmark
     device: str
     dtype: str | None
-    evaluator: Evaluator
+    evaluator: Any
     cache: ScoreCache
     fps: dict[str, str]
     context: dict[str, Any]
@@ -151,16 +156,17 @@ def prepare(cfg: Mapping[str, Any]) -> Prepared:
         bcfg["task_dir"] = bcfg.get("task_dir") or demo["task_dir"]
         demo_families = {c: f for c, f in demo["families"].items() if c in bcfg["categories"]}
         bcfg["families"] = bcfg.get("families") or demo_families
-    bench = Benchmark(**bcfg)
+    bench = dataclasses.replace(typed(cfg).benchmark, task_dir=bcfg.get("task_dir"),
+                                families=bcfg.get("families") or {})
     if bench.select_split == bench.report_split:
         log.warning("select_split == report_split (%s): experts and weights are chosen on the scores "
                     "that are reported (the paper's protocol); reported gains are optimistic", bench.select_split)
     device = pick_device(cfg["device"])
     dtype = cfg.get("dtype")
-    evaluator = Evaluator(bench, device)
+    evaluator = make_evaluator(bench, device)
     cache = ScoreCache(Path(cfg["paths"]["cache_dir"]))
     fps = {name: model_fingerprint(p) for name, p in {**population, **candidates}.items()}
-    context = {"benchmark": bench.fingerprint(), "metric": bench.metric, "dtype": dtype,
+    context = {"benchmark": evaluator.fingerprint(), "metric": bench.metric, "dtype": dtype,
                "device": device.split(":")[0], "lm_eval": lm_eval_version(), "format": 2}
 
     def scores_of(name: str, path: str, split: str) -> dict[str, float]:
@@ -182,8 +188,7 @@ def prepare(cfg: Mapping[str, Any]) -> Prepared:
     pop_table = score_table(pop_scores, cats)[cats]
     pop_table = with_population_csv(pop_table, cfg["selection"]["population_csv"], cats)
 
-    sc = cfg["selection"]
-    selection = select(pop_table, cand_table, sc["tau"], sc["tie_break"], sc["max_experts"], sc["method"])
+    selection = select(pop_table, cand_table, typed(cfg).selection)
     log.info("L = %s; experts = %s", selection.weak, selection.ingredients)
     return Prepared(bench, device, dtype, evaluator, cache, fps, context, candidates, cand_scores, cand_table,
                     pop_table, selection)
@@ -273,11 +278,11 @@ def _run_job(cfg: Mapping[str, Any], out_dir: Path, p: Prepared, tracker: JobTra
             shown["bar"].set_postfix(best=f"{100 * shown['best']:.2f}%", refresh=False)
             shown["bar"].update(1)
 
-    ctx = Context(cand_table, selection, dict(cfg["search"]),
+    ctx = Context(cand_table, selection, typed(cfg).search,
                   lambda w: _categories(evaluate_weights(w, sel_split), bench.categories), on_point,
-                  params=dict(cfg["strategy"]))
+                  params=typed(cfg).strategy)
     try:
-        plan = STRATEGIES[strategy](ctx)
+        plan = STRATEGIES[strategy].plan(ctx)
     except method.SelectionError as e:
         raise ConfigError(str(e)) from None
     weights = {n: float(plan.weights.get(n, 0.0)) for n in candidates}
@@ -417,10 +422,10 @@ def run_scores_only(cfg: Mapping[str, Any], out_dir: Path, parent_run_id: str | 
     population = with_population_csv(table, cfg["selection"]["population_csv"], cats)
     sc, strategy = cfg["selection"], cfg["strategy"]["name"]
     try:
-        selection = select(population, table, sc["tau"], sc["tie_break"], sc["max_experts"], sc["method"])
+        selection = select(population, table, typed(cfg).selection)
     except method.SelectionError as e:
         raise ConfigError(str(e)) from None
-    plan = STRATEGIES[strategy](Context(table, selection, dict(cfg["search"]), _no_evaluation))
+    plan = STRATEGIES[strategy].plan(Context(table, selection, typed(cfg).search, _no_evaluation))
     weights = {m: float(plan.weights.get(m, 0.0)) for m in table.index}
     split = cfg["benchmark"]["select_split"]
     tracker = JobTracker.start(cfg["tracking"]["uri"], cfg["tracking"]["experiment"],

@@ -13,28 +13,27 @@ from typing import Any
 import pandas as pd
 
 from soce import method
-
-
-@dataclass
-class Selection:
-    """Algorithm 1 steps 1-2 on the selection split: correlation, L, experts (logged by every strategy)."""
-
-    correlation: pd.DataFrame
-    weak: list[str]
-    experts: dict[str, str]  # category in L -> its expert
-    ingredients: list[str]  # distinct experts, candidate order
+from soce.config import SearchConfig, StrategyConfig
+from soce.searches import SEARCHES, Evaluate, EvaluateItems, OnPoint, SearchContext
+from soce.selections import Selection
 
 
 @dataclass
 class Context:
-    """What a strategy may use. Score tables hold the SELECTION split only."""
+    """What a strategy may use. Score tables and evaluations hold the SELECTION split only."""
 
     candidates: pd.DataFrame  # candidates x categories
     selection: Selection
-    search: dict[str, Any]
-    evaluate_soup: Callable[[dict[str, float]], dict[str, float]]  # {ingredient: w} -> {category: score}
-    on_point: Callable[[int, dict[str, float], dict[str, float]], None] | None = None
-    params: dict[str, Any] = field(default_factory=dict)  # the strategy's own config
+    search: SearchConfig
+    evaluate_soup: Evaluate  # {ingredient: w} -> {category: score, "overall": objective}
+    on_point: OnPoint | None = None
+    params: StrategyConfig = field(default_factory=StrategyConfig)  # the strategy's own config
+    evaluate_items: EvaluateItems | None = None
+    item_ids: dict[str, list[str]] | None = None
+
+    def search_context(self) -> SearchContext:
+        return SearchContext(self.selection.ingredients, self.evaluate_soup, self.search, self.on_point,
+                             self.evaluate_items, self.item_ids)
 
 
 @dataclass
@@ -46,34 +45,26 @@ class Plan:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-STRATEGIES: dict[str, Callable[[Context], Plan]] = {}
+@dataclass(frozen=True)
+class Strategy:
+    """A registered strategy; ``evaluates``: it evaluates soups, so it needs checkpoints (not a score table)."""
+
+    name: str
+    plan: Callable[[Context], Plan]
+    evaluates: bool = False
 
 
-def strategy(name: str) -> Callable[[Callable[[Context], Plan]], Callable[[Context], Plan]]:
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def strategy(name: str, evaluates: bool = False) -> Callable[[Callable[[Context], Plan]], Callable[[Context], Plan]]:
+    """Register ``fn(ctx) -> Plan`` as the strategy ``name`` (``conf/strategy/<name>.yaml`` selects it)."""
+
     def register(fn: Callable[[Context], Plan]) -> Callable[[Context], Plan]:
-        STRATEGIES[name] = fn
+        STRATEGIES[name] = Strategy(name, fn, evaluates)
         return fn
 
     return register
-
-
-SELECTION_METHODS = ("threshold", "cluster")
-
-
-def select(population: pd.DataFrame, candidates: pd.DataFrame, tau: float, tie_break: str,
-           max_experts: int | None, how: str = "threshold") -> Selection:
-    """Correlate categories across ``population``, take the weak set (or clusters), pick the experts."""
-    corr = method.category_correlation(population)
-    if how == "threshold":
-        weak = method.weak_categories(corr, tau)
-        experts = method.select_experts(candidates, weak, tie_break)
-    elif how == "cluster":
-        clusters = method.category_clusters(corr, tau)
-        weak = ["+".join(c) for c in clusters] if len(clusters) > 1 else []
-        experts = method.cluster_experts(candidates, clusters if len(clusters) > 1 else [], tie_break)
-    else:
-        raise method.SelectionError(f"unknown selection.method {how!r}; expected one of {SELECTION_METHODS}")
-    return Selection(corr, weak, experts, method.distinct_experts(experts, candidates, max_experts))
 
 
 def equal(names: list[str]) -> dict[str, float]:
@@ -92,22 +83,11 @@ def soce_selected(ctx: Context) -> Plan:
     return Plan(equal(ctx.selection.ingredients))
 
 
-SEARCHES = ("grid", "optuna")
-
-
-@strategy("soce_weighted")
+@strategy("soce_weighted", evaluates=True)
 def soce_weighted(ctx: Context) -> Plan:
-    """SoCE: the experts, weights searched on the selection split (objective: mean over all categories)."""
-    names, s = ctx.selection.ingredients, ctx.search
-    if s["name"] == "optuna" and len(names) > 1:
-        result = method.optuna_points(names, ctx.evaluate_soup, s["n_trials"], s["seed"], s["storage"],
-                                      min_weight=0.0, on_point=ctx.on_point)
-        return Plan(result.weights, trace=result.trace)
-    if s["name"] not in SEARCHES:
-        raise ValueError(f"unknown search {s['name']!r}; available: {', '.join(SEARCHES)}")
-    points = method.weight_grid(len(names), s["step"], s["min_weight"], s["include_uniform"])
-    result = method.search_weights(names, points, ctx.evaluate_soup, ctx.on_point)
-    return Plan(result.weights, trace=result.trace)
+    """SoCE: the experts, weights searched on the selection split (``search`` group; objective: overall)."""
+    result = SEARCHES[ctx.search.name].run(ctx.search_context())
+    return Plan(result.weights, trace=result.trace, notes=result.notes)
 
 
 @strategy("best_single")
@@ -117,7 +97,7 @@ def best_single(ctx: Context) -> Plan:
     return Plan({best: 1.0})
 
 
-@strategy("greedy_soup")
+@strategy("greedy_soup", evaluates=True)
 def greedy(ctx: Context) -> Plan:
     """Baseline: greedy soup (Wortsman et al. 2022) over all candidates, best first, on the selection split."""
     ranked = list(method.overall(ctx.candidates).sort_values(ascending=False, kind="stable").index)
@@ -128,7 +108,7 @@ def greedy(ctx: Context) -> Plan:
 @strategy("fixed")
 def fixed(ctx: Context) -> Plan:
     """Given weights (``strategy.ingredients``, ``strategy.weights``): one point of a spread-out search."""
-    names, ws = list(ctx.params.get("ingredients", [])), [float(w) for w in ctx.params.get("weights", [])]
+    names, ws = list(ctx.params.ingredients), [float(w) for w in ctx.params.weights]
     unknown = [n for n in names if n not in ctx.candidates.index]
     if not names or len(names) != len(ws) or unknown or min(ws) < 0 or sum(ws) <= 0:
         raise method.SelectionError(

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from soce.config import DemoConfig
 from soce.demo import tasks, zoo
 from soce.demo.train import encode, quick_scores
-from soce.demo.zoo import DemoConfig, build_demo
+from soce.demo.zoo import build_demo
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from soce.demo.zoo import DemoConfig, build_demo
-from soce.evaluate import Benchmark, Evaluator, load_model
+from soce.benchmarks.lmeval import Benchmark, Evaluator, benchmark_fingerprint, load_model
+from soce.config import DemoConfig
+from soce.demo.zoo import build_demo
 
 
 def _evaluator(man: dict) -> Evaluator:
@@ -77,7 +78,7 @@ def test_few_shot_contexts_are_seeded(tmp_path):
 
 
 def test_category_scores_reads_the_metric_under_its_filter():
-    from soce.evaluate import category_scores, metric_key
+    from soce.benchmarks.lmeval import category_scores, metric_key
 
     assert metric_key("acc") == ("acc", "none")
     assert metric_key("exact_match,flexible-extract") == ("exact_match", "flexible-extract")
@@ -103,7 +104,7 @@ def test_category_scores_reads_the_metric_under_its_filter():
 
 
 def test_leaf_tasks_walks_groups():
-    from soce.evaluate import _leaf_tasks
+    from soce.benchmarks.lmeval import _leaf_tasks
 
     class T:
         def set_config(self, **kw):
@@ -123,7 +124,7 @@ def test_fingerprint_follows_data_files_outside_the_task_dir(tmp_path):
         f"task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
         "process_docs: !function utils.process\n")
     bench = Benchmark(name="x", categories=["c"], task="t", task_dir=str(tasks))
-    before = bench.fingerprint()
-    assert bench.fingerprint() == before
+    before = benchmark_fingerprint(bench)
+    assert benchmark_fingerprint(bench) == before
     data.write_text('{"prompt": "a", "target": "X"}\n')  # same YAML, other gold answer
-    assert bench.fingerprint() != before
+    assert benchmark_fingerprint(bench) != before

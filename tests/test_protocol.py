@@ -2,8 +2,8 @@
 
 import pytest
 
-from soce import evaluate
 from soce.app import compose_plain
+from soce.benchmarks import lmeval as evaluate
 from soce.pipeline import run
 
 pytestmark = pytest.mark.slow
@@ -18,8 +18,8 @@ def test_selection_and_search_ignore_report_split(tmp_path, tiny_demo_root, monk
     honest = job("honest")
     original = evaluate.Evaluator.score
 
-    def poisoned(self, model, tokenizer, split, log_samples=True):
-        out = original(self, model, tokenizer, split, log_samples)
+    def poisoned(self, model, tokenizer, split, items=None, log_samples=True):
+        out = original(self, model, tokenizer, split, items, log_samples)
         if split == self.benchmark.report_split:  # report-split scores turned upside down
             out = {k: (1.0 - v if isinstance(v, float) else v) for k, v in out.items()}
         return out

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from soce import gpu_mix
 from soce.soup import Remixer, SoupError, check_models, parse_size, reference_soup, write_soup
+from soce.soup import kernel as gpu_mix
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,9 +115,9 @@ def test_bit_equal_reference_and_card(zoo, tmp_path):
 
 
 def test_workers_and_threads_do_not_change_bits(zoo, tmp_path, monkeypatch):
-    import soce.soup as soup
+    import soce.soup.writer as writer
 
-    monkeypatch.setattr(soup, "CHUNK_ELEMS", 1000)  # many chunks, ragged ends
+    monkeypatch.setattr(writer, "CHUNK_ELEMS", 1000)  # many chunks, ragged ends
     threads = torch.get_num_threads()
     models = {k: zoo[k] for k in ("a", "b", "c")}
     ws = {"a": 0.35, "b": 0.3, "c": 0.2}  # sum != 1: normalised by division
@@ -313,7 +313,7 @@ def test_sigkill_mid_write_leaves_no_target(tmp_path):
         big[n] = str(tmp_path / n)
     out = tmp_path / "soup"
     code = (
-        "import sys, soce.soup as s\n"
+        "import sys, soce.soup.writer as s\n"
         "orig = s._write_all\n"
         "def slow(*a, **k):\n"
         "    orig(*a, **k); print('chunk', flush=True); import time; time.sleep(0.05)\n"

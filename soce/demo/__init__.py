@@ -4,6 +4,7 @@
 fine-tuned candidates and a correlation population (see :mod:`soce.demo.zoo`).
 """
 
-from soce.demo.zoo import DemoConfig, build_demo
+from soce.config import DemoConfig
+from soce.demo.zoo import build_demo
 
 __all__ = ["DemoConfig", "build_demo"]

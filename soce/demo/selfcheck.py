@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
+from soce.config import DemoConfig
 from soce.demo import tasks
 from soce.demo.train import average_state, quick_scores, set_threads
-from soce.demo.zoo import DemoConfig, build_demo
+from soce.demo.zoo import build_demo
 
 Scores = dict[str, float]
 

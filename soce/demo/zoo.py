@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from soce.config import DemoConfig
 from soce.demo import tasks
 from soce.demo.train import ModelShape, TrainSpec, make_model, make_tokenizer, set_threads, train
 
@@ -44,20 +45,6 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-@dataclass
-class DemoConfig:
-    """Where and how to build the demo (a Hydra structured-config node ``demo``).
-
-    preset: ``"cpu"`` (default demo, ~1M params, a few minutes on 2 cores), ``"small"`` (the cpu zoo with
-    shorter training and 40/60 items per split: debug=fast and end-to-end tests), ``"tiny"`` (mechanics
-    only, seconds) or ``"gpu"`` (tens of millions of params, uses CUDA when available).
-    The zoo is built under ``f"{root}/{preset}-seed{seed}"``.
-    """
-
-    seed: int = 0
-    preset: str = "cpu"
-    root: str = "outputs/demo"
-    device: str = "auto"  # "auto" (cuda if available for the gpu preset, else cpu), "cpu" or "cuda"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from soce.benchmarks import backend
+from soce.config import BenchmarkConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -33,45 +36,28 @@ def _tolerant_loader() -> type:
     return Loader
 
 
-@dataclass
-class Benchmark:
-    """Plain description of a benchmark (from ``BenchmarkConfig``)."""
+Benchmark = BenchmarkConfig  # the typed config is the benchmark (declared once, in soce.config)
 
-    name: str
-    categories: list[str]
-    task: str  # template with {category} and {split}
-    task_dir: str | None = None
-    include_default_tasks: bool = False
-    select_split: str = "dev"
-    report_split: str = "test"
-    metric: str = "acc"
-    num_fewshot: int | None = None
-    limit: int | None = None
-    batch_size: int = 64
-    families: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def splits(self) -> list[str]:
-        return list(dict.fromkeys([self.select_split, self.report_split]))
-
-    def task_name(self, category: str, split: str) -> str:
-        return self.task.format(category=category, split=split)
-
-    def fingerprint(self) -> str:
-        """Hash of the task definitions and data files, and the settings that change scores."""
-        h = hashlib.sha256()
-        settings = [self.task, sorted(self.categories), self.metric, self.num_fewshot, self.limit, FEWSHOT_SEED]
-        h.update(json.dumps(settings, sort_keys=True).encode())
-        if self.task_dir:
-            root = Path(self.task_dir).resolve()
-            files = [p for p in sorted(root.rglob("*")) if p.is_file()]
-            data = sorted({d for p in files if p.suffix in (".yaml", ".yml") for d in _data_files(p)} - set(files))
-            for p in [*files, *data]:
-                blob = p.read_bytes()
-                name = str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
-                h.update(f"{name}\0{len(blob)}\0".encode())
-                h.update(blob)
-        return h.hexdigest()[:16]
+def benchmark_fingerprint(benchmark: BenchmarkConfig) -> str:
+    """Hash of the task definitions and data files, and the settings that change scores."""
+    h = hashlib.sha256()
+    settings = [benchmark.task, sorted(benchmark.categories), benchmark.metric, benchmark.num_fewshot,
+                benchmark.limit, FEWSHOT_SEED]
+    if benchmark.holdout.split:  # carved halves: which items each side holds (absent: keys unchanged)
+        h_ = benchmark.holdout
+        settings.append(["holdout", h_.split, h_.select_fraction, h_.seed, benchmark.select_split])
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    if benchmark.task_dir:
+        root = Path(benchmark.task_dir).resolve()
+        files = [p for p in sorted(root.rglob("*")) if p.is_file()]
+        data = sorted({d for p in files if p.suffix in (".yaml", ".yml") for d in _data_files(p)} - set(files))
+        for p in [*files, *data]:
+            blob = p.read_bytes()
+            name = str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+            h.update(f"{name}\0{len(blob)}\0".encode())
+            h.update(blob)
+    return h.hexdigest()[:16]
 
 
 def _data_files(task_yaml: Path) -> list[Path]:
@@ -115,7 +101,12 @@ class Evaluator:
     _tasks: dict[str, Any] = field(default_factory=dict, repr=False)
     _manager: Any = field(default=None, repr=False)
 
+    def fingerprint(self) -> str:
+        return benchmark_fingerprint(self.benchmark)
+
     def tasks(self, split: str) -> Any:
+        """lm-eval's task dict for ``split`` (built once per data split; carved halves share it)."""
+        split = self.benchmark.source_split(split)
         if split not in self._tasks:
             from lm_eval.tasks import TaskManager, get_task_dict
 
@@ -140,22 +131,57 @@ class Evaluator:
             self._tasks[split] = task_dict
         return self._tasks[split]
 
-    def score(self, model: Any, tokenizer: Any, split: str, log_samples: bool = True) -> dict[str, Any]:
-        """{category: score, ..., "overall": mean, "samples": {category: [per-item metric, by doc_id]}}
-        for ``model`` on ``split`` (per-item results feed the emergent-solves analysis)."""
+    def score(self, model: Any, tokenizer: Any, split: str, items: dict[str, list[str]] | None = None,
+              log_samples: bool = True) -> dict[str, Any]:
+        """Scores of ``model`` on ``split`` (the :mod:`soce.benchmarks` contract); ``items`` restricts each
+        category to those doc ids (lm-eval's ``samples``)."""
         from lm_eval.evaluator import evaluate
         from lm_eval.models.huggingface import HFLM
 
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.benchmark.batch_size)
+        chosen = self.doc_ids(split, items)
         results = evaluate(
             lm=lm,
             task_dict=self.tasks(split),
-            limit=self.benchmark.limit,
+            limit=self.benchmark.limit if chosen is None else None,
+            samples=None if chosen is None else {self.benchmark.task_name(c, split): ids for c, ids in chosen.items()},
             bootstrap_iters=0,
-            log_samples=log_samples,
+            log_samples=log_samples or chosen is not None,
             verbosity="WARNING",
         )
-        return category_scores(results, self.benchmark, split, log_samples)
+        return category_scores(results, self.benchmark, split, log_samples or chosen is not None, chosen)
+
+    def item_ids(self, split: str) -> dict[str, list[str]]:
+        """Every item id (lm-eval doc id) of ``split`` per category, carved halves applied."""
+        from soce.benchmarks.holdout import carve, side
+
+        b, tasks = self.benchmark, self.tasks(split)
+        leaf = {t.config.task: t for t in _leaf_tasks(tasks)}
+        ids = {}
+        for c in b.categories:
+            n = len(list(leaf[b.task_name(c, split)].eval_docs))
+            ids[c] = [str(i) for i in range(n if b.limit is None else min(n, b.limit))]
+        if not b.holdout.split:
+            return ids
+        return carve(ids, b.holdout.select_fraction, b.holdout.seed)[side(b.select_split, b.report_split, split)]
+
+    def doc_ids(self, split: str, items: dict[str, list[str]] | None) -> dict[str, list[int]] | None:
+        """lm-eval ``samples`` per category for ``split`` and ``items``; None: the whole split."""
+        if items is None and not self.benchmark.holdout.split:
+            return None
+        allowed = self.item_ids(split)
+        if items is None:
+            return {c: sorted(int(i) for i in ids) for c, ids in allowed.items()}
+        bad = [(c, i) for c, ids in items.items() for i in ids if c not in allowed or str(i) not in set(allowed[c])]
+        if bad:
+            raise ValueError(f"item {bad[0][1]!r} of category {bad[0][0]!r} is not in split {split!r}")
+        return {c: sorted(int(i) for i in items.get(c, [])) for c in self.benchmark.categories}
+
+
+@backend("lm_eval")
+def make_lm_eval(benchmark: BenchmarkConfig, device: str) -> Evaluator:
+    """The lm-eval backend: one task per category (``benchmark.task``), scored in process."""
+    return Evaluator(benchmark, device)
 
 
 def metric_key(metric: str) -> tuple[str, str]:
@@ -165,14 +191,16 @@ def metric_key(metric: str) -> tuple[str, str]:
     return name, filt or "none"
 
 
-def category_scores(results: dict[str, Any], benchmark: Benchmark, split: str,
-                    log_samples: bool = True) -> dict[str, Any]:
-    """Per-category scores (+ "overall", their mean, + "samples" per item, by doc_id) from the output of
-    ``lm_eval.evaluator.evaluate``, for the benchmark's metric and filter."""
+def category_scores(results: dict[str, Any], benchmark: Benchmark, split: str, log_samples: bool = True,
+                    chosen: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Per-category scores (+ "overall", their mean, + "samples" and "item_ids" per item, by doc_id) from the
+    output of ``lm_eval.evaluator.evaluate``, for the benchmark's metric and filter. Categories with no
+    chosen item are left out of the scores."""
     name, filt = metric_key(benchmark.metric)
     key = f"{name},{filt}"
+    cats = [c for c in benchmark.categories if chosen is None or chosen.get(c)]
     out: dict[str, Any] = {}
-    for c in benchmark.categories:
+    for c in cats:
         task = benchmark.task_name(c, split)
         res = results["results"][task]
         if key not in res:
@@ -180,13 +208,14 @@ def category_scores(results: dict[str, Any], benchmark: Benchmark, split: str,
             raise ValueError(f"task {task!r} reports no metric {key!r} (it reports: {', '.join(have)}; "
                              f"set benchmark.metric to one of them)")
         out[c] = float(res[key])
-    out["overall"] = sum(out[c] for c in benchmark.categories) / len(benchmark.categories)
+    if len(cats) == len(benchmark.categories):
+        out["overall"] = sum(out[c] for c in cats) / len(cats)
     if log_samples:
-        out["samples"] = {
-            c: [float(s[name]) for s in sorted(results["samples"][benchmark.task_name(c, split)],
-                                               key=lambda s: s["doc_id"]) if s.get("filter", "none") == filt]
-            for c in benchmark.categories
-        }
+        rows = {c: sorted((s for s in results["samples"][benchmark.task_name(c, split)]
+                           if s.get("filter", "none") == filt), key=lambda s: s["doc_id"]) for c in cats}
+        out["samples"] = {c: [float(s[name]) for s in rows[c]] for c in cats}
+        if chosen is not None:
+            out["item_ids"] = {c: [str(s["doc_id"]) for s in rows[c]] for c in cats}
     return out
 
 
