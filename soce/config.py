@@ -14,6 +14,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
+class ConfigError(ValueError):
+    """A config (or an input it names) that composes but cannot run; ``str(e)`` is one line naming the problem."""
+
+
 @dataclass
 class PathsConfig:
     """Where things go. All absolute once resolved."""

@@ -20,8 +20,15 @@ import yaml
 from soce import __version__, method
 from soce.benchmarks import make_evaluator
 from soce.benchmarks.lmeval import Benchmark, lm_eval_version, load_model, pick_device, quiet_lm_eval
-from soce.config import typed
-from soce.scores import ScoreCache, model_fingerprint, score_table, write_json_atomic
+from soce.config import ConfigError, typed
+from soce.scores import (
+    ScoreCache,
+    model_fingerprint,
+    read_score_csv,
+    score_table,
+    with_population_csv,
+    write_json_atomic,
+)
 from soce.searches import SEARCHES
 from soce.selections import SELECTIONS, select
 from soce.strategies import STRATEGIES, Context
@@ -30,10 +37,6 @@ from soce.tracking import JobTracker, split_metrics
 log = logging.getLogger(__name__)
 
 
-
-
-class ConfigError(ValueError):
-    """A config that composes but cannot run (one line naming the problem)."""
 
 
 def resolve_pool(cfg: Mapping[str, Any], progress: bool = True) -> tuple[dict[str, str], dict[str, str], dict]:
@@ -300,7 +303,7 @@ def _run_job(cfg: Mapping[str, Any], out_dir: Path, p: Prepared, tracker: JobTra
     best = method.overall(cand_table).idxmax()
     analysis_metrics, analysis_summary = {}, {}
     if any(cfg["analysis"][k] for k in ("shapley", "consistency", "emergent")):
-        from soce.analyze import run_analyses
+        from soce.analyses import run_analyses
 
         analysis_metrics, analysis_summary = run_analyses(
             cfg["analysis"], candidates=list(candidates), ingredients=ingredients, evaluate=evaluate_weights,
@@ -308,7 +311,7 @@ def _run_job(cfg: Mapping[str, Any], out_dir: Path, p: Prepared, tracker: JobTra
             report_split=bench.report_split, out_dir=out_dir / "artifacts")
 
     # artifacts: score table, correlation heatmap, search trace, recipe, resolved config
-    from soce.report import correlation_heatmap
+    from soce.plots import correlation_heatmap
 
     art = out_dir / "artifacts"
     art.mkdir(parents=True, exist_ok=True)
@@ -368,47 +371,8 @@ def _run_job(cfg: Mapping[str, Any], out_dir: Path, p: Prepared, tracker: JobTra
     }
 
 
-def read_score_csv(path: str | Path, categories: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
-    """(scores, paths) from a CSV: first column = model name, then one numeric column per category,
-    optional ``path`` column. Scores in [0, 1] or in percent (> 1: divided by 100). One clear error per
-    problem: duplicate models, missing or non-numeric cells, missing categories."""
-    try:
-        raw = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
-    except Exception as e:  # noqa: BLE001 - pandas raises many types; the user needs one line
-        raise ConfigError(f"{path}: cannot read as CSV ({str(e).splitlines()[0]})") from None
-    raw.index = raw.index.map(str).str.strip()
-    if raw.empty:
-        raise ConfigError(f"{path}: no rows")
-    dup = raw.index[raw.index.duplicated()]
-    if len(dup):
-        raise ConfigError(f"{path}: model {dup[0]!r} appears twice")
-    paths = {m: p for m, p in raw.pop("path").items() if p.strip()} if "path" in raw.columns else {}
-    cats = categories or list(raw.columns)
-    missing = [c for c in cats if c not in raw.columns]
-    if missing:
-        raise ConfigError(f"{path}: no column for category {missing[0]!r}")
-    table = pd.DataFrame(index=raw.index, columns=cats, dtype=float)
-    for m in raw.index:
-        for c in cats:
-            cell = raw.at[m, c].strip()
-            if cell == "":
-                raise ConfigError(f"{path}: missing score for model {m!r}, category {c!r}")
-            try:
-                table.at[m, c] = float(cell.rstrip("%"))
-            except ValueError:
-                raise ConfigError(f"{path}: non-numeric score {cell!r} for model {m!r}, category {c!r}") from None
-    if (table.values > 1).any():
-        table = table / 100.0
-    table.index.name = "model"
-    return table, paths
 
 
-def with_population_csv(population: pd.DataFrame, path: str | None, categories: list[str]) -> pd.DataFrame:
-    """``population`` plus the models of the score table at ``path`` (selection.population_csv) it lacks."""
-    if not path:
-        return population
-    extra = read_score_csv(path, categories)[0]
-    return pd.concat([population, extra.loc[~extra.index.isin(population.index)]])
 
 
 def run_scores_only(cfg: Mapping[str, Any], out_dir: Path, parent_run_id: str | None,
@@ -444,7 +408,7 @@ def run_scores_only(cfg: Mapping[str, Any], out_dir: Path, parent_run_id: str | 
         art.mkdir(parents=True, exist_ok=True)
         table.to_csv(art / "candidate_scores.csv")
         selection.correlation.to_csv(art / "correlation.csv")
-        from soce.report import correlation_heatmap
+        from soce.plots import correlation_heatmap
 
         correlation_heatmap(selection.correlation, art / "correlation.png",
                             title=f"category correlation across {len(population)} models")

@@ -19,31 +19,6 @@ from typing import Any
 import pandas as pd
 
 
-def correlation_heatmap(corr: pd.DataFrame, path: str | Path, title: str = "") -> Path:
-    """Write the category correlation matrix as an annotated heatmap PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(corr)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * n, 0.6 + 0.6 * n))
-    im = ax.imshow(corr.values, vmin=-1, vmax=1, cmap="RdBu_r")
-    ax.set_xticks(range(n), corr.columns, rotation=45, ha="right")
-    ax.set_yticks(range(n), corr.index)
-    for i in range(n):
-        for j in range(n):
-            v = corr.values[i, j]
-            ax.text(j, i, "" if pd.isna(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax, label="Pearson r")
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
 def sweep_runs(uri: str, experiment: str, parent: str | None = None) -> tuple[str, pd.DataFrame]:
     """(parent run id, DataFrame of its job runs) for ``parent`` or the experiment's latest sweep."""
     import mlflow
@@ -203,7 +178,7 @@ def write_sweep_report(sweep_dir: str | Path) -> Path | None:
         split = results[0]["select_split"]
     table = comparison_from_results(results, split)
     table.to_csv(sweep_dir / "comparison.csv")
-    from soce.analysis import scores_figure, weights_figure
+    from soce.plots import scores_figure, weights_figure
 
     scores_figure(table, sweep_dir / "scores.png")
     if len(results) <= 12:  # a sweep of many weight points is read in the MLflow UI instead

@@ -20,6 +20,8 @@ from typing import Any
 
 import pandas as pd
 
+from soce.config import ConfigError
+
 _FULL_HASH_LIMIT = 256 * 2**20  # hash whole files below this total size, else headers + samples
 _FINGERPRINTED = {".safetensors", ".bin", ".json", ".model", ".txt", ".jinja"}  # weights, config, tokenizer
 
@@ -104,3 +106,46 @@ def score_table(results: Mapping[str, Mapping[str, float]], categories: list[str
     table["overall"] = table[categories].mean(axis=1)
     table.index.name = "model"
     return table
+
+
+def read_score_csv(path: str | Path, categories: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """(scores, paths) from a CSV: first column = model name, then one numeric column per category,
+    optional ``path`` column. Scores in [0, 1] or in percent (> 1: divided by 100). One clear error per
+    problem: duplicate models, missing or non-numeric cells, missing categories."""
+    try:
+        raw = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
+    except Exception as e:  # noqa: BLE001 - pandas raises many types; the user needs one line
+        raise ConfigError(f"{path}: cannot read as CSV ({str(e).splitlines()[0]})") from None
+    raw.index = raw.index.map(str).str.strip()
+    if raw.empty:
+        raise ConfigError(f"{path}: no rows")
+    dup = raw.index[raw.index.duplicated()]
+    if len(dup):
+        raise ConfigError(f"{path}: model {dup[0]!r} appears twice")
+    paths = {m: p for m, p in raw.pop("path").items() if p.strip()} if "path" in raw.columns else {}
+    cats = categories or list(raw.columns)
+    missing = [c for c in cats if c not in raw.columns]
+    if missing:
+        raise ConfigError(f"{path}: no column for category {missing[0]!r}")
+    table = pd.DataFrame(index=raw.index, columns=cats, dtype=float)
+    for m in raw.index:
+        for c in cats:
+            cell = raw.at[m, c].strip()
+            if cell == "":
+                raise ConfigError(f"{path}: missing score for model {m!r}, category {c!r}")
+            try:
+                table.at[m, c] = float(cell.rstrip("%"))
+            except ValueError:
+                raise ConfigError(f"{path}: non-numeric score {cell!r} for model {m!r}, category {c!r}") from None
+    if (table.values > 1).any():
+        table = table / 100.0
+    table.index.name = "model"
+    return table, paths
+
+
+def with_population_csv(population: pd.DataFrame, path: str | None, categories: list[str]) -> pd.DataFrame:
+    """``population`` plus the models of the score table at ``path`` (selection.population_csv) it lacks."""
+    if not path:
+        return population
+    extra = read_score_csv(path, categories)[0]
+    return pd.concat([population, extra.loc[~extra.index.isin(population.index)]])

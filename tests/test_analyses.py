@@ -1,4 +1,4 @@
-"""soce.analysis: Shapley values, consistency, emergent solves and the figures (model-free, fast)."""
+"""soce.analyses: Shapley values, consistency, emergent solves (model-free, fast)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from soce.analysis import (
-    ShapleyResult,
+from soce.analyses import (
     consistency,
-    consistency_figure,
     emergent_by_category,
     emergent_solves,
-    scores_figure,
-    shapley_figure,
     shapley_values,
-    weights_figure,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -286,38 +281,3 @@ def test_emergent_by_category_with_pooled_rows():
     assert len(emergent_by_category(ing, soup, pooled=None)) == 4
     with pytest.raises(ValueError, match="category 'y'"):
         emergent_by_category({"x": ing["x"], "y": {"A": A[5:], "B": B[5:-1]}}, soup)
-
-
-# ------------------------------------------------------------------------------------------- figures
-
-
-def _assert_png(path):
-    data = path.read_bytes()
-    assert len(data) > 1000 and data.startswith(PNG_MAGIC)
-
-
-def test_figures_are_written(tmp_path):
-    players = ["a", "b", "c", "d", "e"]
-    _assert_png(shapley_figure(shapley_values(players, interaction_game), tmp_path / "shap_exact.png"))
-    sampled = shapley_values(players, interaction_game, exact_max=0, n_permutations=20)
-    _assert_png(shapley_figure(sampled, tmp_path / "sub" / "shap_sampled.png"))
-
-    cand, soups = _populations()
-    soups["flat"], cand["flat"] = 50.0, 1.0
-    _assert_png(consistency_figure(consistency(cand, soups), tmp_path / "consistency.png"))
-
-    weights = {"uniform": dict.fromkeys(players, 0.2), "soce": {"a": 0.6, "c": 0.3, "e": 0.1}}
-    _assert_png(weights_figure(weights, tmp_path / "weights.png"))
-    _assert_png(weights_figure({"task-arith": {"a": 1.2, "b": -0.2}}, tmp_path / "weights_neg.png"))
-
-    table = pd.DataFrame(
-        {"math": [40.0, 45.5, 44.0], "code": [30.0, 31.0, 35.5], "tools": [60.0, 60.0, 58.0]},
-        index=["best single (a)", "uniform", "soce"],
-    )
-    table["overall"] = table.mean(axis=1)
-    _assert_png(scores_figure(table, tmp_path / "scores.png"))
-    _assert_png(scores_figure(table.drop(columns="overall"), tmp_path / "scores_no_overall.png"))
-
-
-def test_result_type_is_exported():
-    assert ShapleyResult.__name__ == "ShapleyResult"
