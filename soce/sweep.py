@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from soce import method
+from soce.config import ConfigError
 
 
 def _fmt(ws: tuple[float, ...] | list[float]) -> str:
@@ -53,8 +54,9 @@ def collect(sweep_dir: Path, overrides: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from soce.app import compose_plain, preflight
-    from soce.pipeline import ConfigError, prepare
+    from soce.inputs import gather
+    from soce.pipeline import select_experts
+    from soce.preflight import compose_config, preflight
 
     args = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in args if not a.startswith("-")]
@@ -63,21 +65,24 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"soce.sweep: error: {problem}", file=sys.stderr)
         return 2
-    cfg = compose_plain(job_args)
-    if cfg["pool"]["source"] == "csv":
+    config = compose_config(job_args)
+    if config.pool.source == "csv":
         print("soce.sweep: error: a sweep evaluates soups; pool.source=csv has no checkpoints", file=sys.stderr)
         return 2
+    if config.search.name != "grid":
+        print(f"soce.sweep: error: soce.sweep spreads the grid over jobs; search={config.search.name} runs in "
+              f"one job: python -m soce strategy=soce_weighted search={config.search.name}", file=sys.stderr)
+        return 2
     try:
-        p = prepare(cfg)
-    except ConfigError as e:
+        experts = select_experts(config, gather(config)).ingredients
+        s = config.search
+        points = method.weight_grid(len(experts), s.step, s.min_weight, s.include_uniform)
+    except (ConfigError, method.SelectionError) as e:
         print(f"soce.sweep: error: {e}", file=sys.stderr)
         return 2
-    experts = p.selection.ingredients
-    s = cfg["search"]
-    points = method.weight_grid(len(experts), s["step"], s["min_weight"], s["include_uniform"])
     sweep_dir = next((Path(o.split("=", 1)[1]) for o in overrides if o.startswith("hydra.sweep.dir=")),
-                     Path(cfg["paths"]["output_dir"]) / "sweeps" / time.strftime("%Y-%m-%d_%H-%M-%S"))
-    print(f"soce.sweep: experts {experts} (L = {p.selection.weak}); {len(points)} points -> {sweep_dir}")
+                     Path(config.paths.output_dir) / "sweeps" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    print(f"soce.sweep: experts {experts}; {len(points)} points -> {sweep_dir}")
     extra = [o for o in overrides if not o.startswith("hydra.sweep.dir=")]
     cmd = [sys.executable, "-m", "soce", "-m", *point_overrides(experts, points), f"hydra.sweep.dir={sweep_dir}",
            "hydra.sweep.subdir=${hydra.job.num}", *extra]

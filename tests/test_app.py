@@ -1,6 +1,7 @@
 """The Hydra app: composition, validation at compose time, and one real multirun checked in MLflow."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from soce.config import register_configs, to_plain, unknown_keys
-from soce.pipeline import ConfigError, validate
+from soce.config import ConfigError, register_configs, to_plain, unknown_keys
+from soce.preflight import validate
 
 from .conftest import ROOT, soce_cmd
 
@@ -63,7 +64,7 @@ def test_semantic_errors_before_anything_runs(tmp_path):
 
 
 def test_every_job_of_a_sweep_is_checked():
-    from soce.app import job_overrides
+    from soce.preflight import job_overrides
 
     jobs = job_overrides(["a=1,2", "b=x,y", "c=3"])
     assert sorted(map(tuple, jobs)) == [("a=1", "b=x", "c=3"), ("a=1", "b=y", "c=3"),
@@ -80,11 +81,20 @@ def test_every_job_of_a_sweep_is_checked():
     (["pool=example_local"], "checkpoint 'model_a' not found"),
     (["-m", "pool=demo,from_csv", "strategy=uniform,soce_weighted", "pool.csv=scores.csv"],
      "evaluates soups"),  # only the 4th job (from_csv x soce_weighted) is bad
+    (["pool=from_csv", "pool.csv=two.csv", "strategy=uniform"], "needs at least 3 models in the population, got 2"),
+    (["tracking.uri=ftp://host/x"], "unknown scheme 'ftp'"),
+    (["benchmark.categories=[half,nope]"], "category 'nope' is not in the demo zoo"),
+    (["pool=example_local", "pool.candidates.model_a=ckpts/a"], "HF_HUB_OFFLINE=1 forbids"),
+    (["search.min_weight=-0.1"], "search.min_weight must be in [0, 1)"),
+    (["--dry-run", "-m", "strategy=uniform,nope"], "strategy/nope"),
 ])
 def test_cli_bad_input_one_clear_line(tmp_path, args, needle):
-    (tmp_path / "scores.csv").write_text("model,half,quad,tri,rev,sort,swap,enc,dec\n"
-                                         "a,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8\nb,0.8,0.7,0.6,0.5,0.4,0.3,0.2,0.1\n")
-    p = subprocess.run(soce_cmd(*args, f"paths.root_dir={tmp_path}"), capture_output=True, text=True, cwd=tmp_path)
+    rows = "a,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8\nb,0.8,0.7,0.6,0.5,0.4,0.3,0.2,0.1\n"
+    (tmp_path / "two.csv").write_text("model,half,quad,tri,rev,sort,swap,enc,dec\n" + rows)
+    (tmp_path / "scores.csv").write_text("model,half,quad,tri,rev,sort,swap,enc,dec\n" + rows
+                                         + "c,0.5,0.1,0.9,0.2,0.6,0.3,0.4,0.7\n")
+    p = subprocess.run(soce_cmd(*args, f"paths.root_dir={tmp_path}"), capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, p.stderr
@@ -185,3 +195,32 @@ def test_slurm_launcher_preset_composes():
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=slurm", "paths.root_dir=/x"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_dry_run_lists_the_jobs_of_a_sweep(tmp_path):
+    p = subprocess.run(soce_cmd("--dry-run", "-m", "strategy=soce_selected,soce_weighted", "selection.tau=0.1,0.5",
+                                f"paths.root_dir={tmp_path}"), capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert lines[-1] == "4 jobs; nothing was run"
+    assert "strategy=soce_weighted selection.tau=0.1" in "\n".join(lines)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_help_says_what_soce_does_and_is_fast(tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    p = subprocess.run(soce_cmd("--help"), capture_output=True, text=True, cwd=tmp_path)
+    seconds = time.perf_counter() - t0
+    assert p.returncode == 0 and "category-aware model souping" in p.stdout
+    for command in ("soce.report", "soce.merge", "soce.sweep", "soce.collect"):
+        assert command in p.stdout
+    assert "strategy: best_single" in p.stdout
+    assert seconds < 5  # 0.5 s on a quiet 2-core machine; generous for loaded CI
+
+
+def test_import_config_is_light():
+    code = "import sys, soce.config; print(int(any(m in sys.modules for m in ('torch', 'transformers', 'pandas'))))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.stdout.strip() == "0", p.stderr

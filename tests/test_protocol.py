@@ -2,16 +2,16 @@
 
 import pytest
 
-from soce.app import compose_plain
 from soce.benchmarks import lmeval as evaluate
 from soce.pipeline import run
+from soce.preflight import compose_config
 
 pytestmark = pytest.mark.slow
 
 
 def test_selection_and_search_ignore_report_split(tmp_path, tiny_demo_root, monkeypatch):
-    def job(name: str) -> dict:
-        cfg = compose_plain(["strategy=soce_weighted", "debug=fast", "selection.tau=1.0", "selection.max_experts=3",
+    def job(name: str):
+        cfg = compose_config(["strategy=soce_weighted", "debug=fast", "selection.tau=1.0", "selection.max_experts=3",
                              f"paths.root_dir={tmp_path / name}", f"demo.root={tiny_demo_root}", "save_soup=false"])
         return run(cfg, tmp_path / name / "job")
 
@@ -26,8 +26,8 @@ def test_selection_and_search_ignore_report_split(tmp_path, tiny_demo_root, monk
 
     monkeypatch.setattr(evaluate.Evaluator, "score", poisoned)
     liar = job("poisoned")  # its own cache dir: nothing is served from the honest run
-    assert liar["evaluated"] > 0 and liar["cached"] < liar["evaluated"]
+    assert liar.evaluated > 0 and liar.cached < liar.evaluated
     for key in ("weak_set", "experts", "expert_of", "weights", "best_single"):
-        assert liar[key] == honest[key], key
-    assert liar["scores"]["dev"] == honest["scores"]["dev"]
-    assert liar["scores"]["test"]["overall"] == pytest.approx(1 - honest["scores"]["test"]["overall"])
+        assert getattr(liar, key) == getattr(honest, key), key
+    assert liar.scores["dev"] == honest.scores["dev"]
+    assert liar.scores["test"]["overall"] == pytest.approx(1 - honest.scores["test"]["overall"])

@@ -303,4 +303,11 @@ def quiet_lm_eval() -> None:
         mod = importlib.import_module(module)
         if getattr(mod, "tqdm", None) is tqdm:
             mod.tqdm = silent_tqdm
+    # transformers' "Loading weights" bar at every checkpoint load, datasets' "Generating test split" per task
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_warning()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
