@@ -39,11 +39,15 @@ def main() -> None:
     ap.add_argument("--scale-workdir", default="/tmp/soce-scale")
     args = ap.parse_args()
 
+    import tempfile
+
     from soce import method
-    from soce.benchmarks.lmeval import load_model, quiet_lm_eval
+    from soce.benchmarks.lmeval import quiet_lm_eval
+    from soce.config import SelectionConfig
     from soce.demo.zoo import DemoConfig, build_demo
-    from soce.soup import Remixer
-    from soce.strategies import select
+    from soce.scores import ScoreCache
+    from soce.selections import select
+    from soce.soup_eval import SoupEvaluator
 
     quiet_lm_eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,14 +57,12 @@ def main() -> None:
     ev = demo_evaluator(man, args.batch_size, device)
     bench = ev.benchmark
     cands, pop = man["candidates"], man["population"]
-
-    def score(path: str, split: str) -> dict:
-        model, tok = load_model(path, device)
-        return {k: v for k, v in ev.score(model, tok, split, log_samples=False).items()}
+    # the in-memory merge evaluator soce's jobs use, over an empty cache: every evaluation below is real
+    soups = SoupEvaluator({**pop, **cands}, list(cands), ev, ScoreCache(Path(tempfile.mkdtemp())), device)
 
     t = time.time()
-    cand = {s: {n: score(p, s) for n, p in cands.items()} for s in ("dev", "test")}
-    pop_dev = {n: score(p, "dev") for n, p in pop.items()}
+    cand = {s: {n: soups.scores({n: 1.0}, s) for n in cands} for s in ("dev", "test")}
+    pop_dev = {n: soups.scores({n: 1.0}, "dev") for n in pop}
     scoring_s = time.time() - t
     print(
         f"built zoo in {build_s:.0f} s, scored {len(cands)} candidates + {len(pop)} population in {scoring_s:.0f} s",
@@ -69,29 +71,20 @@ def main() -> None:
     cats = bench.categories
     cand_table = pd.DataFrame(cand["dev"]).T[cats]
     pop_table = pd.concat([pd.DataFrame(pop_dev).T[cats], cand_table])
-    sel = select(pop_table, cand_table, 0.5, "overall", args.max_experts)
+    sel = select(pop_table, cand_table, SelectionConfig(tau=0.5, max_experts=args.max_experts))
     experts = sel.ingredients
-    tok = load_model(next(iter(cands.values())), "cpu")[1]
-    rm = Remixer({n: cands[n] for n in cands}, device=device)
-    mix_s, eval_s = [], []
 
     def evaluate(weights: dict[str, float], split: str = "dev") -> dict:
-        t0 = time.perf_counter()
-        model = rm.mix(weights)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        out = ev.score(model, tok, split, log_samples=False)
-        t2 = time.perf_counter()
-        if split == "dev":
-            mix_s.append(t1 - t0)
-            eval_s.append(t2 - t1)
-            ms, es = 1000 * (t1 - t0), 1000 * (t2 - t1)
-            print(f"point {len(mix_s)}: re-mix {ms:.2f} ms, lm-eval {es:.0f} ms", flush=True)
-        return {c: out[c] for c in cats}
+        return {c: soups.scores(weights, split)[c] for c in cats}
+
+    def on_point(i: int, weights: dict, scores: dict) -> None:
+        ms, es = (1000 * x for x in soups.timings[-1])
+        print(f"point {i + 1}: re-mix {ms:.2f} ms, lm-eval {es:.0f} ms", flush=True)
 
     points = method.weight_grid(len(experts))
-    res = method.search_weights(experts, points, evaluate)
+    res = method.search_weights(experts, points, evaluate, on_point)
+    mix_s, eval_s = [t[0] for t in soups.timings], [t[1] for t in soups.timings]
+    tok, rm = soups.tokenizer(), soups._remixer
     uniform_all = {n: 1 / len(cands) for n in cands}
     selected = {n: 1 / len(experts) for n in experts}
     best = cand_table.mean(axis=1).idxmax()
@@ -123,6 +116,7 @@ def main() -> None:
     }
     if args.scale:
         del rm
+        soups._remixer = None  # free the demo experts before the 8B-shape ones
         torch.cuda.empty_cache() if device == "cuda" else None
         summary["scale"] = scale_points(args, man, tok, device)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -7,25 +7,20 @@ never loads a model:
 * :func:`consistency` -- do category scores correlate more strongly across soups than across candidates?
 * :func:`emergent_solves` / :func:`emergent_by_category` -- items no ingredient solves that the soup solves,
   and how many of each ingredient's solved items the soup keeps;
-* :func:`run_analyses` -- the glue that runs the enabled ones for one job (``analysis`` config group).
 
 Scores are in whatever unit the caller uses (fractions or percent); results keep that unit. Their figures
-are in :mod:`soce.plots`.
+are in :mod:`soce.plots`; a job runs them in :func:`soce.outputs.analyses`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
-
-from soce import plots
 
 __all__ = [
     "ShapleyResult",
@@ -404,75 +399,3 @@ def emergent_by_category(
         frames.append(emergent_solves(all_ing, all_soup).to_frame().assign(category=pooled))
     out = pd.concat(frames, ignore_index=True)
     return out[["category", *[c for c in out.columns if c != "category"]]]
-
-
-# ---------------------------------------------------------------------------- one job's analyses
-
-
-
-
-
-log = logging.getLogger(__name__)
-
-
-
-
-def run_analyses(
-    acfg: dict[str, Any],
-    *,
-    candidates: list[str],
-    ingredients: dict[str, float],
-    evaluate: Callable[[dict[str, float], str], dict[str, Any]],
-    population: pd.DataFrame,
-    trace: pd.DataFrame | None,
-    categories: list[str],
-    select_split: str,
-    report_split: str,
-    out_dir: Path,
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """Run the enabled analyses; write their tables and figures into ``out_dir``.
-
-    Returns (metrics for MLflow, summary for result.json)."""
-    metrics: dict[str, float] = {}
-    summary: dict[str, Any] = {}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if acfg.get("shapley"):
-        def value(coalition: frozenset[str]) -> float:
-            return float(evaluate({n: 1.0 / len(coalition) for n in coalition}, select_split)["overall"])
-
-        res = shapley_values(candidates, value, 0.0, acfg["shapley_exact_max"],
-                                      acfg["shapley_permutations"], acfg["seed"])
-        res.to_frame().to_csv(out_dir / "shapley.csv")
-        plots.shapley_figure(res, out_dir / "shapley.png")
-        metrics.update({f"shapley.{k}": v for k, v in res.values.items()})
-        summary["shapley"] = {"values": res.values, "method": res.method, "evaluations": res.evaluations,
-                              "split": select_split}
-    if acfg.get("consistency"):
-        soups = trace[categories] if trace is not None and set(categories) <= set(trace.columns) else None
-        if soups is None or len(soups) < 3:
-            log.info("consistency: the job has fewer than 3 searched soups; skipped")
-        else:
-            res = consistency(population[categories], soups)
-            plots.consistency_figure(res, out_dir / "consistency.png")
-            pd.DataFrame({"mean_r": [res.mean_r_candidates, res.mean_r_soups],
-                          "mean_abs_r": [res.mean_abs_r_candidates, res.mean_abs_r_soups]},
-                         index=["population", "soups"]).to_csv(out_dir / "consistency.csv")
-            metrics.update({"consistency.mean_r_population": res.mean_r_candidates,
-                            "consistency.mean_r_soups": res.mean_r_soups})
-            summary["consistency"] = {"mean_r_population": res.mean_r_candidates,
-                                      "mean_r_soups": res.mean_r_soups, "excluded": list(res.excluded)}
-    if acfg.get("emergent") and len(ingredients) > 1:
-        soup = evaluate(ingredients, report_split)["samples"]
-        per = {n: evaluate({n: 1.0}, report_split)["samples"] for n in ingredients}
-        table = emergent_by_category({c: {n: per[n][c] for n in per} for c in categories},
-                                              {c: soup[c] for c in categories})
-        table.to_csv(out_dir / "emergent.csv")
-        pooled = emergent_solves({n: sum((per[n][c] for c in categories), []) for n in per},
-                                          sum((soup[c] for c in categories), []))
-        metrics["emergent.share"] = pooled.share_emergent
-        metrics.update({f"emergent.kept.{n}": k.share_kept for n, k in pooled.per_ingredient.items()})
-        summary["emergent"] = {"split": report_split, "n_all_fail": pooled.n_all_fail,
-                               "n_soup_solves_all_fail": pooled.n_soup_solves_all_fail,
-                               "share_emergent": pooled.share_emergent,
-                               "share_kept": {n: k.share_kept for n, k in pooled.per_ingredient.items()}}
-    return metrics, summary

@@ -7,22 +7,60 @@ atomically (``result.json`` through a rename, the soup through the writer's temp
 from __future__ import annotations
 
 import dataclasses
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import yaml
 
-from soce import __version__
+from soce import __version__, plots
+from soce.analyses import consistency, emergent_by_category, emergent_solves, shapley_values
 from soce.config import Config
 from soce.inputs import Inputs
 from soce.scores import score_table, write_json_atomic
 from soce.tracking import JobTracker, split_metrics
 
 if TYPE_CHECKING:
-    from soce.pipeline import JobResult
     from soce.selections import Selection
     from soce.strategies import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobResult:
+    """What a job decided and measured; written as ``result.json`` and logged to MLflow."""
+
+
+    strategy: str
+    benchmark: str
+    pool: str
+    experts: list[str]  # the distinct experts (soup ingredients of soce_*), candidate order
+    weak_set: list[str]  # L
+    expert_of: dict[str, str]  # category in L -> expert
+    categories: list[str]
+    families: dict[str, str]
+    select_split: str
+    report_split: str
+    correlation: dict[str, dict[str, float | None]]
+    weights: dict[str, float]  # every candidate's weight in the final soup (0: not an ingredient)
+    scores: dict[str, dict[str, float]]  # split -> category scores + overall of the final soup ({} scores-only)
+    candidate_scores: dict[str, dict[str, dict[str, float]]]  # candidate -> split -> scores
+    best_single: str
+    soup_path: str | None
+    mlflow_run_id: str
+    evaluated: int  # evaluations run by this job (the rest came from the cache)
+    cached: int
+    objective: str = "mean"
+    search: dict[str, Any] = field(default_factory=dict)  # what the search spent (points, items)
+    timing: dict[str, float] = field(default_factory=dict)
+    analysis: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def start_tracker(config: Config, inputs: Inputs, parent_run_id: str | None, job_key: str | None) -> JobTracker:
@@ -80,19 +118,71 @@ def write_final_soup(config: Config, inputs: Inputs, plan: Plan, out_dir: Path) 
 
 def analyses(config: Config, inputs: Inputs, plan: Plan, result: JobResult,
              out_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
-    """The paper's analyses (``analysis`` group) from the job's own cached evaluations: (metrics, summary)."""
+    """The paper's analyses (``analysis`` group) from the job's own cached evaluations, their tables and
+    figures in ``out_dir/artifacts``: (metrics for MLflow, summary for result.json)."""
     a = config.analysis
     if inputs.soups is None or not (a.shapley or a.consistency or a.emergent):
         return {}, {}
-    from soce.analyses import run_analyses
-
-    bench, soups = inputs.benchmark, inputs.soups
-    metrics, summary = run_analyses(
-        dataclasses.asdict(a), candidates=list(inputs.candidates),
-        ingredients={n: w for n, w in result.weights.items() if w > 0}, evaluate=soups.scores,
-        population=inputs.population, trace=plan.trace, categories=bench.categories,
-        select_split=bench.select_split, report_split=bench.report_split, out_dir=out_dir / "artifacts")
+    art = out_dir / "artifacts"
+    art.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, float] = {}
+    summary: dict[str, Any] = {}
+    if a.shapley:
+        _shapley(config, inputs, art, metrics, summary)
+    if a.consistency:
+        _consistency(inputs, plan, art, metrics, summary)
+    ingredients = {n: w for n, w in result.weights.items() if w > 0}
+    if a.emergent and len(ingredients) > 1:
+        _emergent(inputs, ingredients, art, metrics, summary)
     return metrics, summary
+
+
+def _shapley(config: Config, inputs: Inputs, art: Path, metrics: dict, summary: dict) -> None:
+    """Shapley value of each candidate, v(S) = selection-split overall of the uniform soup of S."""
+    a, sel = config.analysis, inputs.benchmark.select_split
+
+    def value(coalition: frozenset[str]) -> float:
+        return float(inputs.soups.scores({n: 1.0 / len(coalition) for n in coalition}, sel)["overall"])
+
+    res = shapley_values(list(inputs.candidates), value, 0.0, a.shapley_exact_max, a.shapley_permutations, a.seed)
+    res.to_frame().to_csv(art / "shapley.csv")
+    plots.shapley_figure(res, art / "shapley.png")
+    metrics.update({f"shapley.{k}": v for k, v in res.values.items()})
+    summary["shapley"] = {"values": res.values, "method": res.method, "evaluations": res.evaluations, "split": sel}
+
+
+def _consistency(inputs: Inputs, plan: Plan, art: Path, metrics: dict, summary: dict) -> None:
+    """Do categories correlate more strongly across the searched soups than across the population?"""
+    cats, trace = inputs.benchmark.categories, plan.trace
+    soups = trace[cats] if trace is not None and set(cats) <= set(trace.columns) else None
+    if soups is None or len(soups) < 3:
+        log.info("consistency: the job has fewer than 3 searched soups; skipped")
+        return
+    res = consistency(inputs.population[cats], soups)
+    plots.consistency_figure(res, art / "consistency.png")
+    pd.DataFrame({"mean_r": [res.mean_r_candidates, res.mean_r_soups],
+                  "mean_abs_r": [res.mean_abs_r_candidates, res.mean_abs_r_soups]},
+                 index=["population", "soups"]).to_csv(art / "consistency.csv")
+    metrics.update({"consistency.mean_r_population": res.mean_r_candidates,
+                    "consistency.mean_r_soups": res.mean_r_soups})
+    summary["consistency"] = {"mean_r_population": res.mean_r_candidates, "mean_r_soups": res.mean_r_soups,
+                              "excluded": list(res.excluded)}
+
+
+def _emergent(inputs: Inputs, ingredients: dict[str, float], art: Path, metrics: dict, summary: dict) -> None:
+    """Report-split items every ingredient fails that the soup solves, and the solved items it keeps."""
+    cats, split = inputs.benchmark.categories, inputs.benchmark.report_split
+    soup = inputs.soups.scores(ingredients, split)["samples"]
+    per = {n: inputs.soups.scores({n: 1.0}, split)["samples"] for n in ingredients}
+    table = emergent_by_category({c: {n: per[n][c] for n in per} for c in cats}, {c: soup[c] for c in cats})
+    table.to_csv(art / "emergent.csv")
+    pooled = emergent_solves({n: sum((per[n][c] for c in cats), []) for n in per}, sum((soup[c] for c in cats), []))
+    metrics["emergent.share"] = pooled.share_emergent
+    metrics.update({f"emergent.kept.{n}": k.share_kept for n, k in pooled.per_ingredient.items()})
+    summary["emergent"] = {"split": split, "n_all_fail": pooled.n_all_fail,
+                           "n_soup_solves_all_fail": pooled.n_soup_solves_all_fail,
+                           "share_emergent": pooled.share_emergent,
+                           "share_kept": {n: k.share_kept for n, k in pooled.per_ingredient.items()}}
 
 
 def record(tracker: JobTracker, config: Config, inputs: Inputs, selection: Selection, plan: Plan,

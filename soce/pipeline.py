@@ -8,17 +8,16 @@ converted once, here); ``soce.app`` only composes the config with Hydra and call
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from soce import method, outputs
 from soce.config import Config, ConfigError, typed
 from soce.inputs import Inputs, gather
+from soce.outputs import JobResult
 from soce.preflight import validate
 from soce.searches import SEARCHES
 from soce.selections import Selection, select
@@ -28,39 +27,6 @@ from soce.tracking import JobTracker, client
 log = logging.getLogger(__name__)
 
 __all__ = ["ConfigError", "JobResult", "run", "validate"]
-
-
-@dataclass
-class JobResult:
-    """What a job decided and measured; written as ``result.json`` and logged to MLflow."""
-
-    strategy: str
-    benchmark: str
-    pool: str
-    experts: list[str]  # the distinct experts (soup ingredients of soce_*), candidate order
-    weak_set: list[str]  # L
-    expert_of: dict[str, str]  # category in L -> expert
-    categories: list[str]
-    families: dict[str, str]
-    select_split: str
-    report_split: str
-    correlation: dict[str, dict[str, float | None]]
-    weights: dict[str, float]  # every candidate's weight in the final soup (0: not an ingredient)
-    scores: dict[str, dict[str, float]]  # split -> category scores + overall of the final soup ({} scores-only)
-    candidate_scores: dict[str, dict[str, dict[str, float]]]  # candidate -> split -> scores
-    best_single: str
-    soup_path: str | None
-    mlflow_run_id: str
-    evaluated: int  # evaluations run by this job (the rest came from the cache)
-    cached: int
-    objective: str = "mean"
-    search: dict[str, Any] = field(default_factory=dict)  # what the search spent (points, items)
-    timing: dict[str, float] = field(default_factory=dict)
-    analysis: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def run(cfg: Config | Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None = None,
