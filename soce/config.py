@@ -180,11 +180,11 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     dtype: str | None = None  # dtype to evaluate and write soups in; None keeps the checkpoints'
     save_soup: bool = True  # write the final soup as a Hugging Face checkpoint into the job dir
     report: bool = True  # also score the final soup on the report split (sweep-mode points skip it)
-    progress: bool = True
+    progress: bool = True  # progress bars (zoo build, scoring, searches)
 
 
 def register_configs() -> None:

@@ -231,12 +231,17 @@ def optuna_points(
     """TPE search of the weights (optuna), maximising ``overall``; resumable from ``storage``.
 
     Each trial draws one raw value per ingredient in [0, 1]; weights are the raw values normalised to
-    sum 1 and rounded to 0.01 (so nearby points share cache entries), floored at ``min_weight``.
+    sum 1 with each at least ``min_weight`` (min_weight + (1 - n min_weight) r_i / sum r), rounded to 0.01
+    (so nearby points share cache entries).
     ``n_trials`` is the study's total budget: a resumed study only runs the trials it is missing.
     """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    free = 1.0 - len(ingredients) * min_weight
+    if free < 0:
+        raise SelectionError(f"{len(ingredients)} ingredients cannot each get >= {min_weight} "
+                             "with weights summing to 1")
     samplers = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler}
     if sampler not in samplers:
         raise SelectionError(f"search.sampler must be one of {', '.join(samplers)}, got {sampler!r}")
@@ -246,8 +251,8 @@ def optuna_points(
 
     def weights_of(params: dict[str, float]) -> dict[str, float]:
         raw = [max(params[f"r.{n}"], 1e-6) for n in ingredients]
-        w = [max(min_weight, r / sum(raw)) for r in raw]
-        w = [round(x / sum(w), 2) for x in w]
+        w = [min_weight + free * r / sum(raw) for r in raw]  # on the simplex, each weight >= min_weight
+        w = [round(x, 2) for x in w]
         w[0] = round(1.0 - sum(w[1:]), 2)  # exact sum 1 after rounding
         return dict(zip(ingredients, w, strict=True))
 

@@ -231,8 +231,9 @@ def compose_config(overrides: list[str]) -> Config:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from soce.config import unknown_keys
+    from soce.config import register_configs, unknown_keys
 
+    register_configs()
     with initialize_config_dir(CONF_DIR, version_base="1.3", job_name="soce"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     extra = unknown_keys(cfg)
