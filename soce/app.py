@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -42,9 +43,26 @@ def hydra_main(cfg: DictConfig) -> None:
             info = json.loads(marker.read_text())
             parent = info["run_id"]
             job_key = sweep_key([info.get("sweep_key", ""), *hc.overrides.task])
-    result = run(typed(cfg), Path(hc.runtime.output_dir), parent, job_key)
+    try:
+        result = run(typed(cfg), Path(hc.runtime.output_dir), parent, job_key)
+    except ValueError as e:  # ConfigError, SoupError, ScoreTable problems: bad input found inside the job
+        if not _is_input_error(e) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"soce: error: {e}", file=sys.stderr)
+        if parent:  # Hydra skips its callbacks when a job exits: the sweep's parent run ends here
+            from soce.tracking import end_run
+
+            end_run(json.loads(marker.read_text())["uri"], parent, "FAILED")
+        raise SystemExit(2) from None
     log.info("%s: %s", result.strategy,
              ", ".join(f"{s} overall {100 * v['overall']:.2f}%" for s, v in result.scores.items()))
+
+
+def _is_input_error(e: BaseException) -> bool:
+    from soce.config import ConfigError
+    from soce.soup import SoupError
+
+    return isinstance(e, ConfigError | SoupError)
 
 
 def dry_run(overrides: list[str]) -> int:

@@ -86,8 +86,8 @@ def _item_cache(root: Path) -> Any:
 def _checkpoints(config: Config) -> tuple[BenchmarkConfig, dict[str, str], dict[str, str]]:
     """(benchmark, candidates, population) from the demo zoo or the configured paths."""
     benchmark, pool = config.benchmark, config.pool
-    if pool.source != "demo":
-        return benchmark, dict(pool.candidates), dict(pool.population)
+    if pool.source != "demo":  # local dirs made absolute (a relative one is never taken for a hub id)
+        return benchmark, _absolute(pool.candidates), _absolute(pool.population)
     from soce.demo.zoo import build_demo
 
     manifest = build_demo(config.demo, progress=config.progress)
@@ -99,6 +99,10 @@ def _checkpoints(config: Config) -> tuple[BenchmarkConfig, dict[str, str], dict[
     benchmark = dataclasses.replace(benchmark, task_dir=benchmark.task_dir or manifest["task_dir"],
                                     families=benchmark.families or families)
     return benchmark, dict(manifest["candidates"]), dict(manifest["population"])
+
+
+def _absolute(paths: dict[str, str]) -> dict[str, str]:
+    return {n: str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p for n, p in paths.items()}
 
 
 def _from_score_table(config: Config) -> Inputs:

@@ -18,7 +18,7 @@ from soce import method, outputs
 from soce.config import Config, ConfigError, typed
 from soce.inputs import Inputs, gather
 from soce.outputs import JobResult
-from soce.preflight import validate
+from soce.preflight import check_experts, validate
 from soce.searches import SEARCHES
 from soce.selections import Selection, select
 from soce.strategies import STRATEGIES, Context, Plan
@@ -58,6 +58,7 @@ def select_experts(config: Config, inputs: Inputs) -> Selection:
     except method.SelectionError as e:
         raise ConfigError(str(e)) from None
     log.info("L = %s; experts = %s", selection.weak, selection.ingredients)
+    check_experts(config, selection.ingredients)
     return selection
 
 

@@ -8,6 +8,7 @@ after the selection, before the job's MLflow run is created.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -38,8 +39,47 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 def validate(cfg: Config | Mapping[str, Any]) -> None:
     """Checks that need more than types; raises ConfigError (one line) before anything is written."""
     config = cfg if isinstance(cfg, Config) else typed(cfg)
-    for check in (_benchmark, _selection, _strategy_and_search, _runtime, _pool, _tracking):
+    for check in (_benchmark, _selection, _strategy_and_search, _runtime, _pool, _tracking, _tasks):
         check(config)
+
+
+def check_experts(config: Config, experts: list[str]) -> None:
+    """After the selection, before the job's run: the search must have points for this many experts."""
+    from soce import method
+    from soce.strategies import STRATEGIES
+
+    s = config.search
+    if STRATEGIES[config.strategy.name].evaluates and config.strategy.name == "soce_weighted" and s.name == "grid":
+        try:
+            method.weight_grid(len(experts), s.step, s.min_weight, s.include_uniform)
+        except method.SelectionError as e:
+            raise ConfigError(f"{e} (the selection chose {len(experts)} experts: lower search.min_weight or set "
+                              f"selection.max_experts)") from None
+
+
+def _tasks(config: Config) -> None:
+    """lm-eval must know every task of the benchmark (the demo's tasks exist only once its zoo is built)."""
+    b = config.benchmark
+    if b.backend != "lm_eval" or config.pool.source != "paths":
+        return
+    known = _task_index(b.task_dir, b.include_default_tasks)
+    split_names = {b.source_split(s) for s in (b.select_split, b.report_split)}
+    missing = [b.task.format(category=c, split=s) for c in b.categories for s in split_names
+               if b.task.format(category=c, split=s) not in known]
+    if missing:
+        where = f" in task_dir={b.task_dir}" if b.task_dir else ""
+        hint = "" if b.include_default_tasks else " (benchmark.include_default_tasks=true indexes lm-eval's own)"
+        raise ConfigError(f"benchmark {b.name!r}: lm-eval has no task {missing[0]!r}{where}{hint}")
+
+
+@functools.cache
+def _task_index(task_dir: str | None, include_defaults: bool) -> frozenset[str]:
+    from lm_eval.tasks import TaskManager
+
+    if task_dir and not Path(task_dir).is_dir():
+        raise ConfigError(f"benchmark.task_dir: no folder {task_dir}")
+    manager = TaskManager(include_path=[task_dir] if task_dir else None, include_defaults=include_defaults)
+    return frozenset(manager.all_tasks)
 
 
 def _benchmark(config: Config) -> None:

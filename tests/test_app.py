@@ -47,8 +47,12 @@ def test_every_job_of_a_sweep_is_checked():
     (["pool=example_local", "pool.candidates.model_a=ckpts/a"], "HF_HUB_OFFLINE=1 forbids"),
     (["search.min_weight=-0.1"], "search.min_weight must be in [0, 1)"),
     (["--dry-run", "-m", "strategy=uniform,nope"], "strategy/nope"),
+    (["pool=example_local", "pool.candidates={model_a: ck/a, model_b: ck/b, model_c: ck/c}"],
+     "lm-eval has no task 'soce_demo_half_dev'"),  # a task lm-eval does not have: before anything runs
 ])
 def test_cli_bad_input_one_clear_line(tmp_path, args, needle):
+    for name in "abc":
+        (tmp_path / "ck" / name).mkdir(parents=True)
     rows = "a,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8\nb,0.8,0.7,0.6,0.5,0.4,0.3,0.2,0.1\n"
     (tmp_path / "two.csv").write_text("model,half,quad,tri,rev,sort,swap,enc,dec\n" + rows)
     (tmp_path / "scores.csv").write_text("model,half,quad,tri,rev,sort,swap,enc,dec\n" + rows

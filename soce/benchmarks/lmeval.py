@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from soce.benchmarks import backend
-from soce.config import BenchmarkConfig
+from soce.config import BenchmarkConfig, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Evaluator:
             names = [self.benchmark.task_name(c, split) for c in self.benchmark.categories]
             missing = [n for n in names if n not in self._manager.all_tasks]
             if missing:
-                raise ValueError(
+                raise ConfigError(
                     f"benchmark {self.benchmark.name!r}: lm-eval has no task {missing[0]!r}"
                     + (f" (task_dir={self.benchmark.task_dir})" if self.benchmark.task_dir else "")
                 )
@@ -205,7 +205,7 @@ def category_scores(results: dict[str, Any], benchmark: Benchmark, split: str, l
         res = results["results"][task]
         if key not in res:
             have = sorted(k for k in res if "," in k and not k.split(",")[0].endswith("_stderr"))
-            raise ValueError(f"task {task!r} reports no metric {key!r} (it reports: {', '.join(have)}; "
+            raise ConfigError(f"task {task!r} reports no metric {key!r} (it reports: {', '.join(have)}; "
                              f"set benchmark.metric to one of them)")
         out[c] = float(res[key])
     if len(cats) == len(benchmark.categories):
