@@ -1,0 +1,3 @@
+from soce.app import main
+
+main()

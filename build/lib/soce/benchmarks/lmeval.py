@@ -1,0 +1,313 @@
+"""The lm-eval bridge: a benchmark's tasks are built once, any live model is scored per category.
+
+A category's score is its task's metric (``benchmark.metric``, e.g. lm-eval's ``acc``) on one split;
+``overall`` is the unweighted mean over the categories, computed here so that the weighting is explicit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from soce.benchmarks import backend
+from soce.config import BenchmarkConfig, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+FEWSHOT_SEED = 1234  # lm-eval's default (what `lm_eval --num_fewshot k` uses): the same shots in every evaluation
+
+
+@functools.cache
+def _tolerant_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that reads lm-eval's ``!function`` tags (and any other) as plain values."""
+
+    Loader.add_multi_constructor("", lambda loader, suffix, node: None)
+    return Loader
+
+
+Benchmark = BenchmarkConfig  # the typed config is the benchmark (declared once, in soce.config)
+
+
+def benchmark_fingerprint(benchmark: BenchmarkConfig) -> str:
+    """Hash of the task definitions and data files, and the settings that change scores."""
+    h = hashlib.sha256()
+    settings = [benchmark.task, sorted(benchmark.categories), benchmark.metric, benchmark.num_fewshot,
+                benchmark.limit, FEWSHOT_SEED]
+    if benchmark.holdout.split:  # carved halves: which items each side holds (absent: keys unchanged)
+        h_ = benchmark.holdout
+        settings.append(["holdout", h_.split, h_.select_fraction, h_.seed, benchmark.select_split])
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    if benchmark.task_dir:
+        root = Path(benchmark.task_dir).resolve()
+        files = [p for p in sorted(root.rglob("*")) if p.is_file()]
+        data = sorted({d for p in files if p.suffix in (".yaml", ".yml") for d in _data_files(p)} - set(files))
+        for p in [*files, *data]:
+            blob = p.read_bytes()
+            name = str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+            h.update(f"{name}\0{len(blob)}\0".encode())
+            h.update(blob)
+    return h.hexdigest()[:16]
+
+
+def _data_files(task_yaml: Path) -> list[Path]:
+    """Local files a task YAML reads through ``dataset_kwargs.data_files`` (absolute, or relative to the YAML
+    or the working directory), so that the fingerprint changes with the data, not only with the YAML."""
+    import yaml
+
+    try:
+        cfg = yaml.load(task_yaml.read_text(), Loader=_tolerant_loader())
+    except yaml.YAMLError:
+        return []
+    spec = (cfg.get("dataset_kwargs") or {}).get("data_files") if isinstance(cfg, dict) else None
+    names = [spec] if isinstance(spec, str) else list(spec.values()) if isinstance(spec, dict) else spec or []
+    flat = [n for x in names for n in ([x] if isinstance(x, str) else x if isinstance(x, list) else [])]
+    found = []
+    for n in flat:
+        for cand in (Path(n), task_yaml.parent / n):
+            if cand.is_file():
+                found.append(cand.resolve())
+                break
+    return found
+
+
+def lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm-eval")
+
+
+@dataclass
+class Evaluator:
+    """Scores live models on a benchmark with lm-eval, in process.
+
+    Tasks are indexed and built once per split; each ``score`` call runs ``lm_eval.evaluator.evaluate``
+    on them. The model is evaluated as it is at the call (re-mixed weights included); lm-eval's request
+    cache is never used, since it is keyed by request, not by model.
+    """
+
+    benchmark: Benchmark
+    device: str = "cpu"
+    _tasks: dict[str, Any] = field(default_factory=dict, repr=False)
+    _manager: Any = field(default=None, repr=False)
+
+    def fingerprint(self) -> str:
+        return benchmark_fingerprint(self.benchmark)
+
+    def tasks(self, split: str) -> Any:
+        """lm-eval's task dict for ``split`` (built once per data split; carved halves share it)."""
+        split = self.benchmark.source_split(split)
+        if split not in self._tasks:
+            from lm_eval.tasks import TaskManager, get_task_dict
+
+            if self._manager is None:
+                include = [self.benchmark.task_dir] if self.benchmark.task_dir else None
+                self._manager = TaskManager(
+                    include_path=include, include_defaults=self.benchmark.include_default_tasks
+                )
+            names = [self.benchmark.task_name(c, split) for c in self.benchmark.categories]
+            missing = [n for n in names if n not in self._manager.all_tasks]
+            if missing:
+                raise ConfigError(
+                    f"benchmark {self.benchmark.name!r}: lm-eval has no task {missing[0]!r}"
+                    + (f" (task_dir={self.benchmark.task_dir})" if self.benchmark.task_dir else "")
+                )
+            task_dict = get_task_dict(names, self._manager)
+            for task in _leaf_tasks(task_dict):
+                if self.benchmark.num_fewshot is not None:
+                    task.set_config(key="num_fewshot", value=self.benchmark.num_fewshot)
+                task.set_fewshot_seed(FEWSHOT_SEED)  # else lm-eval's sampler is seeded from the OS: random shots
+                _build_requests_once(task)
+            self._tasks[split] = task_dict
+        return self._tasks[split]
+
+    def score(self, model: Any, tokenizer: Any, split: str, items: dict[str, list[str]] | None = None,
+              log_samples: bool = True) -> dict[str, Any]:
+        """Scores of ``model`` on ``split`` (the :mod:`soce.benchmarks` contract); ``items`` restricts each
+        category to those doc ids (lm-eval's ``samples``)."""
+        from lm_eval.evaluator import evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.benchmark.batch_size)
+        chosen = self.doc_ids(split, items)
+        results = evaluate(
+            lm=lm,
+            task_dict=self.tasks(split),
+            limit=self.benchmark.limit if chosen is None else None,
+            samples=None if chosen is None else {self.benchmark.task_name(c, split): ids for c, ids in chosen.items()},
+            bootstrap_iters=0,
+            log_samples=log_samples or chosen is not None,
+            verbosity="WARNING",
+        )
+        return category_scores(results, self.benchmark, split, log_samples or chosen is not None, chosen)
+
+    def item_ids(self, split: str) -> dict[str, list[str]]:
+        """Every item id (lm-eval doc id) of ``split`` per category, carved halves applied."""
+        from soce.benchmarks.holdout import carve, side
+
+        b, tasks = self.benchmark, self.tasks(split)
+        leaf = {t.config.task: t for t in _leaf_tasks(tasks)}
+        ids = {}
+        for c in b.categories:
+            n = len(list(leaf[b.task_name(c, split)].eval_docs))
+            ids[c] = [str(i) for i in range(n if b.limit is None else min(n, b.limit))]
+        if not b.holdout.split:
+            return ids
+        return carve(ids, b.holdout.select_fraction, b.holdout.seed)[side(b.select_split, b.report_split, split)]
+
+    def doc_ids(self, split: str, items: dict[str, list[str]] | None) -> dict[str, list[int]] | None:
+        """lm-eval ``samples`` per category for ``split`` and ``items``; None: the whole split."""
+        if items is None and not self.benchmark.holdout.split:
+            return None
+        allowed = self.item_ids(split)
+        if items is None:
+            return {c: sorted(int(i) for i in ids) for c, ids in allowed.items()}
+        bad = [(c, i) for c, ids in items.items() for i in ids if c not in allowed or str(i) not in set(allowed[c])]
+        if bad:
+            raise ValueError(f"item {bad[0][1]!r} of category {bad[0][0]!r} is not in split {split!r}")
+        return {c: sorted(int(i) for i in items.get(c, [])) for c in self.benchmark.categories}
+
+
+@backend("lm_eval")
+def make_lm_eval(benchmark: BenchmarkConfig, device: str) -> Evaluator:
+    """The lm-eval backend: one task per category (``benchmark.task``), scored in process."""
+    return Evaluator(benchmark, device)
+
+
+def metric_key(metric: str) -> tuple[str, str]:
+    """``"acc"`` -> ("acc", "none"); ``"exact_match,flexible-extract"`` -> ("exact_match", "flexible-extract"):
+    lm-eval reports each metric under ``<metric>,<filter>``, and tasks with a filter_list have no ``none``."""
+    name, _, filt = metric.partition(",")
+    return name, filt or "none"
+
+
+def category_scores(results: dict[str, Any], benchmark: Benchmark, split: str, log_samples: bool = True,
+                    chosen: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Per-category scores (+ "overall", their mean, + "samples" and "item_ids" per item, by doc_id) from the
+    output of ``lm_eval.evaluator.evaluate``, for the benchmark's metric and filter. Categories with no
+    chosen item are left out of the scores."""
+    name, filt = metric_key(benchmark.metric)
+    key = f"{name},{filt}"
+    cats = [c for c in benchmark.categories if chosen is None or chosen.get(c)]
+    out: dict[str, Any] = {}
+    for c in cats:
+        task = benchmark.task_name(c, split)
+        res = results["results"][task]
+        if key not in res:
+            have = sorted(k for k in res if "," in k and not k.split(",")[0].endswith("_stderr"))
+            raise ConfigError(f"task {task!r} reports no metric {key!r} (it reports: {', '.join(have)}; "
+                             f"set benchmark.metric to one of them)")
+        out[c] = float(res[key])
+    if len(cats) == len(benchmark.categories):
+        out["overall"] = sum(out[c] for c in cats) / len(cats)
+    if log_samples:
+        rows = {c: sorted((s for s in results["samples"][benchmark.task_name(c, split)]
+                           if s.get("filter", "none") == filt), key=lambda s: s["doc_id"]) for c in cats}
+        out["samples"] = {c: [float(s[name]) for s in rows[c]] for c in cats}
+        if chosen is not None:
+            out["item_ids"] = {c: [str(s["doc_id"]) for s in rows[c]] for c in cats}
+    return out
+
+
+def _build_requests_once(task: Any) -> None:
+    """Make ``task.build_all_requests`` build lm-eval's request Instances once and hand out fresh copies
+    (empty responses) on later calls with the same arguments, and remember ``task.doc_to_target`` per
+    document. lm-eval redoes both at every ``evaluate``, compiling every document's Jinja templates anew:
+    most of a search point's evaluation time on small models. (lm-eval's own ``cache_requests`` is keyed by
+    task name only and kept on disk: a changed task file or data set with the same name would be served
+    stale requests, so it stays off.)"""
+    build, to_target = task.build_all_requests, task.doc_to_target
+    built: dict[str, list[Any]] = {}
+    targets: dict[str, Any] = {}  # document's content -> target (lm-eval hands out new dicts at every pass)
+
+    def doc_to_target(doc: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs or not isinstance(doc, dict):
+            return to_target(doc, *args, **kwargs)
+        key = json.dumps(doc, sort_keys=True, default=repr)
+        if key not in targets:
+            targets[key] = to_target(doc)
+        return targets[key]
+
+    def fresh(instances: list[Any]) -> list[Any]:
+        return [dataclasses.replace(i, resps=[], filtered_resps={}) for i in instances]
+
+    def build_once(**kwargs: Any) -> None:
+        key = repr(sorted((k, v) for k, v in kwargs.items() if not callable(v)))
+        if key not in built:
+            build(**kwargs)
+            built[key] = fresh(task.instances)
+        task._instances = fresh(built[key])
+
+    task.build_all_requests = build_once
+    task.doc_to_target = doc_to_target
+
+
+def _leaf_tasks(task_dict: Any) -> list[Any]:
+    """The leaf Task objects of a ``get_task_dict`` result, groups (nested dicts) included."""
+    if not isinstance(task_dict, dict):
+        return []
+    out: list[Any] = []
+    for v in task_dict.values():
+        out.extend(_leaf_tasks(v) if isinstance(v, dict) else [v] if hasattr(v, "set_config") else [])
+    return out
+
+
+def pick_device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(path: str, device: str = "cpu", dtype: str | None = None) -> tuple[Any, Any]:
+    """A checkpoint as (model, tokenizer) for evaluation; never runs remote code."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if dtype:
+        kwargs["dtype"] = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return model, tokenizer
+
+
+def quiet_lm_eval() -> None:
+    """lm-eval logs every task build at INFO; keep job logs readable."""
+    for name in ("lm_eval", "lm-eval", "lm_eval.evaluator", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # "Passed an already-initialized model": intended, once per evaluation
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
+    # lm-eval draws several progress bars per evaluation (building requests, tokenizing, running); a
+    # search runs hundreds of evaluations, and soce shows its own bars over them instead
+    import importlib
+
+    from tqdm import tqdm
+
+    def silent_tqdm(*args: Any, **kwargs: Any) -> tqdm:
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    for module in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface"):
+        mod = importlib.import_module(module)
+        if getattr(mod, "tqdm", None) is tqdm:
+            mod.tqdm = silent_tqdm
+    # transformers' "Loading weights" bar at every checkpoint load, datasets' "Generating test split" per task
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_warning()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,226 @@
+"""Structured configs: the schema every composed config is checked against.
+
+Each dataclass types one config group (``conf/<group>/``); the root ``Config`` is registered in Hydra's
+ConfigStore and listed first in ``conf/config.yaml``'s defaults, so every group option merged into it
+is checked: an unknown key or a wrong type fails at compose time, before anything runs or is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A config (or an input it names) that composes but cannot run; ``str(e)`` is one line naming the problem."""
+
+
+@dataclass
+class PathsConfig:
+    """Where things go. All absolute once resolved."""
+
+    root_dir: str = MISSING  # the project (or working) directory
+    output_dir: str = MISSING  # everything a run writes: runs, mlflow.db, demo zoo, caches
+    cache_dir: str = MISSING  # evaluation cache (scores keyed by model, weights, benchmark, settings)
+
+
+@dataclass
+class HoldoutConfig:
+    """Disjoint selection and report item sets carved out of ONE split (for benchmarks that ship one).
+
+    With ``split`` set, ``benchmark.select_split`` and ``benchmark.report_split`` name the two halves: the
+    items of ``split`` are divided per category, deterministically by item id and ``seed``, a fraction
+    ``select_fraction`` going to the selection half (``soce.benchmarks.holdout``)."""
+
+    split: str | None = None  # the split to carve; null: off (select/report splits are real splits)
+    select_fraction: float = 0.5  # share of each category's items used for selection
+    seed: int = 0
+
+
+@dataclass
+class BenchmarkConfig:
+    """A benchmark: categories scored by one backend (``soce.benchmarks``), on a selection and a report split.
+
+    For the ``lm_eval`` backend, ``task`` is a template formatted with ``category`` and ``split``, e.g.
+    ``mgsm_direct_{category}`` (no split: one task per category) or ``soce_demo_{category}_{split}``.
+    """
+
+    name: str = MISSING
+    categories: list[str] = MISSING
+    backend: str = "lm_eval"  # registered evaluator backend: lm_eval | bfcl
+    task: str = "{category}"  # lm_eval: task-name template
+    task_dir: str | None = None  # extra lm-eval task folder (include_path)
+    include_default_tasks: bool = False  # also index lm-eval's ~15k built-in tasks (slow, ~12 s)
+    select_split: str = "dev"  # correlation, selection and weight search read only this split
+    report_split: str = "test"  # the split reported in tables (held out from selection)
+    holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
+    metric: str = "acc"  # lm-eval metric read per task: "name" (filter none) or "name,filter"
+    objective: str = "mean"  # what searches maximise and "overall" reports: mean (of categories) | official
+    num_fewshot: int | None = None
+    limit: int | None = None  # items per task (debugging only)
+    batch_size: int = 64
+    families: dict[str, str] = field(default_factory=dict)  # category -> family (for the report); demo: filled in
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific settings (e.g. bfcl: handler)
+
+    @property
+    def splits(self) -> list[str]:
+        """The distinct splits a job scores: selection first."""
+        return list(dict.fromkeys([self.select_split, self.report_split]))
+
+    def task_name(self, category: str, split: str) -> str:
+        return self.task.format(category=category, split=self.source_split(split))
+
+    def source_split(self, split: str) -> str:
+        """The data split that ``split`` reads (the carved split when a holdout is set)."""
+        return self.holdout.split if self.holdout.split else split
+
+
+@dataclass
+class PoolConfig:
+    """Candidate checkpoints (the soup ingredients) and the correlation population.
+
+    ``source: demo`` takes both from the built-in demo zoo; ``source: paths`` from the mappings below
+    (name -> local checkpoint dir or hub id); ``source: csv`` reads candidate scores from a table
+    (rows: models, columns: categories, optional ``path``) and selects without evaluating any model.
+    The population always includes the candidates.
+    """
+
+    name: str = MISSING
+    source: str = "paths"  # paths | demo | csv
+    candidates: dict[str, str] = field(default_factory=dict)
+    population: dict[str, str] = field(default_factory=dict)
+    csv: str | None = None  # source=csv: the candidates' score table
+
+
+@dataclass
+class SelectionConfig:
+    """Algorithm 1, steps 1-2: the weak set L and the experts."""
+
+    method: str = "threshold"  # threshold (the paper's weak set L) | cluster (one expert per category cluster)
+    tau: float = 0.5  # |rho| below this with at least one other category puts a category in L
+    tie_break: str = "overall"  # overall: among tied experts, higher select-split overall wins; then pool order
+    max_experts: int | None = None  # keep the best-overall experts if more are selected
+    population_csv: str | None = None  # score table of a larger population for the correlation (rows: models)
+
+
+@dataclass
+class StrategyConfig:
+    """A merge strategy, by its registered name (see soce.strategies.STRATEGIES)."""
+
+    name: str = MISSING
+    ingredients: list[str] = field(default_factory=list)  # strategy=fixed: the candidates to soup ...
+    weights: list[float] = field(default_factory=list)  # ... and their weights (normalised to sum 1)
+
+
+@dataclass
+class SearchConfig:
+    """Weight search for strategies that search (soce_weighted)."""
+
+    name: str = "grid"  # grid (the paper) | optuna (TPE with a budget)
+    step: float = 0.1  # grid: spacing of each weight
+    min_weight: float = 0.1  # smallest weight of an ingredient (the paper: 0.1)
+    include_uniform: bool = True  # grid: also try the equal-weight point (the paper does)
+    n_trials: int = 15  # optuna: evaluation budget (trials in the study, resumed ones included)
+    seed: int = 0  # optuna: sampler seed
+    storage: str | None = None  # optuna: e.g. sqlite:////abs/optuna.db to resume a study across runs
+    sampler: str = "tpe"  # optuna: tpe | gp
+    budget: float | None = None  # most full selection-split evaluations a search may spend (null: no cap)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow store. ``uri`` is absolute (sqlite:////abs/path.db or http://host:port)."""
+
+    uri: str = MISSING
+    artifact_location: str | None = None  # for new experiments; None lets the server decide
+    experiment: str = "soce-${benchmark.name}"
+
+
+@dataclass
+class DemoConfig:
+    """Where and how to build the demo (a Hydra structured-config node ``demo``).
+
+    preset: ``"cpu"`` (default demo, ~1M params, a few minutes on 2 cores), ``"small"`` (the cpu zoo with
+    shorter training and 40/60 items per split: debug=fast and end-to-end tests), ``"tiny"`` (mechanics
+    only, seconds) or ``"gpu"`` (tens of millions of params, uses CUDA when available).
+    The zoo is built under ``f"{root}/{preset}-seed{seed}"``.
+    """
+
+    seed: int = 0
+    preset: str = "cpu"
+    root: str = "outputs/demo"
+    device: str = "auto"  # "auto" (cuda if available for the gpu preset, else cpu), "cpu" or "cuda"
+
+
+@dataclass
+class AnalysisConfig:
+    """Which analyses a job runs (all off by default: each costs evaluations)."""
+
+    shapley: bool = False
+    consistency: bool = False
+    emergent: bool = False
+    shapley_exact_max: int = 8  # exact Shapley up to this many candidates (2^n - 1 soups), sampled beyond
+    shapley_permutations: int = 64  # sampled Shapley: permutations (antithetic pairs)
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    """The root config; ``conf/config.yaml`` composes the groups below into it."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    dtype: str | None = None  # dtype to evaluate and write soups in; None keeps the checkpoints'
+    save_soup: bool = True  # write the final soup as a Hugging Face checkpoint into the job dir
+    report: bool = True  # also score the final soup on the report split (sweep-mode points skip it)
+    progress: bool = True  # progress bars (zoo build, scoring, searches)
+
+
+def register_configs() -> None:
+    """Register the root schema in Hydra's ConfigStore; ``conf/config.yaml`` lists it first."""
+    ConfigStore.instance().store(name="_config_schema", node=Config)
+
+
+def unknown_keys(cfg: Any, schema: type = Config, prefix: str = "") -> list[str]:
+    """Keys of ``cfg`` that the schema does not declare (``+key=...`` overrides bypass Hydra's check)."""
+    import dataclasses
+
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    out = []
+    for key in cfg:
+        if key == "hydra" and not prefix:
+            continue
+        if key not in known:
+            out.append(prefix + str(key))
+            continue
+        sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            out += unknown_keys(cfg[key], sub, f"{prefix}{key}.")
+    return out
+
+
+def typed(cfg: Any) -> Config:
+    """A composed config (DictConfig or plain dicts) as the typed :class:`Config` (nested dataclasses),
+    checked against the schema: the one conversion at the top of a job."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in dict(cfg).items() if k != "hydra"})
+    return OmegaConf.to_object(node)  # type: ignore[return-value]
+
+
+def to_plain(cfg: Any) -> dict:
+    """A resolved config as plain Python containers (nothing downstream touches OmegaConf)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]

@@ -1,0 +1,122 @@
+"""Merge-only entry point: write a linear soup without a benchmark.
+
+    python -m soce.merge output=OUT 'models=[P1,P2,...]' 'weights=[w1,w2,...]' \\
+        [names=[n1,n2,...]] [donor=NAME|INDEX] [dtype=bfloat16] [max_shard_size=5GB] \\
+        [overwrite=true] [normalize=true] [strategy=TEXT]
+
+Arguments are Hydra-style ``key=value`` overrides (lists in brackets, comma separated). Bad input prints one
+``soce.merge: error: ...`` line to stderr and exits with status 2; success prints the output path.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+USAGE = __doc__.split("\n\n")[1]
+KEYS = ("output", "models", "weights", "names", "donor", "dtype", "max_shard_size", "overwrite", "normalize",
+        "strategy")
+
+
+class UsageError(ValueError):
+    """A bad command line; the message is one line."""
+
+
+def _list(key: str, value: str) -> list[str]:
+    v = value.strip()
+    if not (v.startswith("[") and v.endswith("]")):
+        raise UsageError(f"{key}: expected a list like {key}=[a,b], got {value!r}")
+    items = [x.strip().strip("'\"") for x in v[1:-1].split(",")]
+    return [x for x in items if x] if any(items) else []
+
+
+def _bool(key: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("true", "1", "yes"):
+        return True
+    if v in ("false", "0", "no"):
+        return False
+    raise UsageError(f"{key}: expected true or false, got {value!r}")
+
+
+def parse_args(argv: list[str]) -> dict:
+    """``key=value`` overrides -> keyword arguments of :func:`soce.soup.write_soup` plus ``models``,
+    ``weights`` (dicts keyed by candidate name) and ``output``."""
+    raw: dict[str, str] = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+")
+        if not sep or key not in KEYS:
+            raise UsageError(f"unknown argument {arg!r} (expected key=value with key in {', '.join(KEYS)})")
+        raw[key] = value
+    for key in ("output", "models", "weights"):
+        if key not in raw or not raw[key].strip():
+            raise UsageError(f"missing {key}=... ; usage: python -m soce.merge {USAGE.split(None, 3)[3]}")
+    paths = _list("models", raw["models"])
+    if not paths:
+        raise UsageError("models: empty list")
+    try:
+        weights = [float(w) for w in _list("weights", raw["weights"])]
+    except ValueError as e:
+        raise UsageError(f"weights: {e}") from e
+    if len(weights) != len(paths):
+        raise UsageError(f"weights: {len(weights)} weights for {len(paths)} models (one weight per model)")
+    names = _list("names", raw["names"]) if "names" in raw else _default_names(paths)
+    if len(names) != len(paths) or len(set(names)) != len(names):
+        raise UsageError(f"names: need {len(paths)} distinct names, got {names}")
+    kw: dict = {"models": dict(zip(names, paths, strict=True)), "weights": {}, "output": raw["output"]}
+    for n, w in zip(names, weights, strict=True):
+        kw["weights"][n] = w
+    if "donor" in raw:
+        d = raw["donor"].strip()
+        kw["donor"] = names[int(d)] if d.isdigit() and int(d) < len(names) and d not in names else d
+    if "dtype" in raw:
+        kw["dtype"] = raw["dtype"].strip()
+    if "max_shard_size" in raw:
+        s = raw["max_shard_size"].strip()
+        kw["max_shard_size"] = int(s) if s.isdigit() else s
+    for key in ("overwrite", "normalize"):
+        if key in raw:
+            kw[key] = _bool(key, raw[key])
+    kw["recipe"] = {"strategy": raw.get("strategy", "manual (soce.merge)")}
+    return kw
+
+
+def _default_names(paths: list[str]) -> list[str]:
+    names: list[str] = []
+    for p in paths:
+        base = Path(p.rstrip("/")).name or p
+        n, i = base, 2
+        while n in names:
+            n, i = f"{base}-{i}", i + 1
+        names.append(n)
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad input)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    from soce.soup import SoupError, write_soup
+
+    # SIGTERM unwinds like Ctrl-C, so the temporary output directory is removed (SIGKILL leaves a hidden
+    # temporary sibling that the next merge to the same target removes; never a partial target).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        kw = parse_args(argv)
+        out = write_soup(**kw)
+    except (UsageError, SoupError) as e:
+        print(f"soce.merge: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"soce.merge: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

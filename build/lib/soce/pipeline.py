@@ -1,0 +1,140 @@
+"""One job, as the paper's data flow: config -> scores -> selection -> search -> soup -> tracking.
+
+``run(config, out_dir)`` is a plain function of the typed config (``soce.config.Config``; plain dicts are
+converted once, here); ``soce.app`` only composes the config with Hydra and calls it. The scores-only mode
+(``pool.source=csv``) is the same recipe with the score table read from a file and no soup evaluated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from soce import method, outputs
+from soce.config import Config, ConfigError, typed
+from soce.inputs import Inputs, gather
+from soce.outputs import JobResult
+from soce.preflight import check_experts, validate
+from soce.searches import SEARCHES
+from soce.selections import Selection, select
+from soce.strategies import STRATEGIES, Context, Plan
+from soce.tracking import JobTracker, client
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ConfigError", "JobResult", "run", "validate"]
+
+
+def run(cfg: Config | Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None = None,
+        job_key: str | None = None) -> JobResult:
+    """Run one job; write ``result.json`` (and the soup) into ``out_dir``.
+
+    ``job_key`` identifies the job within its sweep: an interrupted job with the same key is resumed in
+    MLflow (same run, missing search points only); evaluations are resumed through the score cache."""
+    config = cfg if isinstance(cfg, Config) else typed(cfg)
+    validate(config)
+    out_dir, t0 = Path(out_dir), time.time()
+    inputs = gather(config)  # score tables (cached), Algorithm 1's input
+    selection = select_experts(config, inputs)  # steps 1-2: correlation, L, experts
+    tracker = outputs.start_tracker(config, inputs, parent_run_id, job_key)
+    with finished_or_failed(tracker):
+        plan = plan_soup(config, inputs, selection, tracker)  # step 3: the strategy (and its weight search)
+        soup_path = outputs.write_final_soup(config, inputs, plan, out_dir)  # step 4: the soup on disk
+        result = make_result(config, inputs, selection, plan, soup_path, tracker)
+        analysis_metrics, result.analysis = outputs.analyses(config, inputs, plan, result, out_dir)
+        result.seconds = round(time.time() - t0, 1)
+        outputs.record(tracker, config, inputs, selection, plan, result, out_dir, analysis_metrics)
+    return result
+
+
+def select_experts(config: Config, inputs: Inputs) -> Selection:
+    """Algorithm 1 steps 1-2 on the selection split; a selection that cannot be made is a ConfigError."""
+    try:
+        selection = select(inputs.population, inputs.table(inputs.benchmark.select_split), config.selection)
+    except method.SelectionError as e:
+        raise ConfigError(str(e)) from None
+    log.info("L = %s; experts = %s", selection.weak, selection.ingredients)
+    check_experts(config, selection.ingredients)
+    return selection
+
+
+def plan_soup(config: Config, inputs: Inputs, selection: Selection, tracker: JobTracker) -> Plan:
+    """Run the configured strategy on the selection split; every soup it evaluates is logged as a point."""
+    bench, sel = inputs.benchmark, inputs.benchmark.select_split
+    soups = inputs.soups
+    progress = outputs.SearchProgress(config.strategy.name, sel, config.progress)
+
+    def on_point(i: int, weights: dict[str, float], scores: dict[str, float]) -> None:
+        tracker.log_point(i, weights, scores, sel)
+        progress.update(scores)
+
+    def evaluate(weights: dict[str, float]) -> dict[str, float]:
+        if soups is None:
+            raise ConfigError("this strategy evaluates soups; a score table alone cannot")
+        return objective_scores(soups.scores(weights, sel), bench)
+
+    evaluate_items = None if soups is None else (lambda w, items: soups.item_scores(w, sel, items))
+    needs_items = STRATEGIES[config.strategy.name].evaluates and SEARCHES[config.search.name].needs_items
+    item_ids = soups.item_ids(sel) if soups is not None and needs_items else None
+    ctx = Context(inputs.table(sel), selection, config.search, evaluate, on_point, config.strategy,
+                  evaluate_items, item_ids)
+    try:
+        return STRATEGIES[config.strategy.name].plan(ctx)
+    except method.SelectionError as e:
+        raise ConfigError(str(e)) from None
+    finally:
+        progress.close()
+
+
+def objective_scores(scores: Mapping[str, Any], benchmark: Any) -> dict[str, float]:
+    """What a search sees of one evaluation: the category scores, plus ``overall`` when the objective is
+    not the plain mean (the mean is computed by :func:`soce.method.objective_of`, as the paper does)."""
+    out = {c: scores[c] for c in benchmark.categories}
+    if benchmark.objective != "mean":
+        out["overall"] = scores["overall"]
+    return out
+
+
+def make_result(config: Config, inputs: Inputs, selection: Selection, plan: Plan, soup_path: Path | None,
+                tracker: JobTracker) -> JobResult:
+    """The job's result: the final soup scored on every split (cached), candidates' scores, what it cost."""
+    bench, soups = inputs.benchmark, inputs.soups
+    weights = {n: float(plan.weights.get(n, 0.0)) for n in inputs.candidates}
+    ingredients = {n: w for n, w in weights.items() if w > 0}
+    splits = bench.splits if config.report else [bench.select_split]
+    scores = {} if soups is None else {s: _summary(soups.scores(ingredients, s)) for s in splits}
+    have = list(inputs.candidate_scores)
+    return JobResult(
+        strategy=config.strategy.name, benchmark=bench.name, pool=config.pool.name,
+        experts=selection.ingredients, weak_set=selection.weak, expert_of=selection.experts,
+        categories=bench.categories, families=bench.families, select_split=bench.select_split,
+        report_split=bench.report_split, correlation=outputs.matrix(selection.correlation), weights=weights,
+        scores=scores,
+        candidate_scores={n: {s: _summary(inputs.candidate_scores[s][n]) for s in have} for n in inputs.candidates},
+        best_single=str(method.overall(inputs.table(bench.select_split)).idxmax()),
+        soup_path=str(soup_path) if soup_path else None, mlflow_run_id=tracker.run_id,
+        evaluated=soups.cache.evaluated if soups else 0, cached=soups.cache.cached if soups else 0,
+        objective=bench.objective, search=dict(plan.notes), timing=soups.timing_summary() if soups else {})
+
+
+@contextlib.contextmanager
+def finished_or_failed(tracker: JobTracker) -> Iterator[None]:
+    """End the job's MLflow run FINISHED, or FAILED (with the reason as a tag) if anything raises."""
+    try:
+        yield
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            client(tracker.uri).set_tag(tracker.run_id, "soce.error", f"{type(e).__name__}: {e}"[:5000])
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+
+
+def _summary(scores: Mapping[str, Any]) -> dict[str, float]:
+    """Category scores and overall, without the per-item results."""
+    return {k: v for k, v in scores.items() if k not in ("samples", "item_ids")}
+

@@ -1,0 +1,312 @@
+"""Everything that can be checked before work starts: every job of a sweep, composed and validated.
+
+``preflight(overrides)`` runs in the driver before Hydra launches anything (``soce.app``), so a bad input
+fails with one line and nothing is written; ``validate(config)`` also runs at the top of every job.
+Checks that need the scores (e.g. whether the selected experts fit ``search.min_weight``) run right
+after the selection, before the job's MLflow run is created.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from soce.config import Config, ConfigError, typed
+
+DTYPES = ("bfloat16", "float16", "float32", "float64")  # what soups are evaluated and written in (dtype=)
+OBJECTIVES = ("mean", "official")
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+MAX_CHECKED_JOBS = 256  # a larger sweep has each swept value checked once (others at their first value)
+
+
+def _conf_dir() -> str:
+    """The config tree: ``soce/conf`` in an installed wheel (pyproject maps ``conf/`` there), else the
+    source tree's ``conf/`` (editable installs, CI)."""
+    here = Path(__file__).resolve().parent
+    return str(here / "conf" if (here / "conf" / "config.yaml").is_file() else here.parent / "conf")
+
+
+CONF_DIR = _conf_dir()
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def validate(cfg: Config | Mapping[str, Any]) -> None:
+    """Checks that need more than types; raises ConfigError (one line) before anything is written."""
+    config = cfg if isinstance(cfg, Config) else typed(cfg)
+    for check in (_benchmark, _selection, _strategy_and_search, _runtime, _pool, _tracking, _tasks):
+        check(config)
+
+
+def check_experts(config: Config, experts: list[str]) -> None:
+    """After the selection, before the job's run: the search must have points for this many experts."""
+    from soce import method
+    from soce.strategies import STRATEGIES
+
+    s = config.search
+    if STRATEGIES[config.strategy.name].evaluates and config.strategy.name == "soce_weighted" and s.name == "grid":
+        try:
+            method.weight_grid(len(experts), s.step, s.min_weight, s.include_uniform)
+        except method.SelectionError as e:
+            raise ConfigError(f"{e} (the selection chose {len(experts)} experts: lower search.min_weight or set "
+                              f"selection.max_experts)") from None
+
+
+def _tasks(config: Config) -> None:
+    """lm-eval must know every task of the benchmark (the demo's tasks exist only once its zoo is built)."""
+    b = config.benchmark
+    if b.backend != "lm_eval" or config.pool.source != "paths":
+        return
+    known = _task_index(b.task_dir, b.include_default_tasks)
+    split_names = {b.source_split(s) for s in (b.select_split, b.report_split)}
+    missing = [b.task.format(category=c, split=s) for c in b.categories for s in split_names
+               if b.task.format(category=c, split=s) not in known]
+    if missing:
+        where = f" in task_dir={b.task_dir}" if b.task_dir else ""
+        hint = "" if b.include_default_tasks else " (benchmark.include_default_tasks=true indexes lm-eval's own)"
+        raise ConfigError(f"benchmark {b.name!r}: lm-eval has no task {missing[0]!r}{where}{hint}")
+
+
+@functools.cache
+def _task_index(task_dir: str | None, include_defaults: bool) -> frozenset[str]:
+    from lm_eval.tasks import TaskManager
+
+    if task_dir and not Path(task_dir).is_dir():
+        raise ConfigError(f"benchmark.task_dir: no folder {task_dir}")
+    manager = TaskManager(include_path=[task_dir] if task_dir else None, include_defaults=include_defaults)
+    return frozenset(manager.all_tasks)
+
+
+def _benchmark(config: Config) -> None:
+    from soce.benchmarks import KNOWN_BACKENDS
+
+    b = config.benchmark
+    if not b.categories:
+        raise ConfigError(f"benchmark {b.name!r} lists no categories")
+    if len(set(b.categories)) != len(b.categories):
+        raise ConfigError(f"benchmark {b.name!r} lists a category twice")
+    if b.backend not in KNOWN_BACKENDS:
+        raise ConfigError(f"unknown benchmark.backend {b.backend!r}; available: {', '.join(KNOWN_BACKENDS)}")
+    if b.backend == "lm_eval" and "{category}" not in b.task:
+        raise ConfigError(f"benchmark.task {b.task!r} must contain {{category}}")
+    if b.objective not in OBJECTIVES:
+        raise ConfigError(f"benchmark.objective must be one of {', '.join(OBJECTIVES)}, got {b.objective!r}")
+    if b.holdout.split is not None:
+        if not 0 < b.holdout.select_fraction < 1:
+            raise ConfigError(f"benchmark.holdout.select_fraction must be in (0, 1), got {b.holdout.select_fraction}")
+        if b.select_split == b.report_split:
+            raise ConfigError("benchmark.holdout carves two halves: select_split and report_split must differ")
+
+
+def _selection(config: Config) -> None:
+    from soce import method
+    from soce.selections import SELECTIONS
+
+    sel = config.selection
+    if sel.tie_break not in method.TIE_BREAKS:
+        raise ConfigError(f"selection.tie_break must be one of {', '.join(method.TIE_BREAKS)}, got {sel.tie_break!r}")
+    if not 0 <= sel.tau <= 1:
+        raise ConfigError(f"selection.tau must be in [0, 1], got {sel.tau}")
+    if sel.method not in SELECTIONS:
+        raise ConfigError(f"selection.method must be one of {', '.join(SELECTIONS)}, got {sel.method!r}")
+    if sel.max_experts is not None and sel.max_experts < 1:
+        raise ConfigError(f"selection.max_experts must be >= 1, got {sel.max_experts}")
+
+
+def _strategy_and_search(config: Config) -> None:
+    from soce import method
+    from soce.searches import SEARCHES
+    from soce.strategies import STRATEGIES
+
+    s, search = config.strategy, config.search
+    if s.name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {s.name!r}; available: {', '.join(sorted(STRATEGIES))}")
+    if search.name not in SEARCHES:
+        raise ConfigError(f"unknown search {search.name!r}; available: {', '.join(SEARCHES)}")
+    if search.n_trials < 1:
+        raise ConfigError(f"search.n_trials must be >= 1, got {search.n_trials}")
+    if not 0 <= search.min_weight < 1:
+        raise ConfigError(f"search.min_weight must be in [0, 1), got {search.min_weight}")
+    if search.budget is not None and search.budget <= 0:
+        raise ConfigError(f"search.budget must be > 0 (full selection-split evaluations), got {search.budget}")
+    try:
+        method.weight_grid(1, search.step, search.min_weight)
+    except method.SelectionError as e:
+        raise ConfigError(str(e)) from None
+    if s.name == "fixed":
+        names, ws = list(s.ingredients), list(s.weights)
+        if not names or len(names) != len(ws) or min(ws) < 0 or sum(ws) <= 0:
+            raise ConfigError(f"strategy=fixed needs strategy.ingredients=[...] and as many non-negative "
+                              f"strategy.weights=[...] (not all 0); got {names} / {ws}")
+
+
+def _runtime(config: Config) -> None:
+    if config.dtype is not None and config.dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} or null, got {config.dtype!r}")
+    if config.device == "auto":
+        return
+    m = re.fullmatch(r"(cpu|cuda)(:\d+)?", config.device)
+    if not m or (m.group(1) == "cpu" and m.group(2)):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
+    if m.group(1) == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={config.device}: no CUDA device here (use device=auto or cpu)")
+
+
+def _pool(config: Config) -> None:
+    pool, sel = config.pool, config.selection
+    if pool.source not in ("paths", "demo", "csv"):
+        raise ConfigError(f"pool.source must be 'paths', 'demo' or 'csv', got {pool.source!r}")
+    for key, path in (("pool.csv", pool.csv), ("selection.population_csv", sel.population_csv)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{key}: no file {path}")
+    if pool.source == "demo":
+        _demo(config)
+    elif pool.source == "csv":
+        _score_table(config)
+    else:
+        _paths(config)
+
+
+def _demo(config: Config) -> None:
+    from soce.demo.tasks import BY_NAME
+    from soce.demo.zoo import PRESETS
+
+    if config.demo.preset not in PRESETS:
+        raise ConfigError(f"demo.preset must be one of {', '.join(PRESETS)}, got {config.demo.preset!r}")
+    unknown = [c for c in config.benchmark.categories if c not in BY_NAME]
+    if unknown:
+        raise ConfigError(f"benchmark category {unknown[0]!r} is not in the demo zoo (it has: {', '.join(BY_NAME)})")
+
+
+def _score_table(config: Config) -> None:
+    from soce.scores import read_score_csv
+    from soce.strategies import STRATEGIES
+
+    pool, sel, s = config.pool, config.selection, config.strategy
+    if pool.csv is None:
+        raise ConfigError("pool.source=csv needs pool.csv=<score table>")
+    if STRATEGIES[s.name].evaluates:
+        no_eval = [n for n, st in STRATEGIES.items() if not st.evaluates]
+        raise ConfigError(f"strategy {s.name!r} evaluates soups and needs checkpoints; with pool.source=csv "
+                          f"use one of {', '.join(no_eval)}")
+    table = read_score_csv(pool.csv)[0]
+    extra = read_score_csv(sel.population_csv, list(table.columns))[0] if sel.population_csv else None
+    size = len(table) + (0 if extra is None else int((~extra.index.isin(table.index)).sum()))
+    _population_size(size)
+
+
+def _paths(config: Config) -> None:
+    pool = config.pool
+    if not pool.candidates:
+        raise ConfigError(f"pool {pool.name!r} lists no candidates")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    for name, path in {**pool.candidates, **pool.population}.items():
+        p = Path(str(path)).expanduser()
+        if p.exists():
+            continue
+        if str(path).startswith(("/", ".", "~")) or not HUB_ID.match(str(path)):
+            raise ConfigError(f"pool {pool.name!r}: checkpoint {name!r} not found at {path}")
+        if offline:
+            raise ConfigError(f"pool {pool.name!r}: checkpoint {name!r}: no local dir {path} (relative to "
+                              f"{os.getcwd()}), and HF_HUB_OFFLINE=1 forbids taking it as a hub id")
+    if config.selection.population_csv is None:
+        _population_size(len({**pool.population, **pool.candidates}))
+
+
+def _population_size(n: int) -> None:
+    if n < 3:
+        raise ConfigError(f"the category correlation needs at least 3 models in the population, got {n} "
+                          "(add pool.population entries or selection.population_csv)")
+
+
+def _tracking(config: Config) -> None:
+    uri = config.tracking.uri
+    scheme = uri.split(":", 1)[0] if ":" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"tracking.uri {uri!r}: unknown scheme {scheme!r}; use one of "
+                          f"{', '.join(TRACKING_SCHEMES)} (e.g. sqlite:////abs/mlflow.db or http://127.0.0.1:5000)")
+
+
+def job_overrides(overrides: list[str], max_jobs: float = MAX_CHECKED_JOBS) -> list[list[str]]:
+    """The override lists of a multirun's jobs: every job of the sweep (the product of the swept values) up
+    to ``max_jobs``, else one list per value of every swept key, the others at their first value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    first, sweeps = [], []
+    for o in parsed:
+        if o.is_sweep_override():
+            try:
+                values = list(o.sweep_string_iterator())
+            except Exception:  # interval sweeps (for optimising sweepers) have no finite list
+                continue
+            sweeps.append((o.get_key_element(), values))
+            first.append(f"{o.get_key_element()}={values[0]}")
+        else:
+            first.append(o.input_line)
+    if math.prod(len(v) for _, v in sweeps) <= max_jobs:
+        jobs = []
+        for combo in itertools.product(*(values for _, values in sweeps)):
+            chosen = dict(zip([k for k, _ in sweeps], combo, strict=True))
+            jobs.append([f"{k}={chosen[k]}" if (k := x.split("=", 1)[0]) in chosen else x for x in first])
+        return jobs
+    lists = [first]
+    for key, values in sweeps:
+        for v in values[1:]:
+            lists.append([f"{key}={v}" if x.split("=", 1)[0] == key else x for x in first])
+    return lists
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """The typed job config for one list of overrides (no sweeps), as Hydra would compose it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from soce.config import register_configs, unknown_keys
+
+    register_configs()
+    with initialize_config_dir(CONF_DIR, version_base="1.3", job_name="soce"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    extra = unknown_keys(cfg)
+    if extra:
+        raise ConfigError(f"unknown config key '{extra[0]}' (check the spelling; `--cfg job` shows the config)")
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = os.getcwd()
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return typed(cfg)
+
+
+def preflight(overrides: list[str]) -> str | None:
+    """Compose and validate every job's config; the first problem as one line, or None."""
+    try:
+        for ov in job_overrides(overrides):
+            validate(compose_config(ov))
+    except ConfigError as e:
+        return str(e)
+    except Exception as e:  # Hydra/OmegaConf composition errors: condense to one line
+        return one_line(e)
+    return None
+
+
+def one_line(e: BaseException) -> str:
+    """A Hydra/OmegaConf error as one line (with the options Hydra lists, and the cause)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    head = lines[0] if lines else type(e).__name__
+    if "Available options" in str(e):
+        opts = [ln for ln in lines if not ln.startswith(("Available", "Config search", "provider="))][1:]
+        head += f" (available: {', '.join(opts)})"
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause).strip() and str(cause).splitlines()[0] not in head:
+        head = head.rstrip(".") + ": " + str(cause).strip().splitlines()[0]
+    return head.replace("In 'config': ", "")

@@ -1,0 +1,166 @@
+"""Input checks for a soup: weights, duplicate inputs, matching tensor names/shapes/dtypes."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soce.soup.io import AVERAGED, DTYPE_NAMES, ST_DTYPES, Checkpoint, SoupError, _Maps, _one_line, open_checkpoint
+
+
+def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    if key not in DTYPE_NAMES:
+        raise SoupError(f"dtype {name!r}: unknown (use one of bfloat16, float16, float32, float64)")
+    return DTYPE_NAMES[key]
+
+
+def check_weights(
+    names: list[str], weights: Mapping[str, float], *, normalize: bool = True, subset: bool = False
+) -> dict[str, float]:
+    """Check weights (numbers, finite, >= 0, not all 0, one per candidate unless ``subset``) and return them
+    as given, in ``names`` order, zeros dropped. ``normalize=False`` rejects a sum off 1 by more than 1e-6."""
+    unknown = [k for k in weights if k not in names]
+    if unknown:
+        raise SoupError(f"weights: {unknown[0]!r} is not a candidate (candidates: {', '.join(names)})")
+    if not subset:
+        missing = [n for n in names if n not in weights]
+        if missing:
+            raise SoupError(f"weights: no weight for candidate {missing[0]!r} (one weight per candidate)")
+    out: dict[str, float] = {}
+    for n in names:
+        if n not in weights:
+            continue
+        try:
+            w = float(weights[n])
+        except (TypeError, ValueError) as e:
+            raise SoupError(f"weights: {n!r} = {weights[n]!r} is not a number") from e
+        if not math.isfinite(w):
+            raise SoupError(f"weights: {n!r} = {w} is not finite")
+        if w < 0:
+            raise SoupError(f"weights: {n!r} = {w} is negative (a soup takes non-negative weights)")
+        out[n] = w
+    total = math.fsum(out.values())
+    if total <= 0:
+        raise SoupError("weights: all weights are zero")
+    if not normalize and abs(total - 1.0) > 1e-6:
+        raise SoupError(f"weights: sum {total!r} != 1 and normalize=false")
+    return {n: w for n, w in out.items() if w > 0}
+
+
+def _dedup(models: Mapping[str, str | Path], weights: Mapping[str, float] | None = None):
+    """Merge candidates that resolve to the same path: keep the first name, sum the weights.
+    Returns (models, weights, {dropped name: kept name})."""
+    if not models:
+        raise SoupError("models: no candidates given")
+    seen: dict[Path, str] = {}
+    out: dict[str, Path] = {}
+    alias: dict[str, str] = {}
+    for name, p in models.items():
+        rp = Path(p).expanduser().resolve()
+        if rp in seen:
+            alias[str(name)] = seen[rp]
+        else:
+            seen[rp] = str(name)
+            out[str(name)] = rp
+    if weights is None:
+        return out, None, alias
+    merged: dict[str, Any] = {}
+    for name, w in weights.items():
+        tgt = alias.get(str(name), str(name))
+        if tgt in merged:
+            try:
+                merged[tgt] = float(merged[tgt]) + float(w)
+            except (TypeError, ValueError) as e:
+                raise SoupError(f"weights: {name!r} = {w!r} is not a number") from e
+        else:
+            merged[tgt] = w
+    return out, merged, alias
+
+
+def _check(ckpts: list[Checkpoint], mixed_ok: bool = False) -> None:
+    """Identical tensor names, shapes and dtypes across candidates (floating dtypes may differ when
+    ``mixed_ok``: an output dtype was given); non-floating tensors identical; one line per failure."""
+    ref = ckpts[0]
+    for c in ckpts[1:]:
+        for key, info in ref.tensors.items():
+            other = c.tensors.get(key)
+            if other is None:
+                raise SoupError(
+                    f"{c.path}: tensor {key!r} missing in candidate {c.name!r} (present in {info.file})"
+                )
+            if other.shape != info.shape:
+                what = " (vocabulary rows differ)" if other.shape[1:] == info.shape[1:] else ""
+                raise SoupError(
+                    f"{other.file}: tensor {key!r} shape {list(other.shape)} != {list(info.shape)}"
+                    f" in {info.file}{what}"
+                )
+            floating = ST_DTYPES[other.dtype] in AVERAGED and ST_DTYPES[info.dtype] in AVERAGED
+            if other.dtype != info.dtype and not (mixed_ok and floating):
+                hint = "pass an output dtype (dtype=bfloat16, ...) to mix them" if floating else "cannot be mixed"
+                raise SoupError(
+                    f"{other.file}: tensor {key!r} dtype {other.dtype} != {info.dtype} in {info.file} ({hint})"
+                )
+        extra = [k for k in c.tensors if k not in ref.tensors]
+        if extra:
+            raise SoupError(
+                f"{c.tensors[extra[0]].file}: tensor {extra[0]!r} only in candidate {c.name!r}"
+                f" (missing in {ref.path})"
+            )
+    fixed = [k for k, i in ref.tensors.items() if ST_DTYPES[i.dtype] not in AVERAGED and i.numel]
+    if fixed and len(ckpts) > 1:
+        maps = _Maps()
+        try:
+            for k in fixed:
+                first = maps.view(ref.tensors[k], 0, ref.tensors[k].numel)
+                for c in ckpts[1:]:
+                    if not torch.equal(first, maps.view(c.tensors[k], 0, ref.tensors[k].numel)):
+                        raise SoupError(f"{c.tensors[k].file}: tensor {k!r} ({ref.tensors[k].dtype}) differs from"
+                                        f" {ref.tensors[k].file} and cannot be averaged")
+            del first
+        finally:
+            maps.close()
+    cfgs = {}
+    for c in ckpts:
+        cfg = c.path / "config.json"
+        if cfg.is_file():
+            try:
+                cfgs[c.name] = json.loads(cfg.read_text()).get("model_type")
+            except (OSError, ValueError, AttributeError) as e:
+                raise SoupError(f"{cfg}: unreadable config ({_one_line(e)})") from e
+    if len(set(cfgs.values())) > 1:
+        raise SoupError(f"config.json: model_type differs across candidates ({cfgs})")
+
+
+def _open_all(models: Mapping[str, Path], mixed_ok: bool = False) -> list[Checkpoint]:
+    ckpts = [open_checkpoint(n, p) for n, p in models.items()]
+    _check(ckpts, mixed_ok)
+    return ckpts
+
+
+def check_models(models: Mapping[str, str | Path]) -> dict:
+    """Validate candidates (headers only, no tensor data read). Returns a summary:
+    ``{"candidates": {name: path}, "duplicates": {name: kept}, "tensors": n, "parameters": n,
+    "bytes": n, "dtypes": {dtype: n tensors}, "shapes": {key: shape}}``. Raises SoupError."""
+    mp, _, alias = _dedup(models)
+    ckpts = _open_all(mp)
+    ref = ckpts[0].tensors
+    dtypes: dict[str, int] = {}
+    for info in ref.values():
+        dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
+    return {
+        "candidates": {c.name: str(c.path) for c in ckpts},
+        "duplicates": alias,
+        "tensors": len(ref),
+        "parameters": sum(i.numel for i in ref.values()),
+        "bytes": sum(i.end - i.begin for i in ref.values()),
+        "dtypes": dtypes,
+        "shapes": {k: list(i.shape) for k, i in ref.items()},
+    }

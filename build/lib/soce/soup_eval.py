@@ -1,0 +1,141 @@
+"""The in-memory merge evaluator: score any soup of the candidates (or any checkpoint) on a benchmark split.
+
+Soups are re-mixed into one live model held by a :class:`soce.soup.Remixer` (the experts stay resident;
+nothing is written to disk), then scored by the benchmark's evaluator. Every evaluation goes through the
+score cache first, keyed by the checkpoints' content fingerprints, the normalised weights, the benchmark
+and the evaluation settings, so a repeated or resumed search evaluates nothing twice. Item-level
+evaluations (``item_scores``) are cached per item.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from soce.benchmarks import Evaluator, Scores
+from soce.scores import ScoreCache, model_fingerprint
+
+CACHE_FORMAT = 2  # bump when the meaning of cached scores changes (old entries are then recomputed)
+
+
+@dataclass
+class SoupEvaluator:
+    """Scores soups of ``candidates`` and single checkpoints of ``models`` (candidates + population).
+
+    ``timings`` collects (re-mix seconds, evaluation seconds) per soup evaluated in memory."""
+
+    models: dict[str, str]  # name -> checkpoint dir or hub id (every model that may be scored)
+    candidates: list[str]  # the names that may be mixed (soup ingredients), in candidate order
+    evaluator: Evaluator
+    cache: ScoreCache
+    device: str = "cpu"
+    dtype: str | None = None
+    item_cache: Any = None  # soce.items.ItemCache (per-item evaluations) or None
+    timings: list[tuple[float, float]] = field(default_factory=list)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    _remixer: Any = field(default=None, repr=False)
+    _tokenizer: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.fingerprints:
+            self.fingerprints = {name: model_fingerprint(path) for name, path in self.models.items()}
+        self.context = {"benchmark": self.evaluator.fingerprint(), "metric": self.evaluator.benchmark.metric,
+                        "dtype": self.dtype, "device": self.device.split(":")[0], "lm_eval": _lm_eval_version(),
+                        "format": CACHE_FORMAT}
+
+    def key(self, weights: dict[str, float], split: str) -> str:
+        """The cache key of the soup ``weights`` (zero weights dropped) evaluated on ``split``."""
+        return self.cache.key(_live(weights), self.fingerprints, {**self.context, "split": split})
+
+    def scores(self, weights: dict[str, float], split: str) -> Scores:
+        """Scores of the soup ``weights`` ({name: weight}, any positive sum) on the whole ``split``."""
+        live = _live(weights)
+        return self.cache.get_or_compute(self.key(live, split), lambda: self._evaluate(live, split, None))
+
+    def item_scores(self, weights: dict[str, float], split: str, items: dict[str, list[str]]) -> Scores:
+        """Per-item scores of the soup on ``items`` of ``split`` ({category: [item id]}), cached per item:
+        ``{"samples": {category: [score]}, "item_ids": {category: [id]}, category: mean}``."""
+        if self.item_cache is None:
+            raise RuntimeError("item_scores needs an item cache (soce.items.ItemCache)")
+        live = _live(weights)
+
+        def compute(missing: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+            out = self._evaluate(live, split, missing)
+            return {c: dict(zip(out["item_ids"][c], out["samples"][c], strict=True)) for c in out["item_ids"]}
+
+        got = self.item_cache.get_or_compute(self.key(live, split), items, compute)
+        ids = {c: [i for i in items[c]] for c in items if items[c]}
+        samples = {c: [got[c][i] for i in ids[c]] for c in ids}
+        return {**{c: sum(v) / len(v) for c, v in samples.items()}, "samples": samples, "item_ids": ids}
+
+    def item_ids(self, split: str) -> dict[str, list[str]]:
+        """Every item id of ``split`` per category (the benchmark's carving applied)."""
+        return self.evaluator.item_ids(split)
+
+    def _evaluate(self, live: dict[str, float], split: str, items: dict[str, list[str]] | None) -> Scores:
+        """One real evaluation: a single checkpoint is loaded from disk, a soup re-mixed in memory."""
+        if len(live) == 1 and (name := next(iter(live))) not in self._resident():
+            from soce.benchmarks.lmeval import load_model
+
+            model, tokenizer = load_model(self.models[name], self.device, self.dtype)
+            return self.evaluator.score(model, tokenizer, split, items)
+        t0 = time.perf_counter()
+        model = self._remixer_for(live).mix(live)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        scores = self.evaluator.score(model, self.tokenizer(), split, items)
+        self.timings.append((t1 - t0, time.perf_counter() - t1))
+        return scores
+
+    def _resident(self) -> list[str]:
+        return list(self._remixer.names) if self._remixer is not None else []
+
+    def _remixer_for(self, live: dict[str, float]) -> Any:
+        """The Remixer holding every ingredient of ``live``: the resident set grows, it never shrinks."""
+        from soce.soup import Remixer
+
+        unknown = [n for n in live if n not in self.candidates]
+        if unknown:
+            raise KeyError(f"{unknown[0]!r} is not a candidate: only candidates are mixed")
+        resident = self._resident()
+        if not set(live) <= set(resident):
+            names = [n for n in self.candidates if n in live or n in resident]
+            self._remixer = None  # free the old experts before loading the new set
+            self._remixer = Remixer({n: self.models[n] for n in names}, device=self.device, dtype=self.dtype)
+        return self._remixer
+
+    def tokenizer(self) -> Any:
+        """The ingredients share one base, hence one tokenizer: the first candidate's."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.models[self.candidates[0]])
+        return self._tokenizer
+
+    def timing_summary(self) -> dict[str, float]:
+        """Median re-mix and evaluation seconds per soup evaluated in memory, and their ratio."""
+        if not self.timings:
+            return {}
+        mix = sorted(t[0] for t in self.timings)
+        ev = sorted(t[1] for t in self.timings)
+        mid = len(self.timings) // 2
+        return {"soups": len(self.timings), "mix_s_median": round(mix[mid], 5), "eval_s_median": round(ev[mid], 4),
+                "mix_over_eval": round(mix[mid] / ev[mid], 5) if ev[mid] else float("nan")}
+
+
+def _live(weights: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in weights.items() if v > 0}
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm-eval")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
