@@ -76,8 +76,9 @@ def start_tracker(config: Config, inputs: Inputs, parent_run_id: str | None, job
 class SearchProgress:
     """One progress bar over the soups a strategy evaluates, with the best score so far."""
 
-    def __init__(self, strategy: str, split: str, enabled: bool) -> None:
+    def __init__(self, strategy: str, split: str, enabled: bool, total: int | None = None) -> None:
         self.desc, self.enabled, self.bar, self.best = f"{strategy}: soups on {split}", enabled, None, 0.0
+        self.total = total  # points the search will evaluate, when known (a total gives tqdm its ETA)
 
     def update(self, scores: dict[str, float]) -> None:
         if not self.enabled:
@@ -85,7 +86,7 @@ class SearchProgress:
         if self.bar is None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(desc=self.desc, unit="soup", leave=False)
+            self.bar = tqdm(desc=self.desc, unit="soup", total=self.total, leave=False)
         self.best = max(self.best, scores["overall"])
         self.bar.set_postfix(best=f"{100 * self.best:.2f}%", refresh=False)
         self.bar.update(1)
@@ -93,6 +94,18 @@ class SearchProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def expected_points(config: Config, n_experts: int) -> int | None:
+    """How many soups ``soce_weighted`` will evaluate (grid size or trials); None when not known up front."""
+    from soce import method
+
+    s = config.search
+    if config.strategy.name != "soce_weighted" or n_experts < 2:
+        return None
+    if s.name == "grid":
+        return len(method.weight_grid(n_experts, s.step, s.min_weight, s.include_uniform))
+    return s.n_trials if s.name == "optuna" else None
 
 
 def recipe(config: Config, inputs: Inputs, plan: Plan) -> dict[str, Any]:

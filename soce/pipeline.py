@@ -66,7 +66,8 @@ def plan_soup(config: Config, inputs: Inputs, selection: Selection, tracker: Job
     """Run the configured strategy on the selection split; every soup it evaluates is logged as a point."""
     bench, sel = inputs.benchmark, inputs.benchmark.select_split
     soups = inputs.soups
-    progress = outputs.SearchProgress(config.strategy.name, sel, config.progress)
+    total = outputs.expected_points(config, len(selection.ingredients))
+    progress = outputs.SearchProgress(config.strategy.name, sel, config.progress, total)
 
     def on_point(i: int, weights: dict[str, float], scores: dict[str, float]) -> None:
         tracker.log_point(i, weights, scores, sel)
