@@ -1,0 +1,233 @@
+"""Generation behind bfcl-eval's own inference loops: a live HF model instead of a vLLM server.
+
+bfcl-eval's local handlers reach their server only through ``_query_prompting`` and
+``_parse_query_response_prompting``; :func:`live_handler` overrides those two on the pool's handler class
+(``LlamaHandler`` or ``SalesforceLlamaHandler``, as bfcl-eval 2025.6.15 has them), so the package's
+single- and multi-turn loops (prompt formatting, decoding, executing the multi-turn APIs, follow-up turns)
+run unchanged. :func:`run_entries` runs those loops in ``workers`` threads whose queries meet in a
+:class:`Batcher`: a batch is generated when every busy thread is waiting, so each batch holds one query per
+thread; the sets of queries in each batch do not depend on thread timing (each thread issues exactly one
+query per round), which keeps padding, hence greedy outputs, reproducible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from soce.benchmarks import bfcl_sdk
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One completion: its text (special tokens removed) and token counts."""
+
+    text: str
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+
+
+Generate = Callable[[list[str]], list[Generation]]  # formatted prompts -> completions, same order
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    """Greedy generation settings (``benchmark.options``); tokens are the tokenizer's."""
+
+    max_new_tokens: int = 1024
+    stop_tokens: tuple[str, ...] = ("<|eot_id|>", "<|eom_id|>")
+    max_batch_tokens: int = 262144  # most (prompt + new) tokens x rows in one generate call (splits a batch)
+
+
+def stop_ids(tokenizer: Any, stop_tokens: Sequence[str]) -> list[int]:
+    """Token ids that end a completion: the stop tokens the vocabulary has, and the tokenizer's eos."""
+    vocab = tokenizer.get_vocab()
+    ids = [vocab[t] for t in stop_tokens if t in vocab]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError(f"the tokenizer has none of the stop tokens {list(stop_tokens)} and no eos token")
+    return ids
+
+
+def hf_generator(model: Any, tokenizer: Any, settings: GenSettings) -> Generate:
+    """Greedy batched generation with ``model`` (left padding, stop on the stop ids); prompts already hold
+    their special tokens (the handlers write ``<|begin_of_text|>``), so none are added."""
+    import torch
+    from transformers import GenerationConfig
+
+    stops = stop_ids(tokenizer, settings.stop_tokens)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, eos_token_id=stops,
+                              pad_token_id=pad)
+    device = next(model.parameters()).device
+
+    def run(prompts: list[str]) -> list[Generation]:
+        enc = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left",
+                        return_tensors="pt").to(device)
+        with torch.inference_mode():
+            out = model.generate(**enc, generation_config=config)
+        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        lens = enc["attention_mask"].sum(dim=1).tolist()
+        gens = []
+        for row, n in zip(new, lens, strict=True):
+            end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            gens.append(Generation(tokenizer.decode(row[:end], skip_special_tokens=True), int(n), end))
+        return gens
+
+    def generate(prompts: list[str]) -> list[Generation]:
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token_id = pad
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        chunks: list[list[int]] = [[]]
+        for i in sorted(range(len(prompts)), key=lambda i: lengths[i]):  # similar lengths share a chunk
+            padded = lengths[i] + settings.max_new_tokens
+            if chunks[-1] and (len(chunks[-1]) + 1) * padded > settings.max_batch_tokens:
+                chunks.append([])
+            chunks[-1].append(i)
+        out: dict[int, Generation] = {}
+        for chunk in chunks:
+            out.update(zip(chunk, run([prompts[i] for i in chunk]), strict=True))
+        return [out[i] for i in range(len(prompts))]
+
+    return generate
+
+
+class Aborted(Exception):
+    """Raised in the workers that wait on a round when another worker (or the round's generation) failed."""
+
+
+class Batcher:
+    """Gathers the queries of ``workers`` threads into one ``generate`` call per round (see module doc).
+
+    A failure (of ``generate``, or of a worker, see :meth:`leave`) is raised once, in the thread where it
+    happened; every other waiting or later query raises :class:`Aborted`."""
+
+    def __init__(self, generate: Generate, workers: int) -> None:
+        self._generate, self._active = generate, workers
+        self._cv = threading.Condition()
+        self._pending: list[tuple[str, dict[str, Any]]] = []
+        self._failed = False
+
+    def submit(self, prompt: str) -> Generation:
+        """The completion of ``prompt``; blocks until its round is generated."""
+        slot: dict[str, Any] = {}
+        with self._cv:
+            if self._failed:
+                raise Aborted()
+            self._pending.append((prompt, slot))
+            self._maybe_run()
+            while "out" not in slot and not self._failed:
+                self._cv.wait()
+            if "out" not in slot:
+                raise Aborted()
+            return slot["out"]
+
+    def leave(self, failed: bool = False) -> None:
+        """A worker is done (``failed``: with an error, so every waiting query is aborted)."""
+        with self._cv:
+            self._active -= 1
+            if failed:
+                self._failed = True
+                self._cv.notify_all()
+            self._maybe_run()
+
+    def _maybe_run(self) -> None:
+        if not self._pending or len(self._pending) < self._active or self._failed:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            outs = self._generate([p for p, _ in batch])
+            if len(outs) != len(batch):
+                raise RuntimeError(f"generate returned {len(outs)} completions for {len(batch)} prompts")
+        except BaseException:
+            self._failed = True
+            self._cv.notify_all()
+            raise
+        for (_, slot), out in zip(batch, outs, strict=True):
+            slot["out"] = out
+        self._cv.notify_all()
+
+
+_LIVE: dict[type, type] = {}
+_LIVE_LOCK = threading.Lock()
+_Base: type = object  # the handler class being subclassed (``@override`` resolves base names in module globals)
+
+
+def live_handler(kind: type, model_name: str, batcher: Batcher) -> Any:
+    """An instance of bfcl-eval handler class ``kind`` whose queries go to ``batcher`` instead of a server."""
+    global _Base
+    from overrides import override
+
+    with _LIVE_LOCK:
+        if kind not in _LIVE:
+            _Base = kind
+
+            class LiveHandler(_Base):  # type: ignore[misc, valid-type]
+                _soce_batcher: Batcher
+
+                @override
+                def _query_prompting(self, inference_data: dict):  # noqa: ANN202 - bfcl-eval's signature
+                    prompt = self._format_prompt(inference_data["message"], inference_data["function"])
+                    inference_data["inference_input_log"] = {"formatted_prompt": prompt}
+                    start = time.time()
+                    return self._soce_batcher.submit(prompt), time.time() - start
+
+                @override
+                def _parse_query_response_prompting(self, api_response: any) -> dict:
+                    return {"model_responses": api_response.text, "input_token": api_response.prompt_tokens,
+                            "output_token": api_response.new_tokens}
+
+            LiveHandler.__name__ = LiveHandler.__qualname__ = f"Live{kind.__name__}"
+            _LIVE[kind] = LiveHandler
+    handler = _LIVE[kind](model_name, 0.0)
+    handler._soce_batcher = batcher
+    return handler
+
+
+def run_entries(kind: type, model_name: str, entries: list[dict], generate: Generate,
+                workers: int) -> dict[str, Any]:
+    """Each entry's raw model result (bfcl-eval's ``result``: a string for single-turn entries, a list of
+    turns of step strings for multi-turn ones), by entry id; entries are consumed (mutated). The package's
+    progress lines go to a discarded buffer; the first error of any worker is raised."""
+    bfcl = bfcl_sdk.load()
+    workers = max(1, min(workers, len(entries)))
+    batcher = Batcher(generate, workers)
+    handler = live_handler(kind, model_name, batcher)
+    todo, lock, results, errors = iter(entries), threading.Lock(), {}, []
+
+    def work() -> None:
+        failed = False
+        try:
+            while not errors:
+                with lock:
+                    entry = next(todo, None)
+                if entry is None:
+                    break
+                if bfcl.utils.is_multi_turn(entry["id"]):
+                    result, _ = handler.inference_multi_turn_prompting(entry, False, True)
+                else:
+                    result, _ = handler.inference_single_turn_prompting(entry, False)
+                results[entry["id"]] = result
+        except Aborted:
+            failed = True
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            failed = True
+            errors.append(e)
+        finally:
+            batcher.leave(failed)
+
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    return results
