@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.soce-installed
+BFCL_STAMP := $(VENV)/.soce-bfcl-installed
 # offline by default: the demo needs no hub; telemetry off
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -20,8 +21,16 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 
-test: $(STAMP)  ## run the test suite (CPU; real lm-eval, MLflow, safetensors)
+test: $(STAMP) $(BFCL_STAMP)  ## run the test suite (CPU; real lm-eval, MLflow, safetensors, bfcl-eval)
 	$(PY) -m pytest -q
+
+# BFCL v3 backend (benchmark=bfcl_v3): bfcl-eval 2025.6.15 without its pins (numpy 1, every vendor SDK) and the
+# few modules its checker imports; soce.benchmarks.bfcl_sdk stands in for the SDKs (see requirements-bfcl.txt)
+.PHONY: bfcl
+bfcl: $(BFCL_STAMP)  ## install the BFCL v3 backend into the venv
+$(BFCL_STAMP): $(STAMP) requirements-bfcl.txt
+	$(PY) -m pip install -q --no-deps -r requirements-bfcl.txt
+	@touch $(BFCL_STAMP)
 
 run: $(STAMP)  ## the main job: uniform / soce_selected / soce_weighted on the demo, then the comparison table
 	$(PY) -m soce -m strategy=uniform,soce_selected,soce_weighted $(ARGS)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("bfcl_eval", reason="make bfcl")
+if not os.environ.get("SOCE_REQUIRE_BFCL"):  # CI sets it: a missing install fails there instead of skipping
+    pytest.importorskip("bfcl_eval", reason="make bfcl")
 
 from soce.benchmarks import bfcl_sdk, get_backend, make_evaluator  # noqa: E402
 from soce.benchmarks.bfcl import (  # noqa: E402

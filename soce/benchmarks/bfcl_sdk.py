@@ -29,8 +29,8 @@ BFCL_VERSION = "2025.6.15"  # the v3 leaderboard's data (2025-06-14 checkpoint);
 INSTALL_HINT = "benchmark.backend=bfcl needs bfcl-eval: make bfcl"
 # SDKs bfcl-eval imports at module level for API models (none is called by soce), and its MiniCPM handler's
 # code generator
-STAND_IN_ROOTS = ("openai", "anthropic", "mistralai", "cohere", "vertexai", "google.api_core", "writerai",
-                  "boto3", "datamodel_code_generator")
+STAND_IN_ROOTS = ("openai", "anthropic", "mistralai", "cohere", "vertexai", "google", "writerai", "boto3",
+                  "datamodel_code_generator")  # google: for google.api_core (and the namespace, when absent)
 
 
 class StandInError(RuntimeError):
@@ -79,7 +79,6 @@ class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec: Any) -> types.ModuleType:
         module = _StandInModule(spec.name)
         module.__path__ = []
-        module.__soce_stand_in__ = True
         return module
 
     def exec_module(self, module: types.ModuleType) -> None:
@@ -99,7 +98,7 @@ def _import_with_stand_ins(names: list[str]) -> dict[str, types.ModuleType]:
     finally:
         sys.meta_path.remove(finder)
         for name, module in list(sys.modules.items()):
-            if getattr(module, "__soce_stand_in__", False):
+            if isinstance(module, _StandInModule):  # no getattr: lazy modules (torch, transformers) import on it
                 STAND_INS.append(name)
                 del sys.modules[name]
                 parent, _, child = name.rpartition(".")
