@@ -286,22 +286,18 @@ def test_batched_generation_matches_one_by_one(tiny_llama):
     assert [g.text for g in together] == [g.text for g in one] == [g.text for g in chunked]
 
 
-def test_paper_bfcl_8b_composes_into_a_bfcl_job():
-    from hydra import compose, initialize_config_dir
+def test_paper_bfcl_8b_composes_into_a_bfcl_job(monkeypatch):
+    """The preset passes the job's preflight where the hub is reachable, and gives a carved BFCL evaluator."""
+    from soce.preflight import compose_config, validate
 
-    from soce.config import register_configs, to_plain, typed
-    from soce.pipeline import validate
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["experiment=paper_bfcl_8b", "paths.root_dir=/tmp/soce"])
-    plain = to_plain(cfg)
-    validate(plain)
-    b = typed(plain).benchmark
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the checkpoints are hub ids (nothing is downloaded here)
+    config = compose_config(["experiment=paper_bfcl_8b", "paths.root_dir=/tmp/soce"])
+    validate(config)
+    b = config.benchmark
     assert (b.backend, b.holdout.split, b.select_split, b.report_split) == ("bfcl", "test", "select", "report")
     ev = make_evaluator(b, "cpu")
     assert ev.handler == "llama" and set(ev.item_ids("select")) == set(CATEGORIES)
-    assert len(plain["pool"]["candidates"]) == 5
+    assert len(config.pool.candidates) == 5 and config.dtype == "bfloat16"
 
 
 def test_cost_script_runs_tiny_on_cpu(tmp_path):
