@@ -27,6 +27,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import os
 import tempfile
 import uuid
@@ -51,6 +52,7 @@ HANDLERS = {"llama": ("llama", "LlamaHandler", "meta-llama/Llama-3.1-8B-Instruct
             "xlam": ("salesforce_llama", "SalesforceLlamaHandler", "Salesforce/Llama-xLAM-2-8b-fc-r")}
 OPTION_KEYS = ("handler", "max_new_tokens", "stop_tokens", "max_batch_tokens")
 _RUNS = itertools.count()
+log = logging.getLogger(__name__)
 
 
 def _mean(xs: list[float]) -> float:
@@ -188,6 +190,9 @@ class Evaluator:
         check_config(self.benchmark)
         self.handler, self.settings = options(self.benchmark)
         bfcl_sdk.load()
+        log.info("BFCL v3 (bfcl-eval %s): handler %s (%s), %s, batch %d; vendor SDKs stood in for: %s",
+                 bfcl_sdk.BFCL_VERSION, self.handler, HANDLERS[self.handler][1], self.settings,
+                 self.benchmark.batch_size, ", ".join(sorted({n.split(".")[0] for n in bfcl_sdk.STAND_INS})) or "none")
 
     def fingerprint(self) -> str:
         """Hash of the package version, categories, handler, holdout, generation settings and data files."""
