@@ -6,7 +6,10 @@
 #   pip install --no-index --find-links outputs/wheels-bfcl --no-deps -r requirements-bfcl.txt \
 #       hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 PyYAML packaging
 # All are pure Python except tree-sitter (one wheel per CPython version, fetched for each below) and PyYAML
-# (images with transformers have it). soce itself travels as the working tree (PYTHONPATH=.).
+# (images with transformers have it). soce itself travels as the working tree (bench/ puts it on sys.path).
+# The H200 image (probed 2026-12-01): CPython 3.12.3, torch 2.11.0+cu130, transformers 5.17.0, with numpy, pandas,
+# requests, tqdm, PyYAML, packaging; without hydra-core, omegaconf, bfcl-eval and its checker's modules.
+# tree-sitter 0.21.3 has no CPython 3.13 wheel (it would build from source there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=outputs/wheels-bfcl
