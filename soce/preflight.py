@@ -39,7 +39,7 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 def validate(cfg: Config | Mapping[str, Any]) -> None:
     """Checks that need more than types; raises ConfigError (one line) before anything is written."""
     config = cfg if isinstance(cfg, Config) else typed(cfg)
-    for check in (_benchmark, _selection, _strategy_and_search, _runtime, _pool, _tracking, _tasks):
+    for check in (_benchmark, _selection, _strategy_and_search, _runtime, _pool, _tracking, _tasks, _bfcl):
         check(config)
 
 
@@ -70,6 +70,17 @@ def _tasks(config: Config) -> None:
         where = f" in task_dir={b.task_dir}" if b.task_dir else ""
         hint = "" if b.include_default_tasks else " (benchmark.include_default_tasks=true indexes lm-eval's own)"
         raise ConfigError(f"benchmark {b.name!r}: lm-eval has no task {missing[0]!r}{where}{hint}")
+
+
+def _bfcl(config: Config) -> None:
+    """benchmark.backend=bfcl: categories, objective, options, and the install (only jobs that evaluate need it)."""
+    if config.benchmark.backend != "bfcl":
+        return
+    from soce.benchmarks import bfcl, bfcl_sdk
+
+    bfcl.check_config(config.benchmark)
+    if config.pool.source != "csv":
+        bfcl_sdk.load()  # ConfigError: "benchmark.backend=bfcl needs bfcl-eval: make bfcl"
 
 
 @functools.cache
