@@ -1,4 +1,9 @@
-"""The in-memory Remixer: experts resident, each new soup written into one live model in place."""
+"""The in-memory Remixer: experts resident, each new soup written into one live model in place.
+
+The live model is on one device (``device``), or sharded over several (``device_map``, transformers/accelerate
+dispatch). Each expert tensor lives beside its live tensor's shard or in (pinned) host memory, streamed per
+tensor to the shard's GPU at each re-mix (:mod:`soce.soup.placement`). Every placement gives the same bits.
+"""
 
 from __future__ import annotations
 
@@ -12,30 +17,63 @@ from soce.soup import kernel as gpu_mix
 from soce.soup.arith import CHUNK_ELEMS, GPU_CHUNK_ELEMS, Coefficients, _acc_dtype, _chunks, mix_into
 from soce.soup.checks import _dedup, _dtype, _open_all, check_weights
 from soce.soup.io import AVERAGED, Checkpoint, SoupError, TensorInfo, _Maps
+from soce.soup.placement import HEADROOM_BYTES, HOST, HostArena, as_device, check_device_map, live_tensors, plan_experts
 from soce.soup.writer import _Slot
+
+STREAM_CHUNK_ELEMS = 1 << 24  # host experts -> GPU shard: elements per staged copy (32 MiB per bf16 source)
 
 
 def _device(device: str | None) -> torch.device:
     """The torch device, with an index for CUDA (``cuda`` -> ``cuda:0``), so that it compares equal to a
     tensor's ``.device`` (a bare ``cuda`` does not, which silently took the slow path)."""
-    d = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    if d.type == "cuda" and d.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return d
+    return as_device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
 
 
+class _Coeffs:
+    """One soup's weights as :class:`Coefficients` on each device that computes, made on first use."""
+
+    def __init__(self, weights: list[float]) -> None:
+        self.weights = weights
+        self.made: dict[tuple[torch.device, torch.dtype], Coefficients] = {}
+        self.fused_args: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None] | None] = {}
+
+    def get(self, dev: torch.device, acc: torch.dtype) -> Coefficients:
+        co = self.made.get((dev, acc))
+        if co is None:
+            co = self.made[(dev, acc)] = Coefficients.make(self.weights, acc, dev)
+        return co
+
+    def fused(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(float32 weights, their sum or None) on ``dev`` for the fused kernel; None where it cannot run."""
+        if dev not in self.fused_args:
+            co = self.get(dev, torch.float32)
+            self.fused_args[dev] = (torch.cat(co.ws), co.den) if gpu_mix.available(dev) else None
+        return self.fused_args[dev]
 
 
 class Remixer:
-    """Experts kept resident (GPU if available and they fit, else CPU); :meth:`mix` writes a new soup
-    into ONE live transformers model's parameters in place, without reloading anything.
+    """Experts kept resident; :meth:`mix` writes a new soup into ONE live transformers model's tensors in
+    place, without reloading anything. Bit-identical to :func:`write_soup` with the same candidates (same
+    order), weights and dtype, whatever the placement.
+
+    * ``device_map=None`` (single device, as before): the model on ``device`` (default: the GPU if there is
+      one); the experts on it too if they all fit with 2 GiB to spare, else in host memory.
+    * ``device_map`` = {module prefix: device} or ``"auto"``/``"balanced"``/... (then ``device`` must be None;
+      ``max_memory`` as in transformers): the model is loaded sharded; ``expert_placement`` says where each
+      expert tensor lives: ``"with_shard"`` (the live tensor's device; SoupError when a GPU lacks room),
+      ``"host"`` (host memory, page-locked when CUDA is there and ``pin_host``; streamed per tensor), ``"auto"``
+      (the default with a map: beside the shard while the GPU keeps ``headroom`` bytes free, else host).
+      Without a map, ``expert_placement`` applies to the one device the same way.
+      Modules mapped to ``"cpu"`` beside GPUs are offloaded by accelerate (run on the GPU); their host
+      tensors are re-mixed in place. ``"disk"`` is refused.
 
     The model is loaded once from the first candidate with ``AutoModelForCausalLM`` (never
-    ``trust_remote_code``). The in-memory soup is bit-identical to :func:`write_soup` with the same
-    candidates (same order), weights and dtype.
+    ``trust_remote_code``). Inputs go to :attr:`device` (the input embeddings' execution device).
     """
 
-    def __init__(self, models: Mapping[str, str | Path], device: str | None = None, dtype: str | None = None):
+    def __init__(self, models: Mapping[str, str | Path], device: str | None = None, dtype: str | None = None, *,
+                 device_map: Mapping[str, Any] | str | None = None, max_memory: Mapping[Any, Any] | None = None,
+                 expert_placement: str | None = None, pin_host: bool = True, headroom: int = HEADROOM_BYTES):
         from transformers import AutoModelForCausalLM
 
         mp, _, self.duplicates = _dedup(models)
@@ -43,25 +81,45 @@ class Remixer:
         out_dt = _dtype(dtype)
         ckpts = _open_all(mp, mixed_ok=out_dt is not None)
         self.ckpts = ckpts
-        self.device = _device(device)
         kw: dict[str, Any] = {"dtype": out_dt if out_dt is not None else "auto"}
         self.out_dtype = out_dt
-        self.model = AutoModelForCausalLM.from_pretrained(ckpts[0].path, trust_remote_code=False, **kw)
-        self.model.to(self.device).eval()
-        self.targets = self._map_keys(self.model, ckpts[0])
-        self.expert_device = self._expert_device(ckpts)
-        self.experts: dict[str, dict[str, torch.Tensor]] = {}
+        if device_map is None:
+            self.device = _device(device)
+            self.model = AutoModelForCausalLM.from_pretrained(ckpts[0].path, trust_remote_code=False, **kw)
+            self.model.to(self.device).eval()
+        else:
+            if device is not None:
+                raise SoupError("Remixer: give device or device_map, not both")
+            kw.update(device_map=check_device_map(device_map), max_memory=dict(max_memory) if max_memory else None)
+            self.model = AutoModelForCausalLM.from_pretrained(ckpts[0].path, trust_remote_code=False, **kw).eval()
+            self.device = _input_device(self.model)
+        targets, self.aliases = self._map_keys(self.model, ckpts[0])
+        # GPU shards first: their work is queued asynchronously, then a CPU shard's (synchronous) re-mix runs
+        self.targets = dict(sorted(targets.items(), key=lambda kv: kv[1].device.type == "cpu"))
+        legacy = expert_placement is None and device_map is None
+        if legacy:  # the single-device rule: all experts beside the model or all in (unpinned) host memory
+            where = dict.fromkeys(self.targets, self._expert_device(ckpts))
+        else:
+            nbytes = {k: sum(c.tensors[k].end - c.tensors[k].begin for c in ckpts) for k in self.targets}
+            live = {k: t.device for k, t in self.targets.items()}
+            where = plan_experts(live, nbytes, expert_placement or "auto", headroom)
         self._maps = _Maps()
+        self._arena = self._host_arena(ckpts, where, pin_host and not legacy)
+        self.experts: dict[str, dict[str, torch.Tensor]] = {}
         for c in ckpts:
-            self.experts[c.name] = {k: self._load(info) for k, info in c.tensors.items()}
-        self._slot = _Slot(self.expert_device)
+            self.experts[c.name] = {k: self._load(info, where[k], self.targets[k].device)
+                                    for k, info in c.tensors.items()}
+        devs = set(where.values())
+        self.expert_device = next(iter(devs)) if len(devs) == 1 else None  # None: experts on several devices
+        self.devices = sorted({t.device for t in self.targets.values()} | devs, key=str)
+        self._slots: dict[torch.device, _Slot] = {}
 
     @staticmethod
-    def _map_keys(model, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-        """File key -> model tensor (parameter or buffer). Tied parameters absent from the file must share
-        storage with a mapped one."""
-        named = dict(model.named_parameters(remove_duplicate=False))
-        named.update(dict(model.named_buffers(remove_duplicate=False)))
+    def _map_keys(model, ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """File key -> the live tensor holding that parameter or buffer's values; and file key -> copies of a
+        tied parameter that a device map placed apart from it (re-mixed to the same bits). Other parameters
+        absent from the file must share storage with a mapped one."""
+        named = live_tensors(model)
         targets: dict[str, torch.Tensor] = {}
         for key, info in ckpt.tensors.items():
             t = named.get(key)
@@ -72,58 +130,123 @@ class Remixer:
                 raise SoupError(f"{info.file}: tensor {key!r} shape {list(info.shape)} != model parameter"
                                 f" {list(t.shape)}")
             targets[key] = t
-        ptrs = {t.data_ptr() for t in targets.values()}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            if name not in targets and p.data_ptr() not in ptrs:
-                raise SoupError(f"{ckpt.path}: model parameter {name!r} is not in the checkpoint files"
-                                " and not tied to one that is")
-        return targets
+        ptrs = {(t.device, t.data_ptr()) for t in targets.values()}
+        ties = getattr(model, "all_tied_weights_keys", None) or {}
+        aliases: dict[str, list[torch.Tensor]] = {}
+        for name, _ in model.named_parameters(remove_duplicate=False):
+            t = named[name]
+            if name in targets or (t.device, t.data_ptr()) in ptrs:
+                continue
+            src = ties.get(name)
+            if src in targets and t.shape == targets[src].shape:
+                aliases.setdefault(src, []).append(t)
+                ptrs.add((t.device, t.data_ptr()))
+                continue
+            raise SoupError(f"{ckpt.path}: model parameter {name!r} is not in the checkpoint files"
+                            " and not tied to one that is")
+        return targets, aliases
 
     def _expert_device(self, ckpts: list[Checkpoint]) -> torch.device:
         if self.device.type != "cuda":
             return self.device
         need = sum(i.end - i.begin for c in ckpts for i in c.tensors.values())
         free, _ = torch.cuda.mem_get_info(self.device)
-        return self.device if need + (2 << 30) < free else torch.device("cpu")
+        return self.device if need + (2 << 30) < free else HOST
 
-    def _load(self, info: TensorInfo) -> torch.Tensor:
+    def _host_arena(self, ckpts: list[Checkpoint], where: dict[str, torch.device], pin: bool) -> HostArena | None:
+        """Page-locked host memory for the experts streamed to a GPU shard (None: none are, or not pinned)."""
+        keys = [k for k, d in where.items() if d.type == "cpu" and self.targets[k].device.type == "cuda"]
+        if not keys or not pin or not torch.cuda.is_available():
+            return None
+        return HostArena(sum(-(-(c.tensors[k].end - c.tensors[k].begin) // 64) * 64 for c in ckpts for k in keys))
+
+    def _load(self, info: TensorInfo, dev: torch.device, live: torch.device) -> torch.Tensor:
         t = self._maps.view(info, 0, info.numel)
-        if self.expert_device.type == "cpu":
-            return t  # zero-copy view of the memory-mapped file (shared with the page cache)
-        return t.to(self.expert_device)
+        if dev.type != "cpu":
+            return t.to(dev)
+        if live.type == "cuda" and self._arena is not None:
+            return self._arena.take(t)  # streamed to the GPU at each re-mix: from page-locked memory
+        return t  # zero-copy view of the memory-mapped file (shared with the page cache)
+
+    def _slot(self, dev: torch.device) -> _Slot:
+        s = self._slots.get(dev)
+        if s is None:
+            s = self._slots[dev] = _Slot(dev)
+        return s
+
+    def synchronize(self) -> None:
+        """Wait for the re-mix queued on every GPU of the model (to time it)."""
+        for d in self.devices:
+            if d.type == "cuda":
+                torch.cuda.synchronize(d)
 
     @torch.no_grad()
     def mix(self, weights: Mapping[str, float]) -> Any:
         """Write the soup with ``weights`` (subset allowed, missing = 0; normalised to sum 1) into
-        ``self.model`` in place and return the model. Asynchronous on CUDA (synchronise to time it)."""
+        ``self.model`` in place and return the model. Asynchronous on CUDA (:meth:`synchronize` to time it)."""
         merged: dict[str, Any] = {}
         for n, w in weights.items():
             tgt = self.duplicates.get(n, n)
             merged[tgt] = (float(merged[tgt]) + float(w)) if tgt in merged else w
         ws = check_weights(self.names, merged, subset=True)
         used = [n for n in self.names if n in ws]
-        dev = self.expert_device
-        wl = [ws[n] for n in used]
-        coeffs = {dt: Coefficients.make(wl, dt, dev) for dt in (torch.float32, torch.float64)}
-        chunk = CHUNK_ELEMS if dev.type == "cpu" else GPU_CHUNK_ELEMS
-        fused = gpu_mix.available(dev)
-        ws32 = torch.cat(coeffs[torch.float32].ws) if fused else None
+        coeffs = _Coeffs([ws[n] for n in used])
         for key, target in self.targets.items():
             srcs = [self.experts[n][key] for n in used]
             flat = target.data.view(-1)
             src_dt = srcs[0].dtype
             if src_dt not in AVERAGED:
                 flat.copy_(srcs[0])
-                continue
-            acc_dt = _acc_dtype(*(x.dtype for x in srcs))
-            out_dt = self.out_dtype or src_dt  # round as write_soup does, even if the model's dtype differs
-            direct = flat.device == dev and flat.dtype == out_dt
-            if direct and fused and gpu_mix.fused_mix(flat, srcs, ws32, coeffs[torch.float32].den):
-                continue
-            for s, n in _chunks(flat.numel(), chunk):
-                dst = flat[s:s + n] if direct else self._slot.get("out", out_dt, n)
-                tmp = self._slot.get("tmp", acc_dt, n) if dev.type == "cpu" else None
-                mix_into(dst, [x[s:s + n] for x in srcs], coeffs[acc_dt], self._slot.get("acc", acc_dt, n), tmp)
-                if not direct:
-                    flat[s:s + n].copy_(dst)
+            else:  # round as write_soup does, even if the model's dtype differs
+                self._mix_tensor(flat, srcs, coeffs, self.out_dtype or src_dt)
+            for copy in self.aliases.get(key, ()):  # a tie that the device map broke: same bits in the copy
+                copy.data.view(-1).copy_(flat)
         return self.model
+
+    def _mix_tensor(self, flat: torch.Tensor, srcs: list[torch.Tensor], coeffs: _Coeffs,
+                    out_dt: torch.dtype) -> None:
+        """``flat`` (the live tensor, 1-D) <- the soup of ``srcs``, computed where the experts are."""
+        dev = srcs[0].device
+        if flat.device != dev:
+            return self._stream(flat, srcs, coeffs, out_dt)
+        acc_dt = _acc_dtype(*(x.dtype for x in srcs))
+        direct = flat.dtype == out_dt
+        fused = coeffs.fused(dev)
+        if direct and fused is not None and gpu_mix.fused_mix(flat, srcs, *fused):
+            return None
+        chunk = CHUNK_ELEMS if dev.type == "cpu" else GPU_CHUNK_ELEMS
+        slot = self._slot(dev)
+        for s, n in _chunks(flat.numel(), chunk):
+            dst = flat[s:s + n] if direct else slot.get("out", out_dt, n)
+            tmp = slot.get("tmp", acc_dt, n) if dev.type == "cpu" else None
+            mix_into(dst, [x[s:s + n] for x in srcs], coeffs.get(dev, acc_dt), slot.get("acc", acc_dt, n), tmp)
+            if not direct:
+                flat[s:s + n].copy_(dst)
+        return None
+
+    def _stream(self, flat: torch.Tensor, srcs: list[torch.Tensor], coeffs: _Coeffs, out_dt: torch.dtype) -> None:
+        """Host experts -> the live tensor's device, chunk by chunk (copies queued on that device's stream, so
+        a staging buffer is reused only after the kernel that read it), soup computed there."""
+        dev = flat.device
+        acc_dt = _acc_dtype(*(x.dtype for x in srcs))
+        fused = coeffs.fused(dev)
+        slot = self._slot(dev)
+        for s, n in _chunks(flat.numel(), STREAM_CHUNK_ELEMS):
+            staged = [slot.get(f"src{j}", x.dtype, n).copy_(x[s:s + n], non_blocking=True)
+                      for j, x in enumerate(srcs)]
+            dst = flat[s:s + n]
+            if flat.dtype == out_dt and fused is not None and gpu_mix.fused_mix(dst, staged, *fused):
+                continue
+            out = dst if flat.dtype == out_dt else slot.get("out", out_dt, n)
+            tmp = slot.get("tmp", acc_dt, n) if dev.type == "cpu" else None
+            mix_into(out, staged, coeffs.get(dev, acc_dt), slot.get("acc", acc_dt, n), tmp)
+            if out is not dst:
+                dst.copy_(out)
+
+
+def _input_device(model: Any) -> torch.device:
+    """Where a sharded model takes its inputs: the input embeddings' execution device."""
+    emb = model.get_input_embeddings()
+    hook = getattr(emb, "_hf_hook", None)
+    d = getattr(hook, "execution_device", None)
+    return as_device(d) if d is not None else emb.weight.device
