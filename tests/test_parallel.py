@@ -129,3 +129,80 @@ def test_replay_and_groups():
     assert parallel.remixer_placement([3]) == {"device": "cuda:3"}
     assert parallel.remixer_placement([0, 1], 10) == {"device_map": "auto", "max_memory": {0: 10, 1: 10},
                                                       "expert_placement": "auto"}
+
+
+# ----------------------------------------------------------------- sweep mode: one GPU slot per job process
+
+CLAIM = ("import json, sys, time\nfrom soce.gpu_assign import claim\n"
+         "try:\n    got = claim(2, sys.argv[1], poll_s=0.05, timeout_s=float(sys.argv[2]))\n"
+         "except TimeoutError as e:\n    got = str(e)\n"
+         "print(json.dumps(got), flush=True)\ntime.sleep(float(sys.argv[3]))\n")
+
+
+def test_claim_gives_each_process_its_own_slot(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    run = [sys.executable, "-c", CLAIM, str(tmp_path)]
+    holders = [subprocess.Popen([*run, "60", "4"], stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    got = [json.loads(p.stdout.readline()) for p in holders]
+    assert sorted(got) == [["0", "1"], ["2", "3"]]  # two slots of two GPUs, one each
+    late = subprocess.run([*run, "0.3", "0"], capture_output=True, text=True, env=env)
+    assert "no free GPU slot of 2" in late.stdout  # both slots held: it waits, here up to 0.3 s
+    holders[0].kill()  # the kernel releases a dead process's lock
+    holders[0].wait()
+    after = subprocess.run([*run, "60", "0"], capture_output=True, text=True, env=env)
+    assert json.loads(after.stdout) == got[0]
+    holders[1].kill()
+    holders[1].wait()
+    nogpu = subprocess.run([*run, "1", "0"], capture_output=True, text=True, env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    assert json.loads(nogpu.stdout) is None  # no GPUs: CPU jobs, nothing set
+
+
+APP = '''
+import json, os, time
+import hydra
+
+@hydra.main(version_base="1.3", config_path=".", config_name="config")
+def main(cfg):
+    t0 = time.time()
+    time.sleep(0.4)
+    rec = {"x": cfg.x, "pid": os.getpid(), "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"), "t0": t0, "t1": time.time()}
+    (Path(cfg.out) / f"{cfg.x}.json").write_text(json.dumps(rec))
+
+from pathlib import Path
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_joblib_sweep_jobs_get_distinct_gpus(tmp_path):
+    """A real Hydra multirun through the joblib launcher (2 worker processes): concurrent jobs never share a GPU,
+    and each worker process keeps one GPU for all its jobs."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "app.py").write_text(APP)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "config.yaml").write_text(
+        f"x: 0\nout: {tmp_path / 'out'}\nhydra:\n  sweep: {{dir: {tmp_path / 'multirun'}}}\n"
+        f"  run: {{dir: {tmp_path / 'run'}}}\n  callbacks:\n    gpu_assign:\n"
+        f"      _target_: soce.gpu_assign.GpuAssign\n      gpus_per_job: 1\n      lock_dir: {tmp_path / 'locks'}\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "4,7", "PYTHONPATH": root}
+    subprocess.run([sys.executable, str(tmp_path / "app.py"), "-m", "hydra/launcher=joblib",
+                    "hydra.launcher.n_jobs=2", "x=1,2,3,4,5,6"], check=True, env=env, cwd=tmp_path,
+                   capture_output=True)
+    recs = [json.loads(f.read_text()) for f in sorted((tmp_path / "out").glob("*.json"))]
+    assert len(recs) == 6 and {r["gpus"] for r in recs} <= {"4", "7"}
+    by_pid: dict[int, set] = {}
+    for r in recs:
+        by_pid.setdefault(r["pid"], set()).add(r["gpus"])
+    assert len(by_pid) >= 2 and all(len(g) == 1 for g in by_pid.values())  # 2 workers, one GPU each
+    for a in recs:
+        for b in recs:
+            if a is not b and a["t0"] < b["t1"] and b["t0"] < a["t1"]:  # ran at the same time
+                assert a["gpus"] != b["gpus"], (a, b)
