@@ -206,3 +206,21 @@ def test_joblib_sweep_jobs_get_distinct_gpus(tmp_path):
         for b in recs:
             if a is not b and a["t0"] < b["t1"] and b["t0"] < a["t1"]:  # ran at the same time
                 assert a["gpus"] != b["gpus"], (a, b)
+
+
+def test_sharded_remix_bench_tiny(tmp_path):
+    """bench/sharded_remix.py --tiny runs on a CPU; its last line is the JSON summary, bits all equal."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "bench", "sharded_remix.py"), "--tiny", "--parallel-modes", "threads",
+           "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": root})
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res == json.loads((tmp_path / "r.json").read_text())
+    for r in (res["single"], res["sharded"]["with_shard"], res["sharded"]["host"]):
+        assert r["bits_differing"]["differing_elements"] == 0 and r["bits_differing"]["tensors"] == 39
+        assert r["remix_s"]["median"] > 0 and r["tokens_per_s"] > 0
+    assert res["parallel"]["threads"]["identical_to_serial"] is True
