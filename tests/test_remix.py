@@ -79,15 +79,19 @@ def test_output_dtype_with_a_map(zoo):
     assert_live_model_is(rmx, expected(models, ws, torch.float32))
 
 
-def test_accelerate_offloaded_model_is_remixed_in_its_host_tensors(zoo):
-    """A module offloaded by accelerate keeps its values in its hook's weights_map (parameters on meta): the
-    re-mix reaches them, and the next forward computes with the new soup."""
+@pytest.mark.parametrize("preload", [None, ["LlamaMLP"]], ids=["hook-per-module", "hook-on-block"])
+def test_accelerate_offloaded_model_is_remixed_in_its_host_tensors(zoo, preload):
+    """A module offloaded by accelerate keeps its values in its hook's weights_map (parameters on meta), the
+    hook on the module itself or on an enclosing block: the re-mix reaches them, and the next forward computes
+    with the new soup."""
     from accelerate import cpu_offload
 
     models = zoo["tied"]
     rmx = Remixer(models, device_map=CPU_SHARDS)
     plain = Remixer(models, device="cpu")
-    cpu_offload(rmx.model, execution_device=torch.device("cpu"))
+    cpu_offload(rmx.model, execution_device=torch.device("cpu"), preload_module_classes=preload)
+    mlp = rmx.model.model.layers[0].mlp
+    assert hasattr(mlp if preload else mlp.up_proj, "_hf_hook") and not (preload and hasattr(mlp.up_proj, "_hf_hook"))
     assert rmx.model.model.layers[0].mlp.up_proj.weight.device.type == "meta"
     live = live_tensors(rmx.model)
     assert all(live[k].data_ptr() == t.data_ptr() for k, t in rmx.targets.items())
@@ -147,6 +151,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
                                reason="needs a CUDA GPU: cuda:0 + cpu shards (run on the device machine, not in CI)")
 GPU_CPU = {"model.embed_tokens": "cuda:0", "model.rotary_emb": "cuda:0", "model.layers.0": "cuda:0",
            "model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "cuda:0"}
+HEAD_ON_CPU = {**GPU_CPU, "lm_head": "cpu"}  # a tied lm_head placed apart from its embeddings
 
 
 @needs_gpu
@@ -156,6 +161,7 @@ GPU_CPU = {"model.embed_tokens": "cuda:0", "model.rotary_emb": "cuda:0", "model.
     pytest.param({"device_map": GPU_CPU, "expert_placement": "host"}, id="gpu+cpu-host-pinned"),
     pytest.param({"device_map": GPU_CPU, "expert_placement": "host", "pin_host": False}, id="gpu+cpu-host-pageable"),
     pytest.param({"device_map": GPU_CPU}, id="gpu+cpu-auto"),
+    pytest.param({"device_map": HEAD_ON_CPU, "expert_placement": "host"}, id="gpu+cpu-head-on-cpu-host"),
     pytest.param({"device": "cuda", "expert_placement": "host"}, id="single-gpu-host"),
     pytest.param({"device_map": "auto"}, id="transformers-auto"),
 ])

@@ -56,17 +56,20 @@ def check_device_map(device_map: Mapping[str, Any] | str) -> dict[str, str] | st
 
 
 def _offloaded(model: torch.nn.Module, name: str) -> torch.Tensor:
-    """The host tensor that accelerate's hook of ``name``'s module copies to the GPU at each forward."""
-    mod_name, _, leaf = name.rpartition(".")
-    hook = getattr(model.get_submodule(mod_name), "_hf_hook", None)
-    for h in getattr(hook, "hooks", [hook]):  # a SequentialHook holds several
-        wm = getattr(h, "weights_map", None)
-        if h is None or wm is None or not getattr(h, "offload", False):
-            continue
-        t = wm[leaf]
-        if t.device.type == "meta" or t.data_ptr() != wm[leaf].data_ptr():  # re-read at each access: disk
-            raise SoupError(f"model tensor {name!r} is offloaded to disk: it cannot be re-mixed in place")
-        return t
+    """The host tensor that accelerate copies to the GPU at each forward for ``name``: held by the
+    ``weights_map`` of the offload hook of its module or of an enclosing one (keys relative to that module)."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        hook = getattr(model.get_submodule(".".join(parts[:cut])), "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):  # a SequentialHook holds several
+            wm = getattr(h, "weights_map", None)
+            rel = ".".join(parts[cut:])
+            if h is None or wm is None or not getattr(h, "offload", False) or rel not in wm:
+                continue
+            t = wm[rel]
+            if t.device.type == "meta" or t.data_ptr() != wm[rel].data_ptr():  # re-read at each access: disk
+                raise SoupError(f"model tensor {name!r} is offloaded to disk: it cannot be re-mixed in place")
+            return t
     raise SoupError(f"model tensor {name!r} is on the meta device and no offload hook holds its values")
 
 
