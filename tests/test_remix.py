@@ -8,7 +8,7 @@ import torch
 
 from soce.soup import Remixer, SoupError, reference_soup
 from soce.soup import kernel as gpu_mix
-from soce.soup.placement import HOST, check_device_map, live_tensors, plan_experts
+from soce.soup.placement import HOST, check_device_map, live_tensors, plan_experts, tied_keys
 from tests.test_soup import load_dir, make_model
 
 SHARDS = ("model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "model.rotary_emb", "lm_head")
@@ -36,7 +36,7 @@ def expected(models: dict, ws: dict[str, float], dtype=None) -> dict[str, torch.
 def assert_live_model_is(rmx: Remixer, ref: dict[str, torch.Tensor]) -> None:
     """Every parameter of the live model (tied ones through their source key) has the reference bits."""
     live = live_tensors(rmx.model)
-    ties = getattr(rmx.model, "all_tied_weights_keys", None) or {}
+    ties = tied_keys(rmx.model)
     names = [n for n, _ in rmx.model.named_parameters(remove_duplicate=False)]
     assert set(ref) <= set(names)
     for name in names:
@@ -195,3 +195,18 @@ def test_gpu_with_shard_uses_the_fused_kernel(zoo, monkeypatch):
     rmx.mix({"a": 0.2, "b": 0.5, "c": 0.4})
     on_gpu = [k for k, t in rmx.targets.items() if t.device.type == "cuda"]
     assert len(calls) == len(on_gpu) and all(d.type == "cuda" for d in calls)
+
+
+def test_tied_keys_without_the_expanded_map(zoo):
+    """Older transformers 5.x (the GPU image has 5.17) may lack ``all_tied_weights_keys``: the class map is used
+    when the config ties the embeddings, and nothing otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    tied = AutoModelForCausalLM.from_pretrained(zoo["tied"]["a"])
+    untied = AutoModelForCausalLM.from_pretrained(zoo["bf16"]["a"])
+    want = {"lm_head.weight": "model.embed_tokens.weight"}
+    assert tied_keys(tied) == want and tied_keys(untied) == {}
+    for m in (tied, untied):
+        m.__dict__.pop("all_tied_weights_keys", None)
+        assert not hasattr(m, "all_tied_weights_keys")
+    assert tied_keys(tied) == want and tied_keys(untied) == {}

@@ -73,6 +73,17 @@ def _offloaded(model: torch.nn.Module, name: str) -> torch.Tensor:
     raise SoupError(f"model tensor {name!r} is on the meta device and no offload hook holds its values")
 
 
+def tied_keys(model: torch.nn.Module) -> dict[str, str]:
+    """Tied parameter name -> the name it is tied to (transformers 5: ``all_tied_weights_keys``; older 5.x
+    releases: the class's ``_tied_weights_keys`` dict, when the config ties the embeddings)."""
+    keys = getattr(model, "all_tied_weights_keys", None)
+    if keys is None:
+        cls_keys = getattr(model, "_tied_weights_keys", None)
+        tie = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+        keys = cls_keys if isinstance(cls_keys, dict) and tie else {}
+    return dict(keys)
+
+
 def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer name of ``model`` (tied duplicates included) -> the tensor holding its
     values: the parameter itself, or for an accelerate-offloaded module the host tensor of its hook."""

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from soce.soup import kernel as gpu_mix
+from soce.soup import placement as place
 from soce.soup.arith import CHUNK_ELEMS, GPU_CHUNK_ELEMS, Coefficients, _acc_dtype, _chunks, mix_into
 from soce.soup.checks import _dedup, _dtype, _open_all, check_weights
 from soce.soup.io import AVERAGED, Checkpoint, SoupError, TensorInfo, _Maps
-from soce.soup.placement import HEADROOM_BYTES, HOST, HostArena, as_device, check_device_map, live_tensors, plan_experts
+from soce.soup.placement import HEADROOM_BYTES, HOST, HostArena, as_device, check_device_map, live_tensors
 from soce.soup.writer import _Slot
 
 STREAM_CHUNK_ELEMS = 1 << 24  # host experts -> GPU shard: elements per staged copy (32 MiB per bf16 source)
@@ -102,7 +103,7 @@ class Remixer:
         else:
             nbytes = {k: sum(c.tensors[k].end - c.tensors[k].begin for c in ckpts) for k in self.targets}
             live = {k: t.device for k, t in self.targets.items()}
-            where = plan_experts(live, nbytes, expert_placement or "auto", headroom)
+            where = place.plan_experts(live, nbytes, expert_placement or "auto", headroom)
         self._maps = _Maps()
         self._arena = self._host_arena(ckpts, where, pin_host and not legacy)
         self.experts: dict[str, dict[str, torch.Tensor]] = {}
@@ -131,7 +132,7 @@ class Remixer:
                                 f" {list(t.shape)}")
             targets[key] = t
         ptrs = {(t.device, t.data_ptr()) for t in targets.values()}
-        ties = getattr(model, "all_tied_weights_keys", None) or {}
+        ties = place.tied_keys(model)
         aliases: dict[str, list[torch.Tensor]] = {}
         for name, _ in model.named_parameters(remove_duplicate=False):
             t = named[name]
