@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from merge_bench import compare, llama_shapes, measure  # noqa: E402
 
-import soce.soup as soup  # noqa: E402
+import soce.soup.remix as soup  # noqa: E402  (the module whose GPU_CHUNK_ELEMS the re-mix reads)
 from soce.soup import Coefficients, Remixer, mix_into, open_checkpoint, reference_soup  # noqa: E402
 
 SHAPES = {

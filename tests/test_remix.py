@@ -210,3 +210,27 @@ def test_tied_keys_without_the_expanded_map(zoo):
         m.__dict__.pop("all_tied_weights_keys", None)
         assert not hasattr(m, "all_tied_weights_keys")
     assert tied_keys(tied) == want and tied_keys(untied) == {}
+
+
+@needs_gpu
+def test_gpu_workers_in_threads_match_serial(zoo):
+    """Two Remixers on the GPU mixed from two threads at once (first launches included: the fused kernel's
+    first launch per specialisation is serialised) give the serial soups, bit for bit."""
+    from soce import parallel
+
+    gpu_mix._READY.clear()
+    models = zoo["bf16"]
+    rmxs = [Remixer(models, device="cuda"), Remixer(models, device_map=GPU_CPU, expert_placement="host")]
+
+    def worker(rmx):
+        def evaluate(ws):
+            rmx.mix(ws)
+            rmx.synchronize()
+            return {k: t.detach().cpu().clone() for k, t in live_tensors(rmx.model).items() if k in rmx.targets}
+        return evaluate
+
+    points = [{"a": 0.1 * (i + 1), "b": 0.5, "c": 0.2} for i in range(8)]
+    got = parallel.evaluate_points([worker(r) for r in rmxs], points)
+    for p, sd in zip(points, got, strict=True):
+        ref = expected(models, p)
+        assert all(torch.equal(sd[k].view(-1).view(torch.int16), ref[k].view(-1).view(torch.int16)) for k in ref)

@@ -13,10 +13,13 @@ turns it off); ``tests/test_soup.py`` checks it bitwise against ``mix_into`` whe
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
 MAX_SOURCES = 8  # more experts than this fall back to mix_into
+_READY: set[tuple] = set()  # kernel specialisations already launched once (compiled and loaded) in this process
+_FIRST_LAUNCH = threading.Lock()  # Triton's JIT is not safe to enter from several threads (triton#5933)
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs have none, and need none
     import triton
@@ -73,7 +76,16 @@ def fused_mix(out: torch.Tensor, srcs: list[torch.Tensor], ws: torch.Tensor, den
         raise ValueError("fused_mix: sources, weights and output must have one size and one device")
     ptrs = list(srcs) + [srcs[0]] * (MAX_SOURCES - len(srcs))
     grid = (triton.cdiv(n, block),)
+    # what Triton specialises on (dtypes, constexprs, 16-divisibility of sizes and pointers), and the device
+    spec = (out.device, len(srcs), den is not None, block, n % 16 == 0, out.dtype, out.data_ptr() % 16 == 0,
+            *((s.dtype, s.data_ptr() % 16 == 0) for s in srcs))
     with torch.cuda.device(out.device):  # Triton launches on the current device, not the tensors'
-        _mix_kernel[grid](out, *ptrs, ws, den if den is not None else ws, n,
-                          N_SRC=len(srcs), HAS_DEN=den is not None, BLOCK=block)
+        if spec in _READY:
+            _mix_kernel[grid](out, *ptrs, ws, den if den is not None else ws, n,
+                              N_SRC=len(srcs), HAS_DEN=den is not None, BLOCK=block)
+            return True
+        with _FIRST_LAUNCH:  # a first launch may compile: one thread at a time (Remixers on several GPUs)
+            _mix_kernel[grid](out, *ptrs, ws, den if den is not None else ws, n,
+                              N_SRC=len(srcs), HAS_DEN=den is not None, BLOCK=block)
+            _READY.add(spec)
     return True
