@@ -11,7 +11,8 @@ Sections (``--sections``, default all):
   device, the rest (and norm, lm_head) on ``cpu`` (accelerate offloads those modules: they run on the GPU with
   their weights copied in at each forward); once with the experts beside their shard (``with_shard``) and once
   in pinned host memory streamed per tensor (``host``). On a CPU-only machine every entry is ``cpu`` (distinct
-  shards, one device). Same figures as ``single``.
+  shards, one device). ``--map auto``: instead, transformers' balanced map over every visible GPU (a multi-GPU
+  node: each GPU re-mixes its shard concurrently). Same figures as ``single``.
 * ``parallel``: ``--workers`` workers, worker i on device ``i % visible GPUs`` (or the CPU), each with its own
   Remixer + live model; ``--points`` points evaluated serially (worker 0), then by all workers as threads and
   as spawned processes (:mod:`soce.parallel`); wall times, speed-up, results identical to serial. With one GPU,
@@ -120,6 +121,15 @@ def shard_map(n_layers: int, dev: str) -> dict[str, str]:
     m = {"model.embed_tokens": dev, "model.rotary_emb": dev}
     m |= {f"model.layers.{i}": dev if i < n_layers // 2 else "cpu" for i in range(n_layers)}
     return m | {"model.norm": "cpu", "lm_head": "cpu"}
+
+
+def sharded_kwargs(kind: str, n_layers: int, dev: str) -> dict:
+    """Remixer arguments of the sharded section: ``split`` = :func:`shard_map` (one GPU + cpu); ``auto`` =
+    transformers' balanced map over every visible GPU (90% of each), no cpu (a multi-GPU node)."""
+    if kind == "split" or not torch.cuda.is_available():
+        return {"device_map": shard_map(n_layers, dev)}
+    return {k: v for k, v in parallel.remixer_placement(list(range(torch.cuda.device_count()))).items()
+            if k in ("device_map", "max_memory")} or {"device_map": {"": dev}}
 
 
 def placement_summary(rmx: Remixer) -> dict:
@@ -261,6 +271,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--experts", type=int, default=3)
     ap.add_argument("--distinct", type=int, default=2, help="random experts; the others are hard links")
     ap.add_argument("--sections", default="single,sharded,parallel")
+    ap.add_argument("--map", choices=["split", "auto"], default="split",
+                    help="sharded section: split = first half on the GPU, rest on cpu; auto = over all GPUs")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
@@ -309,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         res["single"] = measure_remixer(Remixer(models, device=dev), models, a, ids, keys)
         free_gpu()
     if "sharded" in sections:
-        res["sharded"] = {"map": "embeddings + layers [0, N/2) on " + dev + ", the rest on cpu"}
+        kw = sharded_kwargs(a.map, a.layers, dev)
+        res["sharded"] = {"map": a.map, "remixer": {k: v for k, v in kw.items() if k != "device_map"}}
         for placement in ("with_shard", "host"):
-            rmx = Remixer(models, device_map=shard_map(a.layers, dev), expert_placement=placement)
+            rmx = Remixer(models, **kw, expert_placement=placement)
             res["sharded"][placement] = measure_remixer(rmx, models, a, ids, keys)
             del rmx
             free_gpu()
