@@ -47,7 +47,7 @@ from gpu_remix import build, config  # noqa: E402
 from merge_bench import llama_shapes  # noqa: E402
 
 from soce import parallel  # noqa: E402
-from soce.soup import Remixer, reference_soup  # noqa: E402
+from soce.soup import Remixer, SoupError, reference_soup  # noqa: E402
 from soce.soup.placement import live_tensors  # noqa: E402
 
 SHAPES = {
@@ -273,6 +273,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sections", default="single,sharded,parallel")
     ap.add_argument("--map", choices=["split", "auto"], default="split",
                     help="sharded section: split = first half on the GPU, rest on cpu; auto = over all GPUs")
+    ap.add_argument("--placements", default="with_shard,host", help="sharded section: expert placements to time")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
@@ -323,8 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     if "sharded" in sections:
         kw = sharded_kwargs(a.map, a.layers, dev)
         res["sharded"] = {"map": a.map, "remixer": {k: v for k, v in kw.items() if k != "device_map"}}
-        for placement in ("with_shard", "host"):
-            rmx = Remixer(models, **kw, expert_placement=placement)
+        for placement in a.placements.split(","):
+            try:
+                rmx = Remixer(models, **kw, expert_placement=placement)
+            except SoupError as e:  # e.g. with_shard where a GPU cannot hold its shard's experts
+                res["sharded"][placement] = {"error": str(e)}
+                continue
             res["sharded"][placement] = measure_remixer(rmx, models, a, ids, keys)
             del rmx
             free_gpu()
@@ -340,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def project(res: dict, scale: float) -> None:
     """Add ``*_full_proj`` fields: truncated-model seconds scaled to the full depth (a linear projection)."""
-    for r in [res.get("single"), *(res.get("sharded", {}).get(p) for p in ("with_shard", "host"))]:
-        if r:
+    for r in [res.get("single"), *(v for v in res.get("sharded", {}).values() if isinstance(v, dict))]:
+        if r and "remix_s" in r:
             r["remix_s_full_proj"] = round(r["remix_s"]["median"] * scale, 4)
             r["forward_s_full_proj"] = round(r["forward_s"] * scale, 4)
 
