@@ -108,7 +108,8 @@ class ProcessWorker:
     """A worker whose evaluations run in its own process (spawned, never forked: CUDA does not survive a
     fork). ``factory(*args)`` runs once there and returns the evaluate callable (it builds the Remixer, model
     and evaluator on the device it is told); ``env`` is set first (e.g. ``CUDA_VISIBLE_DEVICES``). The
-    factory must be importable (a module-level function) and points and results picklable. Starting returns
+    factory must be importable (a module-level function), ``args`` free of CUDA tensors (unpickling them would
+    start CUDA before ``env`` is set), and points and results picklable. Starting returns
     at once; the first call waits until the worker is built. Use as a context manager, or :meth:`close`."""
 
     def __init__(self, factory: Callable[..., Worker], *args: Any, env: Mapping[str, str] | None = None):
