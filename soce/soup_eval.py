@@ -34,6 +34,9 @@ class SoupEvaluator:
     item_cache: Any = None  # soce.items.ItemCache (per-item evaluations) or None
     timings: list[tuple[float, float]] = field(default_factory=list)
     fingerprints: dict[str, str] = field(default_factory=dict)
+    device_map: Any = None  # {module prefix: device} or "auto": the live model sharded (soce.soup.Remixer)
+    max_memory: Any = None  # transformers' max_memory with device_map="auto" ({gpu index: bytes, "cpu": bytes})
+    expert_placement: str | None = None  # "auto" | "with_shard" | "host"; None: the single-device rule
     _remixer: Any = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
 
@@ -81,8 +84,9 @@ class SoupEvaluator:
             model, tokenizer = load_model(self.models[name], self.device, self.dtype)
             return self.evaluator.score(model, tokenizer, split, items)
         t0 = time.perf_counter()
-        model = self._remixer_for(live).mix(live)
-        _sync(self.device)
+        rmx = self._remixer_for(live)
+        model = rmx.mix(live)
+        rmx.synchronize()  # every GPU of the live model
         t1 = time.perf_counter()
         scores = self.evaluator.score(model, self.tokenizer(), split, items)
         self.timings.append((t1 - t0, time.perf_counter() - t1))
@@ -102,8 +106,21 @@ class SoupEvaluator:
         if not set(live) <= set(resident):
             names = [n for n in self.candidates if n in live or n in resident]
             self._remixer = None  # free the old experts before loading the new set
-            self._remixer = Remixer({n: self.models[n] for n in names}, device=self.device, dtype=self.dtype)
+            self._remixer = Remixer({n: self.models[n] for n in names}, dtype=self.dtype,
+                                    device=None if self.device_map is not None else self.device,
+                                    device_map=self.device_map, max_memory=self.max_memory,
+                                    expert_placement=self.expert_placement)
         return self._remixer
+
+    def scores_many(self, points: list[dict[str, float]], split: str, workers: list[SoupEvaluator] | None = None,
+                    on_done: Any = None) -> list[Scores]:
+        """:meth:`scores` of several soups, spread over ``workers`` (SoupEvaluators, one per GPU or GPU group:
+        :func:`on_devices`) when given; results in point order, the same as the serial loop."""
+        from functools import partial
+
+        from soce import parallel
+
+        return parallel.evaluate_points([partial(w.scores, split=split) for w in workers or [self]], points, on_done)
 
     def tokenizer(self) -> Any:
         """The ingredients share one base, hence one tokenizer: the first candidate's."""
@@ -122,6 +139,34 @@ class SoupEvaluator:
         mid = len(self.timings) // 2
         return {"soups": len(self.timings), "mix_s_median": round(mix[mid], 5), "eval_s_median": round(ev[mid], 4),
                 "mix_over_eval": round(mix[mid] / ev[mid], 5) if ev[mid] else float("nan")}
+
+
+def on_devices(base: SoupEvaluator, n_workers: int, make_evaluator: Any, gpus_per_worker: int = 1,
+               n_gpus: int | None = None) -> list[SoupEvaluator]:
+    """``n_workers`` SoupEvaluators for a parallel search: one per GPU (or group of ``gpus_per_worker`` GPUs, the
+    live model sharded over it; no GPU: all on ``base.device``), sharing ``base``'s models, caches and
+    fingerprints, each with its own benchmark evaluator (``make_evaluator(device)``: threads must not share
+    lm-eval's request copies) and its own Remixer. The first is ``base`` itself where it fits the first slot."""
+    import dataclasses
+
+    from soce import parallel
+
+    if n_gpus is None:
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+    groups = parallel.device_groups(n_gpus, gpus_per_worker)[:n_workers] if n_gpus else [None] * n_workers
+    out: list[SoupEvaluator] = []
+    for group in groups:
+        place = parallel.remixer_placement(group) if group else {"device": base.device}
+        device = place.pop("device", None) or f"cuda:{group[0]}"
+        same = device.removesuffix(":0") == base.device.removesuffix(":0")
+        if not out and not place and same and base.device_map is None:
+            out.append(base)
+        else:
+            out.append(dataclasses.replace(base, evaluator=make_evaluator(device), device=device, timings=[],
+                                           _remixer=None, _tokenizer=None, **place))
+    return out
 
 
 def _live(weights: dict[str, float]) -> dict[str, float]:
