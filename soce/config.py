@@ -168,6 +168,15 @@ class AnalysisConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Search points evaluated at once, one worker per GPU (or per group of GPUs for a sharded model)."""
+
+    workers: int = 1  # in-memory evaluators working on the search's points at once (1: serial)
+    gpus_per_worker: int = 1  # >1: each worker's live model is sharded over its GPUs (transformers device_map)
+    expert_placement: str | None = None  # sharded workers: with_shard | host | auto (None: the Remixer's default)
+
+
+@dataclass
 class Config:
     """The root config; ``conf/config.yaml`` composes the groups below into it."""
 
@@ -180,6 +189,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     dtype: str | None = None  # dtype to evaluate and write soups in; None keeps the checkpoints'
     save_soup: bool = True  # write the final soup as a Hugging Face checkpoint into the job dir

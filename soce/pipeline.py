@@ -81,14 +81,39 @@ def plan_soup(config: Config, inputs: Inputs, selection: Selection, tracker: Job
     evaluate_items = None if soups is None else (lambda w, items: soups.item_scores(w, sel, items))
     needs_items = STRATEGIES[config.strategy.name].evaluates and SEARCHES[config.search.name].needs_items
     item_ids = soups.item_ids(sel) if soups is not None and needs_items else None
+    workers = _workers(config, soups)
+    evaluate_many = None
+    if workers:
+        def evaluate_many(points: list[dict[str, float]]) -> list[dict[str, float]]:
+            return [objective_scores(s, bench) for s in soups.scores_many(points, sel, workers)]
+
     ctx = Context(inputs.table(sel), selection, config.search, evaluate, on_point, config.strategy,
-                  evaluate_items, item_ids)
+                  evaluate_items, item_ids, evaluate_many)
     try:
         return STRATEGIES[config.strategy.name].plan(ctx)
     except method.SelectionError as e:
         raise ConfigError(str(e)) from None
     finally:
         progress.close()
+        for w in workers or []:  # free the other workers' experts (the job's own stay for the final soup)
+            if w is not soups:
+                w._remixer = None
+
+
+def _workers(config: Config, soups: Any) -> list[Any] | None:
+    """One in-memory evaluator per GPU (group) when ``parallel.workers > 1``; None: serial."""
+    if soups is None or config.parallel.workers <= 1 or not STRATEGIES[config.strategy.name].evaluates:
+        return None
+    from soce.benchmarks import make_evaluator
+    from soce.soup_eval import on_devices
+
+    par = config.parallel
+    workers = on_devices(soups, par.workers, lambda d: make_evaluator(soups.evaluator.benchmark, d),
+                         par.gpus_per_worker)
+    for w in workers:
+        if par.expert_placement is not None and w.device_map is not None:
+            w.expert_placement = par.expert_placement
+    return workers
 
 
 def objective_scores(scores: Mapping[str, Any], benchmark: Any) -> dict[str, float]:

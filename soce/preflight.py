@@ -159,6 +159,20 @@ def _strategy_and_search(config: Config) -> None:
 def _runtime(config: Config) -> None:
     if config.dtype is not None and config.dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} or null, got {config.dtype!r}")
+    par = config.parallel
+    if par.workers < 1 or par.gpus_per_worker < 1:
+        raise ConfigError(f"parallel.workers and parallel.gpus_per_worker must be >= 1, got {par.workers} / "
+                          f"{par.gpus_per_worker}")
+    if par.expert_placement not in (None, "with_shard", "host", "auto"):
+        raise ConfigError(f"parallel.expert_placement must be with_shard, host, auto or null, got "
+                          f"{par.expert_placement!r}")
+    if par.workers * par.gpus_per_worker > 1 and config.device != "cpu":
+        import torch
+
+        n = torch.cuda.device_count()
+        if n and par.workers * par.gpus_per_worker > n:
+            raise ConfigError(f"parallel.workers x gpus_per_worker = {par.workers * par.gpus_per_worker} GPUs, "
+                              f"but {n} are visible")
     if config.device == "auto":
         return
     m = re.fullmatch(r"(cpu|cuda)(:\d+)?", config.device)

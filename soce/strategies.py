@@ -30,10 +30,11 @@ class Context:
     params: StrategyConfig = field(default_factory=StrategyConfig)  # the strategy's own config
     evaluate_items: EvaluateItems | None = None
     item_ids: dict[str, list[str]] | None = None
+    evaluate_many: Callable[[list[dict[str, float]]], list[dict[str, float]]] | None = None  # points at once
 
     def search_context(self) -> SearchContext:
         return SearchContext(self.selection.ingredients, self.evaluate_soup, self.search, self.on_point,
-                             self.evaluate_items, self.item_ids)
+                             self.evaluate_items, self.item_ids, self.evaluate_many)
 
 
 @dataclass
