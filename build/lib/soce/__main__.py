@@ -1,3 +1,0 @@
-from soce.app import main
-
-main()
