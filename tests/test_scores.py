@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from soce import scores
 from soce.config import ConfigError
-from soce.scores import HASH_STATS, ScoreCache, entry_problem, model_fingerprint, read_score_csv
+from soce.scores import ScoreCache, model_fingerprint, read_score_csv
 from soce.soup import read_header
 
 # ------------------------------------------------------------------------------ 3a. score CSVs
@@ -84,7 +85,7 @@ def test_valid_entries_served_and_invalid_computations_refused(tmp_path):
     c = ScoreCache(tmp_path)
     assert c.get_or_compute("k" * 32, lambda: dict(GOOD), categories=CATS) == GOOD
     assert c.get_or_compute("k" * 32, lambda: 1 / 0, categories=CATS) == GOOD and c.cached == 1
-    assert entry_problem({"x": 0.5}) is None  # no categories given: ranges and types only
+    assert scores.entry_problem({"x": 0.5}) is None  # no categories given: ranges and types only
     with pytest.raises(ValueError, match="invalid .*'x' = 1.5"):
         c.get_or_compute("q" * 32, lambda: {"x": 1.5, "y": 0.5, "overall": 1.0}, categories=CATS)
     assert not (tmp_path / "qq").exists()
@@ -108,12 +109,13 @@ def test_large_checkpoint_fingerprint_sees_a_tensor_replaced_in_place(tmp_path):
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns - 5 * 10**9))  # settled (not "just written")
     time.sleep(1.1)  # and its ctime too
-    hashed, hits = HASH_STATS.hashed_bytes, HASH_STATS.memo_hits
+    hashed, hits = scores.HASH_STATS.hashed_bytes, scores.HASH_STATS.memo_hits
     fp1 = model_fingerprint(d, memo_dir=memo)
-    assert HASH_STATS.hashed_bytes - hashed >= size and list(memo.iterdir())
-    hashed = HASH_STATS.hashed_bytes
+    assert scores.HASH_STATS.hashed_bytes - hashed >= size and list(memo.iterdir())
+    hashed = scores.HASH_STATS.hashed_bytes
     assert model_fingerprint(d, memo_dir=memo) == fp1
-    assert HASH_STATS.hashed_bytes - hashed < 1 << 20 and HASH_STATS.memo_hits == hits + 2  # memo hit, no read
+    assert scores.HASH_STATS.hashed_bytes - hashed < 1 << 20  # no file read again ...
+    assert scores.HASH_STATS.memo_hits == hits + 2  # ... both digests from the memo
     st = f.stat()
     with open(f, "r+b") as fh:  # replace tensor b in place
         fh.seek(b.begin)
