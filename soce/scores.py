@@ -232,6 +232,8 @@ def _score_column(path: str | Path, category: str, cells: pd.Series) -> list[flo
         if cell == "":
             raise ConfigError(f"{path}: missing score {where}")
         try:
+            if "_" in cell:  # float() reads '0_5' as 5.0
+                raise ValueError(cell)
             v = float(cell.removesuffix("%"))
         except ValueError:
             raise ConfigError(f"{path}: non-numeric score {cell!r} {where}") from None

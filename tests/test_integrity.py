@@ -195,14 +195,16 @@ def test_nonfinite_from_the_command_line(tmp_path, capsys):
     assert main([*argv, "allow_nonfinite=true"]) == 0
 
 
-def test_remixer_refuses_nonfinite(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)"))])
+def test_remixer_refuses_nonfinite(tmp_path, device):
     a = make_model(tmp_path / "a", 1)
     b = make_model(tmp_path / "b", 2)
     sd = load_dir(b)
     key = "model.layers.1.mlp.down_proj.weight"
     sd[key].view(-1)[77] = float("inf")
     save_file(sd, b / "model.safetensors", metadata={"format": "pt"})
-    rmx = Remixer({"a": a, "b": b}, device="cpu")
+    rmx = Remixer({"a": a, "b": b}, device=device)
     with pytest.raises(SoupError) as e:
         rmx.mix({"a": 0.5, "b": 0.5})
     msg = str(e.value)
@@ -231,6 +233,7 @@ def _f32(begin: int, end: int, n: int = 4) -> dict:
     ({"a": _f32(8, 24)}, 24, "'a': 8 unused bytes at the start"),
     ({"a": _f32(0, 16), "b": _f32(24, 40)}, 40, "'b': 8 unused bytes after tensor 'a'"),
     ({"a": _f32(0, 16)}, 24, "8 bytes after the last tensor"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}}, 16, "must be integers"),
 ])
 def test_header_layout_checked_as_strictly_as_safetensors(tmp_path, header, size, needle):
     f = _raw_file(tmp_path / "x.safetensors", header, bytes(size))

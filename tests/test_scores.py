@@ -43,6 +43,8 @@ def test_scale_is_decided_per_column(tmp_path):
     ("model,a,b\nm1,0.1,-Infinity\nm2,0.2,0.3\n", "non-finite score '-Infinity'"),
     ("model,a,b\nm1,0.1,-0.2\nm2,0.2,0.3\n", "score '-0.2' for model 'm1', category 'b' is out of range"),
     ("model,a,b\nm1,0.1,150\nm2,0.2,0.3\n", "score '150' for model 'm1', category 'b' is out of range"),
+    ("model,a,b\nm1,0.1,0_5\nm2,0.2,0.3\n", "non-numeric score '0_5' for model 'm1', category 'b'"),
+    ("model,a,b\nm1,0.1,1e400\nm2,0.2,0.3\n", "non-finite score '1e400'"),
 ])
 def test_bad_scales_and_cells_one_line(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=needle) as e:

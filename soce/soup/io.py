@@ -118,10 +118,11 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 def _tensor_info(file: Path, key: str, spec: Any, start: int, size: int) -> TensorInfo:
     """One header entry as absolute offsets; its byte length must match its shape and dtype."""
     try:
-        dtype, shape, (b, e) = spec["dtype"], tuple(int(s) for s in spec["shape"]), spec["data_offsets"]
-        b, e = int(b), int(e)
+        dtype, shape, (b, e) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
     except (KeyError, TypeError, ValueError) as err:
         raise SoupError(f"{file}: tensor {key!r}: corrupt header entry") from err
+    if not all(type(x) is int for x in (*shape, b, e)):  # JSON integers only, as safetensors requires
+        raise SoupError(f"{file}: tensor {key!r}: corrupt header entry (shape and offsets must be integers)")
     if dtype not in ST_DTYPES:
         raise SoupError(f"{file}: tensor {key!r}: unsupported dtype {dtype}")
     info = TensorInfo(key, dtype, shape, file, start + b, start + e)
