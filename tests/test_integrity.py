@@ -321,8 +321,8 @@ def test_model_card_front_matter(pool, tmp_path, capsys):
 
 
 def test_owner_tag_names_this_host_and_process():
-    from soce.soup import publish as pub
+    from soce import owners
 
-    tag = pub.owner_tag()
-    assert tag.split("-")[:2] == [pub._host(), str(os.getpid())] and not pub.owner_gone(tag)
-    assert pub._host() == hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    tag = owners.owner_tag()
+    assert tag.split("-")[:2] == [owners.host_id(), str(os.getpid())] and not owners.owner_gone(tag)
+    assert owners.host_id() == hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]

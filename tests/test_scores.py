@@ -138,3 +138,28 @@ def test_small_checkpoint_fingerprint_unchanged_and_files(tmp_path):
     h.update(b"abc")
     assert model_fingerprint(tmp_path) == h.hexdigest()[:20]
     assert model_fingerprint(tmp_path / "model.safetensors") == h.hexdigest()[:20]
+
+
+# ------------------------------------------------------------------------------ 5. leftovers of JSON writers
+
+
+def test_json_temp_files_of_dead_writers_are_removed(tmp_path):
+    """A writer killed between creating its ``.{name}.{owner}.tmp`` and the rename leaves it behind; the next
+    write to that file removes it (owner dead), and leaves a live writer's alone."""
+    import subprocess
+    import sys
+
+    from soce import owners
+    from soce.scores import write_json_atomic
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = owners.host_id()
+    stale = tmp_path / f".r.json.{host}-{dead.pid}-1-aaaaaaaa.tmp"
+    live = tmp_path / f".r.json.{host}-{os.getpid()}-{owners.start_time(os.getpid())}-bbbbbbbb.tmp"
+    other = tmp_path / f".q.json.{host}-{dead.pid}-1-cccccccc.tmp"  # another file's: left for its own writer
+    for f in (stale, live, other):
+        f.write_text("{")
+    write_json_atomic(tmp_path / "r.json", {"a": 1})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.json", live.name, other.name])

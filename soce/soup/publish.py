@@ -20,71 +20,21 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import shutil
-import socket
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from soce.owners import owner_gone, owner_tag
 from soce.soup.io import SoupError
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
 USE_RENAMEAT2 = sys.platform.startswith("linux")  # off: the portable fallback (tests use it for that path)
 _SIBLING = re.compile(r"^\.(?P<name>.+)\.soce-(?P<kind>tmp|old)-(?P<owner>[0-9a-z-]+)$")
-
-
-def _host() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux /proc), or None where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def owner_tag() -> str:
-    """``{host}-{pid}-{start}-{random}``: who wrote a temporary sibling, checkable after a crash."""
-    return f"{_host()}-{os.getpid()}-{_start_time(os.getpid()) or 0}-{uuid.uuid4().hex[:8]}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def owner_gone(owner: str) -> bool:
-    """True when the writer named by ``owner`` (see :func:`owner_tag`; older ``{pid}-{random}`` too) is
-    certainly dead: same host, and its pid is not running or now runs a process started at another time."""
-    parts = owner.split("-")
-    if len(parts) == 2 and parts[0].isdigit():  # soce <= 0.x: pid only, this host assumed
-        pid, start = int(parts[0]), None
-    elif len(parts) == 4 and parts[1].isdigit():
-        if parts[0] != _host():
-            return False
-        pid, start = int(parts[1]), parts[2]
-    else:
-        return False
-    if pid == os.getpid():
-        return False
-    if not _pid_alive(pid):
-        return True
-    now = _start_time(pid)
-    return start not in (None, "0") and now is not None and now != start
 
 
 @contextmanager
