@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from soce.soup import SoupError, write_soup
 
     # SIGTERM unwinds like Ctrl-C, so the temporary output directory is removed (SIGKILL leaves a hidden
-    # temporary sibling that the next merge to the same target removes; never a partial target).
+    # temporary sibling that the next merge into the same directory removes; never a partial target).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         kw = parse_args(argv)
