@@ -2,10 +2,12 @@
 
     python -m soce.merge output=OUT 'models=[P1,P2,...]' 'weights=[w1,w2,...]' \\
         [names=[n1,n2,...]] [donor=NAME|INDEX] [dtype=bfloat16] [max_shard_size=5GB] \\
-        [overwrite=true] [normalize=true] [strategy=TEXT]
+        [overwrite=true] [normalize=true] [strategy=TEXT] [allow_nonfinite=false]
 
 Arguments are Hydra-style ``key=value`` overrides (lists in brackets, comma separated). Bad input prints one
-``soce.merge: error: ...`` line to stderr and exits with status 2; success prints the output path.
+``soce.merge: error: ...`` line to stderr and exits with status 2 (nothing is written; an output that
+resolves into or over an input, or that another merge published first, is bad input too); success prints
+the output path. NaN/inf in a soup is refused unless allow_nonfinite=true.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 USAGE = __doc__.split("\n\n")[1]
 KEYS = ("output", "models", "weights", "names", "donor", "dtype", "max_shard_size", "overwrite", "normalize",
-        "strategy")
+        "strategy", "allow_nonfinite")
 
 
 class UsageError(ValueError):
@@ -76,10 +78,10 @@ def parse_args(argv: list[str]) -> dict:
     if "max_shard_size" in raw:
         s = raw["max_shard_size"].strip()
         kw["max_shard_size"] = int(s) if s.isdigit() else s
-    for key in ("overwrite", "normalize"):
+    for key in ("overwrite", "normalize", "allow_nonfinite"):
         if key in raw:
             kw[key] = _bool(key, raw[key])
-    kw["recipe"] = {"strategy": raw.get("strategy", "manual (soce.merge)")}
+    kw["recipe"] = {"strategy": raw.get("strategy", "manual"), "tool": "soce.merge"}
     return kw
 
 
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from soce.soup import SoupError, write_soup
 
     # SIGTERM unwinds like Ctrl-C, so the temporary output directory is removed (SIGKILL leaves a hidden
-    # temporary sibling that the next merge to the same target removes; never a partial target).
+    # temporary sibling that the next merge into the same directory removes; never a partial target).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         kw = parse_args(argv)

@@ -333,6 +333,67 @@ def test_sigkill_mid_write_leaves_no_target(tmp_path):
     assert out.is_dir() and not list(tmp_path.glob(".soup.*"))
 
 
+# Where a replacing merge is stopped by SIGKILL, and what the target must then hold: the old soup, or the
+# new one, whole; "aside" is the portable fallback between its two renames, where the target is missing on
+# disk until the next write into the directory puts the old one back.
+_STAGES = {
+    "write": ("", "_write_all", 3, "old"),  # mid-write
+    "publish": ("", "publish", 1, "old"),  # everything written and fsynced, not yet published
+    "exchanged": ("", "remove", 1, "new"),  # RENAME_EXCHANGE done, old not yet deleted
+    "aside": ("p.USE_RENAMEAT2 = False", "rename", 2, "old"),  # fallback: old renamed aside, new not in
+    "renamed": ("p.USE_RENAMEAT2 = False", "remove", 1, "new"),  # fallback: new in, old not yet deleted
+}
+_KILLED = """
+import sys, time, soce.soup.writer as w, soce.soup.publish as p
+{setup}
+mod = w if {fn!r} == "_write_all" else p
+orig, calls = getattr(mod, {fn!r}), []
+def stop(*a, **k):
+    calls.append(1)
+    if len(calls) == {nth}:
+        print("stopped", flush=True); time.sleep(600)
+    return orig(*a, **k)
+setattr(mod, {fn!r}, stop)
+w.write_soup({models!r}, {{'x': 1, 'y': 1}}, {out!r}, max_shard_size='1MB', overwrite=True)
+"""
+
+
+def _bits(d: Path) -> dict[str, bytes]:
+    return {k: t.view(torch.uint8).numpy().tobytes() for k, t in load_dir(d).items()}
+
+
+@pytest.mark.parametrize("stage", list(_STAGES))
+def test_sigkill_at_every_stage_keeps_the_target(tmp_path, stage):
+    """A merge that replaces an existing soup, killed at each stage of its publication: the target is the
+    old soup or the new one, whole (or, in the fallback between its renames, restored by the next run)."""
+    from soce.soup import publish
+
+    models = {}
+    for n in ("x", "y"):
+        (tmp_path / n).mkdir()
+        save_file({f"w{i}": torch.randn(1 << 18).to(torch.bfloat16) for i in range(6)}, tmp_path / n / "m.safetensors")
+        models[n] = str(tmp_path / n)
+    out = tmp_path / "soup"
+    old = _bits(write_soup(models, {"x": 3, "y": 1}, out, max_shard_size="1MB"))
+    new = _bits(write_soup(models, {"x": 1, "y": 1}, tmp_path / "ref", max_shard_size="1MB"))
+    setup, fn, nth, expect = _STAGES[stage]
+    code = _KILLED.format(setup=setup, fn=fn, nth=nth, models=models, out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=ROOT, text=True)
+    assert proc.stdout.readline().startswith("stopped")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    if stage == "aside":
+        assert not out.exists() and len(list(tmp_path.glob(".soup.soce-old-*"))) == 1
+        assert publish.recover(tmp_path)[0].startswith(f"restored {out}")
+    if stage == "exchanged":  # one atomic swap: the old soup now sits under the temporary name
+        (swapped,) = tmp_path.glob(".soup.soce-tmp-*")
+        assert _bits(swapped) == old and not list(tmp_path.glob(".soup.soce-old-*"))
+    assert _bits(out) == (old if expect == "old" else new), stage
+    write_soup(models, {"x": 1, "y": 1}, out, max_shard_size="1MB", overwrite=True)  # cleans up, then works
+    assert _bits(out) == new and not list(tmp_path.glob(".soup.*"))
+
+
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and gpu_mix.triton is not None),
                                reason="needs a CUDA GPU and Triton (runs on the device machine, not in CI)")
 

@@ -58,6 +58,21 @@ def mix_into(out: torch.Tensor, srcs: list[torch.Tensor], co: Coefficients, acc:
     out.copy_(acc)
 
 
+def nonfinite_at(out: torch.Tensor, acc: torch.Tensor, srcs: list[torch.Tensor]) -> int | None:
+    """Index of the first NaN/inf element of a soup chunk just computed by :func:`mix_into`, or None.
+
+    Cheap when every element is finite: one sum of the accumulator (a NaN or inf anywhere makes it NaN or
+    inf; the weights are > 0), plus one float32 sum of ``out`` when its dtype differs from a source's (the
+    final rounding may overflow a narrower dtype). The elementwise test runs only when a sum is not finite
+    (which finite values that overflow the sum also trigger)."""
+    for t in (acc, out) if any(s.dtype != out.dtype for s in srcs) else (acc,):
+        if not torch.isfinite(t.sum(dtype=torch.float32 if t.dtype.itemsize == 2 else None)):
+            bad = (~torch.isfinite(t)).nonzero()
+            if len(bad):
+                return int(bad[0])
+    return None
+
+
 def reference_soup(tensors: list[torch.Tensor], weights: list[float], dtype: torch.dtype | None = None,
                    normalize: bool = True) -> torch.Tensor:
     """Plain torch reference of one soup tensor, written independently of the streaming code: float32

@@ -13,6 +13,40 @@ import torch
 from soce.soup.io import AVERAGED, DTYPE_NAMES, ST_DTYPES, Checkpoint, SoupError, _Maps, _one_line, open_checkpoint
 
 
+def nonfinite_error(key: str, index: int, sources: list[tuple[Path, torch.Tensor]], dtype: torch.dtype,
+                    offset: int = 0) -> SoupError:
+    """The one-line error for element ``index`` of a soup tensor that is NaN/inf: names the first source
+    file whose value there is not finite, or says that the rounding to ``dtype`` overflowed. ``sources``:
+    (file, 1-D tensor aligned with the soup's elements); ``offset`` is added to the element number shown."""
+    for file, t in sources:
+        v = float(t[index])
+        if not math.isfinite(v):
+            return SoupError(f"{file}: tensor {key!r} holds {v} at element {offset + index}: refused in a soup"
+                             " (pass allow_nonfinite=true to mix it anyway)")
+    return SoupError(f"{sources[0][0]}: tensor {key!r}: the soup overflows {str(dtype).removeprefix('torch.')}"
+                     f" at element {offset + index} (pass allow_nonfinite=true to keep the inf)")
+
+
+def check_finite(soup: Mapping[str, torch.Tensor], sources: list[tuple[Checkpoint, Mapping[str, torch.Tensor]]]
+                 ) -> None:
+    """SoupError (one line: tensor and source file) when a floating tensor of ``soup`` (file key -> tensor)
+    holds NaN/inf. ``sources``: the mixed candidates and their tensors by file key. Costs one float32 sum per
+    tensor and one synchronisation per device; the elementwise search runs only for a flagged tensor."""
+    by_dev: dict[torch.device, list[str]] = {}
+    for k, t in soup.items():
+        if t.dtype in AVERAGED and t.numel():
+            by_dev.setdefault(t.device, []).append(k)
+    flagged = set()
+    for keys in by_dev.values():  # one stack and one synchronisation per device (a sharded model spans several)
+        sums = torch.stack([soup[k].sum(dtype=torch.float32) for k in keys])
+        flagged.update(k for k, ok in zip(keys, torch.isfinite(sums).tolist(), strict=True) if not ok)
+    for k in [k for k in soup if k in flagged]:
+        bad = (~torch.isfinite(soup[k].reshape(-1))).nonzero()
+        if len(bad):
+            srcs = [(c.tensors[k].file, t[k].reshape(-1)) for c, t in sources]
+            raise nonfinite_error(k, int(bad[0]), srcs, soup[k].dtype)
+
+
 def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name

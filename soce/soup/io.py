@@ -9,6 +9,7 @@ import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -71,8 +72,25 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen[k] = v
+    return seen
+
+
 def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check one safetensors header; returns (tensors by key, ``__metadata__``)."""
+    """Parse and check one safetensors header; returns (tensors by key, ``__metadata__``).
+
+    As strict as safetensors itself: no duplicate keys; each tensor's byte length matches its shape and
+    dtype; sorted by offset, the tensors tile the data section exactly (the first starts at 0, each starts
+    where the previous ends: no overlap, no gap) and the last one ends at the end of the file."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -82,31 +100,52 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             (n,) = struct.unpack("<Q", raw)
             if n > min(size - 8, 100_000_000):
                 raise SoupError(f"{file}: not a safetensors file or truncated (header length {n} > file)")
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
     except OSError as e:
         raise SoupError(f"{file}: cannot read ({e.strerror or e})") from e
+    except _DuplicateKey as e:
+        raise SoupError(f"{file}: corrupt safetensors header (key {str(e)!r} appears twice)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SoupError(f"{file}: corrupt safetensors header ({_one_line(e)})") from e
     if not isinstance(header, dict):
         raise SoupError(f"{file}: corrupt safetensors header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
-    start = 8 + n
-    out: dict[str, TensorInfo] = {}
-    for key, spec in header.items():
-        try:
-            dtype, shape, (b, e) = spec["dtype"], tuple(int(s) for s in spec["shape"]), spec["data_offsets"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise SoupError(f"{file}: tensor {key!r}: corrupt header entry") from err
-        if dtype not in ST_DTYPES:
-            raise SoupError(f"{file}: tensor {key!r}: unsupported dtype {dtype}")
-        info = TensorInfo(key, dtype, shape, file, start + int(b), start + int(e))
-        expect = info.numel * ST_DTYPES[dtype].itemsize
-        if info.end - info.begin != expect or info.begin < start:
-            raise SoupError(f"{file}: tensor {key!r}: data offsets do not match shape {list(shape)} {dtype}")
-        if info.end > size:
-            raise SoupError(f"{file}: tensor {key!r}: file truncated ({size} bytes, tensor ends at {info.end})")
-        out[key] = info
+    out = {key: _tensor_info(file, key, spec, 8 + n, size) for key, spec in header.items()}
+    _check_layout(file, list(out.values()), 8 + n, size)
     return out, meta
+
+
+def _tensor_info(file: Path, key: str, spec: Any, start: int, size: int) -> TensorInfo:
+    """One header entry as absolute offsets; its byte length must match its shape and dtype."""
+    try:
+        dtype, shape, (b, e) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise SoupError(f"{file}: tensor {key!r}: corrupt header entry") from err
+    if not all(type(x) is int for x in (*shape, b, e)):  # JSON integers only, as safetensors requires
+        raise SoupError(f"{file}: tensor {key!r}: corrupt header entry (shape and offsets must be integers)")
+    if dtype not in ST_DTYPES:
+        raise SoupError(f"{file}: tensor {key!r}: unsupported dtype {dtype}")
+    info = TensorInfo(key, dtype, shape, file, start + b, start + e)
+    if min(shape, default=0) < 0 or b < 0 or e - b != info.numel * ST_DTYPES[dtype].itemsize:
+        raise SoupError(f"{file}: tensor {key!r}: data offsets do not match shape {list(shape)} {dtype}")
+    if info.end > size:
+        raise SoupError(f"{file}: tensor {key!r}: file truncated ({size} bytes, tensor ends at {info.end})")
+    return info
+
+
+def _check_layout(file: Path, infos: list[TensorInfo], start: int, size: int) -> None:
+    """Sorted by offset, the tensors tile [start, size) exactly, as safetensors requires."""
+    pos, prev = start, None
+    for info in sorted(infos, key=lambda i: (i.begin, i.end)):
+        if info.begin < pos:
+            raise SoupError(f"{file}: tensor {info.key!r}: data overlaps tensor {prev!r}"
+                            f" (bytes {info.begin - start}..{info.end - start} of the data section)")
+        if info.begin > pos:
+            where = f"after tensor {prev!r}" if prev else "at the start of the data section"
+            raise SoupError(f"{file}: tensor {info.key!r}: {info.begin - pos} unused bytes {where}")
+        pos, prev = info.end, info.key
+    if pos != size:
+        raise SoupError(f"{file}: {size - pos} bytes after the last tensor (not a valid safetensors file)")
 
 
 def _pickle_hint(path: Path, found: Path) -> SoupError:

@@ -16,7 +16,7 @@ import torch
 from soce.soup import kernel as gpu_mix
 from soce.soup import placement as place
 from soce.soup.arith import CHUNK_ELEMS, GPU_CHUNK_ELEMS, Coefficients, _acc_dtype, _chunks, mix_into
-from soce.soup.checks import _dedup, _dtype, _open_all, check_weights
+from soce.soup.checks import _dedup, _dtype, _open_all, check_finite, check_weights
 from soce.soup.io import AVERAGED, Checkpoint, SoupError, TensorInfo, _Maps
 from soce.soup.placement import HEADROOM_BYTES, HOST, HostArena, as_device, check_device_map, live_tensors
 from soce.soup.writer import _Slot
@@ -182,9 +182,10 @@ class Remixer:
                 torch.cuda.synchronize(d)
 
     @torch.no_grad()
-    def mix(self, weights: Mapping[str, float]) -> Any:
+    def mix(self, weights: Mapping[str, float], allow_nonfinite: bool = False) -> Any:
         """Write the soup with ``weights`` (subset allowed, missing = 0; normalised to sum 1) into
-        ``self.model`` in place and return the model. Asynchronous on CUDA (:meth:`synchronize` to time it)."""
+        ``self.model`` in place and return the model. Asynchronous on CUDA (:meth:`synchronize` to time it).
+        NaN/inf in the soup raise SoupError (tensor and file) unless ``allow_nonfinite`` (one sync per device)."""
         merged: dict[str, Any] = {}
         for n, w in weights.items():
             tgt = self.duplicates.get(n, n)
@@ -202,6 +203,8 @@ class Remixer:
                 self._mix_tensor(flat, srcs, coeffs, self.out_dtype or src_dt)
             for copy in self.aliases.get(key, ()):  # a tie that the device map broke: same bits in the copy
                 copy.data.view(-1).copy_(flat)
+        if not allow_nonfinite:
+            check_finite(self.targets, [(c, self.experts[c.name]) for c in self.ckpts if c.name in ws])
         return self.model
 
     def _mix_tensor(self, flat: torch.Tensor, srcs: list[torch.Tensor], coeffs: _Coeffs,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import struct
-import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from soce.soup.arith import CHUNK_ELEMS, Coefficients, _acc_dtype, _chunks, mix_into
-from soce.soup.checks import _dedup, _dtype, _open_all, check_weights
+from soce.soup import publish
+from soce.soup.arith import CHUNK_ELEMS, Coefficients, _acc_dtype, _chunks, mix_into, nonfinite_at
+from soce.soup.checks import _dedup, _dtype, _open_all, check_weights, nonfinite_error
 from soce.soup.io import (
     AVERAGED,
     DONOR_FILES,
@@ -95,10 +96,6 @@ def _plan_shards(
     return shards
 
 
-
-
-
-
 class _Slot:
     """Reusable scratch buffers of one in-flight chunk (grown on demand, never shrunk)."""
 
@@ -123,9 +120,10 @@ class _Job:
     count: int
     out_dtype: torch.dtype
     co: Coefficients | None  # None: a non-floating tensor, copied after checking all candidates agree
+    finite: bool = True  # refuse NaN/inf in the result
 
 
-def _jobs(keys: list[str], ckpts: list[Checkpoint], specs: dict, coeffs: dict) -> Iterator[_Job]:
+def _jobs(keys: list[str], ckpts: list[Checkpoint], specs: dict, coeffs: dict, finite: bool) -> Iterator[_Job]:
     for k in keys:
         infos = [c.tensors[k] for c in ckpts]
         src = ST_DTYPES[infos[0].dtype]
@@ -135,7 +133,7 @@ def _jobs(keys: list[str], ckpts: list[Checkpoint], specs: dict, coeffs: dict) -
             continue
         acc = _acc_dtype(*(ST_DTYPES[i.dtype] for i in infos))
         for s, n in _chunks(infos[0].numel, CHUNK_ELEMS):
-            yield _Job(infos, s, n, specs[k][0], coeffs[acc])
+            yield _Job(infos, s, n, specs[k][0], coeffs[acc], finite)
 
 
 def _compute(maps: _Maps, job: _Job, slot: _Slot) -> torch.Tensor:
@@ -146,7 +144,12 @@ def _compute(maps: _Maps, job: _Job, slot: _Slot) -> torch.Tensor:
     srcs = [maps.view(i, job.start, job.count) for i in infos]
     out = slot.get("out", job.out_dtype, job.count)
     acc_dt = job.co.ws[0].dtype
-    mix_into(out, srcs, job.co, slot.get("acc", acc_dt, job.count), slot.get("tmp", acc_dt, job.count))
+    acc = slot.get("acc", acc_dt, job.count)
+    mix_into(out, srcs, job.co, acc, slot.get("tmp", acc_dt, job.count))
+    bad = nonfinite_at(out, acc, srcs) if job.finite else None
+    if bad is not None:
+        raise nonfinite_error(infos[0].key, bad, [(i.file, x) for i, x in zip(infos, srcs, strict=True)],
+                              job.out_dtype, job.start)
     del srcs
     for i in infos:
         maps.drop(i, job.start, job.count)
@@ -205,44 +208,46 @@ def _recipe(ckpts: list[Checkpoint], ws: dict[str, float], donor: str, dtype: to
     return rec
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+CHOSEN_KEYS = ("benchmark", "split", "objective", "score")  # recipe keys shown as "where it was chosen"
+
+
+def _base_model(path: str) -> str:
+    """A candidate as the hub's ``base_model``: its config's ``_name_or_path`` when that is a hub id
+    (``org/name``, not a local path), else its local path."""
+    try:
+        name = json.loads((Path(path) / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if isinstance(name, str) and _HUB_ID.match(name) and ".." not in name and not Path(name).exists():
+        return name
+    return path
+
+
 def _model_card(rec: dict, shards: list[_Shard], copied: list[str]) -> str:
-    rows = "\n".join(
-        f"| {c['name']} | `{c['path']}` | {c['weight']:.6g} |" for c in rec["candidates"]
-    )
+    """README.md: hub front matter (``base_model`` = the ingredients, ``library_name``, ``tags``), the
+    ingredients and weights, where the soup was chosen (recipe keys :data:`CHOSEN_KEYS`), the recipe."""
+    import yaml
+
+    used = [c for c in rec["candidates"] if c["weight"] > 0]
+    front = {"base_model": [_base_model(c["path"]) for c in used], "library_name": "transformers",
+             "tags": ["merge", "soce"]}
+    rows = "\n".join(f"| {c['name']} | `{c['path']}` | {c['weight']:.6g} |" for c in rec["candidates"])
+    chosen = "\n".join(f"- {k}: {rec[k]}" for k in CHOSEN_KEYS if rec.get(k) is not None)
     extra = {k: v for k, v in rec.items() if k not in ("candidates",)}
     return (
-        "---\ntags:\n- soce\n- model-soup\n- merge\n---\n\n"
-        f"# Model soup ({rec.get('strategy', 'linear')})\n\n"
+        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
+        f"# Model soup: {rec.get('strategy', 'linear')}, {len(used)} ingredient(s)\n\n"
         "A linear model soup: every tensor is the weighted average of the candidates' tensors, accumulated "
         f"in float32 and rounded to the output dtype. Written by soce {rec['soce_version']}.\n\n"
         "| candidate | path | weight |\n|---|---|---|\n"
         f"{rows}\n\n"
+        "## Where it was chosen\n\n" + (chosen or "Weights given by the caller (no benchmark recorded).") + "\n\n"
         f"Config, generation config and tokenizer copied from donor **{rec['donor']}**: "
         f"{', '.join(copied) or 'none found'}.\n\n"
         f"Weights in {len(shards)} shard(s).\n\n"
         "## Recipe\n\n```json\n" + json.dumps(extra, indent=2, default=str) + "\n```\n"
     )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_stale(output: Path) -> None:
-    """Remove temporary siblings left by merges that were killed (their process is gone)."""
-    for d in [*output.parent.glob(f".{output.name}.soce-tmp-*"), *output.parent.glob(f".{output.name}.soce-old-*")]:
-        try:
-            pid = int(d.name.rsplit("-", 2)[-2])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def _default_workers() -> int:
@@ -265,18 +270,26 @@ def write_soup(
     normalize: bool = True,
     recipe: Mapping[str, Any] | None = None,
     workers: int | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Stream the weighted average of the candidates' safetensors tensors (file keys) to a Hugging Face
-    checkpoint dir ``output`` and return its path.
+    checkpoint dir ``output`` and return its resolved path.
 
     ``models``: candidate name -> checkpoint dir (or .safetensors file); same resolved path twice is merged
     (weights summed). ``weights``: one finite non-negative weight per candidate, rescaled to sum 1
     (``normalize=False``: rejected unless they sum to 1). ``donor``: candidate whose config, generation
     config and tokenizer files are copied (default: first). ``dtype``: output dtype of floating tensors
-    (default: each tensor's own dtype). ``max_shard_size``: bytes or '5GB'/'500MiB'. Everything is checked
-    before anything is written; the directory appears atomically (an existing one is replaced only with
-    ``overwrite=True``). ``recipe``: extra provenance stored in README.md and the safetensors metadata.
-    ``workers``: compute threads (default: CPUs available, at most 8); torch runs single-threaded meanwhile.
+    (default: each tensor's own dtype). ``max_shard_size``: bytes or '5GB'/'500MiB'. ``recipe``: extra
+    provenance stored in README.md and the safetensors metadata (``split``, ``objective``, ``score``: where
+    the soup was chosen, shown in the model card). ``workers``: compute threads (default: CPUs available, at
+    most 8); torch runs single-threaded meanwhile. ``allow_nonfinite``: keep NaN/inf (else SoupError naming
+    the tensor and file, and nothing is published).
+
+    Inputs, weights and paths are checked before anything is written; ``output`` is resolved (``..``,
+    symlinks) and may not be, contain or lie inside an input, with or without ``overwrite``. The soup
+    appears at ``output`` whole or not at all (see :mod:`soce.soup.publish`): without ``overwrite`` an
+    existing output is never replaced, even one published by a concurrent writer meanwhile; with it the old
+    output stays in place until the new one replaces it. Leftovers of killed writers are cleaned first.
     """
     mp, wts_given, alias = _dedup(models, weights)
     names = list(mp)
@@ -286,74 +299,73 @@ def write_soup(
         raise SoupError(f"donor: {donor!r} is not a candidate (candidates: {', '.join(names)})")
     out_dt = _dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    out = Path(output).expanduser().absolute()
-    for n, p in mp.items():
-        if out == p or p.is_relative_to(out) or out.is_relative_to(p):
-            raise SoupError(f"{out}: output overlaps candidate {n!r} ({p})")
-    if out.exists() and not overwrite:
+    out = publish.output_path(output, mp)
+    publish.recover(out.parent)
+    if os.path.lexists(out) and not overwrite:
         raise SoupError(f"{out}: output exists (pass overwrite=true to replace it)")
     ckpts = _open_all(mp, mixed_ok=out_dt is not None)
-    ref = ckpts[0].tensors
     specs = {k: ((out_dt if out_dt and ST_DTYPES[i.dtype] in AVERAGED else ST_DTYPES[i.dtype]), i.shape)
-             for k, i in ref.items()}
+             for k, i in ckpts[0].tensors.items()}
     rec = _recipe(ckpts, ws, donor, out_dt, alias, recipe)
-    meta = {"format": "pt", "soce_recipe": json.dumps(rec, default=str)}
-    shards = _plan_shards(specs, shard_bytes, meta)
-
+    if allow_nonfinite:
+        rec["allow_nonfinite"] = True
+    shards = _plan_shards(specs, shard_bytes, {"format": "pt", "soce_recipe": json.dumps(rec, default=str)})
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out)
-    tmp = out.parent / f".{out.name}.soce-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.soce-tmp-{publish.owner_tag()}"
     tmp.mkdir()
-    maps = _Maps(sequential=True)
-    threads = torch.get_num_threads()
     try:
         used = [c for c in ckpts if c.name in ws]
-        wl = [ws[c.name] for c in used]
-        coeffs = {dt: Coefficients.make(wl, dt, "cpu", normalize) for dt in (torch.float32, torch.float64)}
-        weight_map: dict[str, str] = {}
-        torch.set_num_threads(1)  # parallel over chunks instead: no OpenMP barriers (costly on busy CPUs)
-        for sh in shards:
-            with open(tmp / sh.name, "wb", buffering=0) as fh:
-                _write_all(fh, sh.header)
-                _stream(maps, _jobs(sh.keys, used, specs, coeffs), fh, workers or _default_workers())
-            weight_map.update(dict.fromkeys(sh.keys, sh.name))
-        torch.set_num_threads(threads)
-        if len(shards) > 1:
-            total = sum(s.size for s in shards)
-            idx = {"metadata": {"total_size": total, "soce_recipe": rec},
-                   "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_NAME).write_text(json.dumps(idx, indent=2, default=str) + "\n")
-        copied = []
-        src = mp[donor]
-        for fname in DONOR_FILES:
-            if (src / fname).is_file():
-                shutil.copyfile(src / fname, tmp / fname)
-                copied.append(fname)
-        if out_dt is not None and (tmp / "config.json").is_file():
-            cfg = json.loads((tmp / "config.json").read_text())
-            name = str(out_dt).removeprefix("torch.")
-            for k in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
-                cfg[k] = name
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        rec["donor_files"] = copied
-        if (src / "config.json").is_file() and "auto_map" in (src / "config.json").read_text():
-            rec["note"] = "config.json has auto_map (custom code): its .py files are not copied; soce never runs them"
-        (tmp / "README.md").write_text(_model_card(rec, shards, copied))
-        (tmp / "soce_recipe.json").write_text(json.dumps(rec, indent=2, default=str) + "\n")
-        maps.close()
-        if out.exists():
-            trash = out.parent / f".{out.name}.soce-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        coeffs = {dt: Coefficients.make([ws[c.name] for c in used], dt, "cpu", normalize)
+                  for dt in (torch.float32, torch.float64)}
+        _write_shards(tmp, shards, [_jobs(sh.keys, used, specs, coeffs, not allow_nonfinite) for sh in shards],
+                      workers or _default_workers())
+        _write_extras(tmp, mp[donor], out_dt, rec, shards)
+        publish.fsync_tree(tmp)
+        publish.publish(tmp, out, overwrite)
     except BaseException:
-        torch.set_num_threads(threads)
-        maps.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_shards(tmp: Path, shards: list[_Shard], jobs: list[Iterator[_Job]], workers: int) -> None:
+    """Each shard: header, then its tensors' chunks in order; fsynced (the index file when sharded)."""
+    maps = _Maps(sequential=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # parallel over chunks instead: no OpenMP barriers (costly on busy CPUs)
+    try:
+        for sh, js in zip(shards, jobs, strict=True):
+            with open(tmp / sh.name, "wb", buffering=0) as fh:
+                _write_all(fh, sh.header)
+                _stream(maps, js, fh, workers)
+    finally:
+        torch.set_num_threads(threads)
+        maps.close()
+
+
+def _write_extras(tmp: Path, src: Path, out_dt: torch.dtype | None, rec: dict, shards: list[_Shard]) -> None:
+    """Index (when sharded), the donor's config/tokenizer files, the model card and the recipe."""
+    if len(shards) > 1:
+        weight_map = {k: sh.name for sh in shards for k in sh.keys}
+        idx = {"metadata": {"total_size": sum(s.size for s in shards), "soce_recipe": rec},
+               "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_NAME).write_text(json.dumps(idx, indent=2, default=str) + "\n")
+    copied = []
+    for fname in DONOR_FILES:
+        if (src / fname).is_file():
+            shutil.copyfile(src / fname, tmp / fname)
+            copied.append(fname)
+    if out_dt is not None and (tmp / "config.json").is_file():
+        cfg = json.loads((tmp / "config.json").read_text())
+        name = str(out_dt).removeprefix("torch.")
+        for k in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
+            cfg[k] = name
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    rec["donor_files"] = copied
+    if (src / "config.json").is_file() and "auto_map" in (src / "config.json").read_text():
+        rec["note"] = "config.json has auto_map (custom code): its .py files are not copied; soce never runs them"
+    (tmp / "README.md").write_text(_model_card(rec, shards, copied))
+    (tmp / "soce_recipe.json").write_text(json.dumps(rec, indent=2, default=str) + "\n")
 
 
 def _write_all(fh, data) -> None:
