@@ -193,6 +193,7 @@ class Config:
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     dtype: str | None = None  # dtype to evaluate and write soups in; None keeps the checkpoints'
     save_soup: bool = True  # write the final soup as a Hugging Face checkpoint into the job dir
+    allow_nonfinite: bool = False  # let NaN/inf weights into soups (default: refused, naming tensor and file)
     report: bool = True  # also score the final soup on the report split (sweep-mode points skip it)
     progress: bool = True  # progress bars (zoo build, scoring, searches)
 

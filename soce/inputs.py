@@ -72,7 +72,7 @@ def make_soup_evaluator(config: Config, benchmark: BenchmarkConfig, models: dict
     device = pick_device(config.device)
     cache = ScoreCache(Path(config.paths.cache_dir))
     return SoupEvaluator(models, candidates, make_evaluator(benchmark, device), cache, device, config.dtype,
-                         item_cache=_item_cache(Path(config.paths.cache_dir)))
+                         item_cache=_item_cache(Path(config.paths.cache_dir)), allow_nonfinite=config.allow_nonfinite)
 
 
 def _item_cache(root: Path) -> Any:

@@ -123,10 +123,12 @@ def write_final_soup(config: Config, inputs: Inputs, plan: Plan, out_dir: Path) 
         return None
     from soce.soup import write_soup
 
-    rec = recipe(config, inputs, plan)
-    if inputs.soups is None:
-        rec = {k: rec[k] for k in ("strategy", "pool", "weights")}
-    return write_soup(paths, ingredients, out_dir / "soup", overwrite=True, recipe=rec)
+    rec = {**recipe(config, inputs, plan), "split": inputs.benchmark.select_split,
+           "objective": inputs.benchmark.objective}
+    if inputs.soups is not None:  # where it was chosen: its selection-split score (cached by the search)
+        rec["score"] = round(float(inputs.soups.scores(ingredients, inputs.benchmark.select_split)["overall"]), 6)
+    return write_soup(paths, ingredients, out_dir / "soup", overwrite=True, recipe=rec,
+                      allow_nonfinite=config.allow_nonfinite)
 
 
 def analyses(config: Config, inputs: Inputs, plan: Plan, result: JobResult,

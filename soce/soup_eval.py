@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from soce.benchmarks import Evaluator, Scores
@@ -32,6 +33,7 @@ class SoupEvaluator:
     device: str = "cpu"
     dtype: str | None = None
     item_cache: Any = None  # soce.items.ItemCache (per-item evaluations) or None
+    allow_nonfinite: bool = False  # NaN/inf in a soup: evaluated (True) or refused with SoupError (False)
     timings: list[tuple[float, float]] = field(default_factory=list)
     fingerprints: dict[str, str] = field(default_factory=dict)
     device_map: Any = None  # {module prefix: device} or "auto": the live model sharded (soce.soup.Remixer)
@@ -42,7 +44,8 @@ class SoupEvaluator:
 
     def __post_init__(self) -> None:
         if not self.fingerprints:
-            self.fingerprints = {name: model_fingerprint(path) for name, path in self.models.items()}
+            memo = Path(self.cache.root) / "fingerprints"  # full hashes of large checkpoints, once per change
+            self.fingerprints = {name: model_fingerprint(path, memo_dir=memo) for name, path in self.models.items()}
         self.context = {"benchmark": self.evaluator.fingerprint(), "metric": self.evaluator.benchmark.metric,
                         "dtype": self.dtype, "device": self.device.split(":")[0], "lm_eval": _lm_eval_version(),
                         "format": CACHE_FORMAT}
@@ -54,7 +57,8 @@ class SoupEvaluator:
     def scores(self, weights: dict[str, float], split: str) -> Scores:
         """Scores of the soup ``weights`` ({name: weight}, any positive sum) on the whole ``split``."""
         live = _live(weights)
-        return self.cache.get_or_compute(self.key(live, split), lambda: self._evaluate(live, split, None))
+        return self.cache.get_or_compute(self.key(live, split), lambda: self._evaluate(live, split, None),
+                                         categories=self.evaluator.benchmark.categories)
 
     def item_scores(self, weights: dict[str, float], split: str, items: dict[str, list[str]]) -> Scores:
         """Per-item scores of the soup on ``items`` of ``split`` ({category: [item id]}), cached per item:
@@ -85,7 +89,7 @@ class SoupEvaluator:
             return self.evaluator.score(model, tokenizer, split, items)
         t0 = time.perf_counter()
         rmx = self._remixer_for(live)
-        model = rmx.mix(live)
+        model = rmx.mix(live, allow_nonfinite=self.allow_nonfinite)
         rmx.synchronize()  # every GPU of the live model
         t1 = time.perf_counter()
         scores = self.evaluator.score(model, self.tokenizer(), split, items)
