@@ -63,7 +63,7 @@ def _tasks(config: Config) -> None:
     if b.backend != "lm_eval" or config.pool.source != "paths":
         return
     known = _task_index(b.task_dir, b.include_default_tasks)
-    split_names = {b.source_split(s) for s in (b.select_split, b.report_split)}
+    split_names = list(dict.fromkeys(b.source_split(s) for s in (b.select_split, b.report_split)))
     missing = [b.task.format(category=c, split=s) for c in b.categories for s in split_names
                if b.task.format(category=c, split=s) not in known]
     if missing:
@@ -239,11 +239,18 @@ def _paths(config: Config) -> None:
             continue
         if str(path).startswith(("/", ".", "~")) or not HUB_ID.match(str(path)):
             raise ConfigError(f"pool {pool.name!r}: checkpoint {name!r} not found at {path}")
-        if offline:
+        if offline and not _in_hub_cache(str(path)):
             raise ConfigError(f"pool {pool.name!r}: checkpoint {name!r}: no local dir {path} (relative to "
-                              f"{os.getcwd()}), and HF_HUB_OFFLINE=1 forbids taking it as a hub id")
+                              f"{os.getcwd()}), not in the local hub cache, and HF_HUB_OFFLINE=1 forbids a download")
     if config.selection.population_csv is None:
         _population_size(len({**pool.population, **pool.candidates}))
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a hub model is in the local Hugging Face cache (what offline mode can load)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def _population_size(n: int) -> None:

@@ -144,7 +144,8 @@ def test_real_multirun_logs_parent_children_and_points(tmp_path, tiny_demo_root)
 
 
 @pytest.mark.parametrize("exp", ["paper_bfcl_70b", "paper_bfcl_8b", "paper_mgsm_7b", "demo_paper_protocol", "demo_gpu"])
-def test_paper_presets_compose(exp):
+def test_paper_presets_compose(exp, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # where the hub is reachable, hub ids are valid checkpoints
     cfg = composed(f"experiment={exp}")
     assert cfg.strategy.name == "soce_weighted"
     if exp == "paper_bfcl_70b":
