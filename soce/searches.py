@@ -29,6 +29,7 @@ class SearchContext:
     on_point: OnPoint | None = None
     evaluate_items: EvaluateItems | None = None  # an evaluation on some items only (None: not available)
     item_ids: dict[str, list[str]] | None = None  # the selection split's items per category
+    evaluate_many: Callable[[list[dict[str, float]]], list[dict[str, float]]] | None = None  # several at once
 
 
 SearchFn = Callable[[SearchContext], method.SearchResult]
@@ -61,7 +62,13 @@ def grid(ctx: SearchContext) -> method.SearchResult:
     """The paper's grid: every weight a multiple of ``step``, at least ``min_weight``, plus the uniform point."""
     c = ctx.config
     points = method.weight_grid(len(ctx.ingredients), c.step, c.min_weight, c.include_uniform)
-    return method.search_weights(ctx.ingredients, points, ctx.evaluate, ctx.on_point)
+    evaluate = ctx.evaluate
+    if ctx.evaluate_many is not None:  # every point at once over the workers, then the serial search replayed
+        from soce import parallel
+
+        ws = [dict(zip(ctx.ingredients, map(float, p), strict=True)) for p in points]
+        evaluate = parallel.replay(ws, ctx.evaluate_many(ws))
+    return method.search_weights(ctx.ingredients, points, evaluate, ctx.on_point)
 
 
 @search("optuna")
