@@ -36,8 +36,11 @@ run: $(STAMP)  ## the main job: uniform / soce_selected / soce_weighted on the d
 	$(PY) -m soce -m strategy=uniform,soce_selected,soce_weighted $(ARGS)
 	$(PY) -m soce.report
 
-ui: $(STAMP)  ## MLflow UI on the project's store: http://127.0.0.1:5000
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --host 127.0.0.1 --port 5000
+UI_PORT ?= 5000
+ui: $(STAMP)  ## MLflow UI on the project's store; prints the addresses that open the latest sweep's views
+	@$(PY) -m soce.report url root=$(CURDIR) base=http://127.0.0.1:$(UI_PORT) || true
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --host 127.0.0.1 \
+		--port $(UI_PORT) --workers 1
 
 bench: $(STAMP)  ## merge-engine benchmark against mergekit (bench-only venv)
 	bash bench/run.sh

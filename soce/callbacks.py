@@ -1,7 +1,14 @@
 """Hydra callbacks: the MLflow parent run of a multirun, created in the driver before any job starts.
 
-Creating the store and the experiment in the driver also avoids the race of several job processes
-migrating a fresh sqlite database at once.
+- the tracking URI is checked first (one line, exit 2, within seconds: :func:`soce.tracking.check_tracking_uri`);
+- the store and experiment are created in the driver under a file lock (no migration race between launches);
+- the parent run is owned by the driver (host, pid, heartbeat): the same sweep launched again while it runs is
+  refused with one line; after a crash (owner gone) the same command resumes it;
+- ``mlflow_parent.json`` in the sweep dir tells the jobs their parent and the overrides that vary;
+- a failed job marks the parent FAILED (Hydra skips ``on_multirun_end`` when a job raises);
+- at the end: the sweep report, one baseline run per candidate, the UI views, parent FINISHED.
+
+The resolver ``${soce.launch:}`` (registered on import) makes each launch's sweep dir unique.
 """
 
 from __future__ import annotations
@@ -9,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +26,27 @@ from omegaconf import DictConfig, OmegaConf
 
 from soce import __version__
 from soce.scores import write_json_atomic
-from soce.tracking import PARENT_FILE, end_run, ensure_experiment, resume_or_start
+from soce.tracking import (
+    PARENT_FILE,
+    Heartbeat,
+    RunBusy,
+    check_tracking_uri,
+    client,
+    end_run,
+    ensure_experiment,
+    job_label,
+    parse_override,
+    read_parent,
+    reap_orphans,
+    resume_or_start,
+    store_lock,
+    this_owner,
+)
 
 log = logging.getLogger(__name__)
+_LAUNCH_ID = secrets.token_hex(3)  # one per driver process; cached in the config, so jobs see the same value
+OmegaConf.register_new_resolver("soce.launch", lambda: _LAUNCH_ID, use_cache=True, replace=True)
+_HEARTBEATS: dict[str, Heartbeat] = {}  # parent run id -> its heartbeat thread (driver only)
 
 
 def sweep_key(overrides: list[str]) -> str:
@@ -28,57 +55,122 @@ def sweep_key(overrides: list[str]) -> str:
     return hashlib.sha256("\n".join(keep).encode()).hexdigest()[:16]
 
 
+def varying_keys(overrides: list[str]) -> list[str]:
+    """The keys of the sweep overrides that take more than one value (choice, range, glob, interval), in
+    command-line order, hydra.* left out: ['strategy', 'selection.tau'] for
+    ``strategy=a,b selection.tau=0.1,0.5 debug=fast``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.get_key_element().split("@", 1)[0].lstrip("+~")
+        if not o.is_sweep_override() or key.startswith(("hydra.", "hydra/")):
+            continue
+        try:
+            n = len(list(o.sweep_string_iterator()))
+        except Exception:  # interval sweeps (optimising sweepers): always varying
+            n = 2
+        if n > 1:
+            out.append(key)
+    return out
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit status 2 (Hydra reports exceptions with a traceback; SystemExit it leaves)."""
+    print(f"soce: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 class MlflowSweepCallback(Callback):
-    """One MLflow parent run per multirun; its id is left in the sweep dir for the jobs."""
+    """One MLflow parent run per multirun; its id and the varying overrides are left in the sweep dir."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        uri = OmegaConf.select(config, "tracking.uri")
+        problem = check_tracking_uri(str(uri)) if uri else None
+        if problem:
+            fail(problem)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.on_run_start(config)
         t = config.tracking
-        uri, name = t.uri, t.experiment
-        exp = ensure_experiment(uri, name, t.artifact_location)
-        sweep_dir = Path(config.hydra.sweep.dir)
+        uri, sweep_dir = str(t.uri), Path(str(config.hydra.sweep.dir))
         overrides = list(config.hydra.overrides.task)
-        # the same command after an interrupted sweep resumes it (same parent run); after a finished one,
-        # a new parent run is started
-        run_id, resumed = resume_or_start(uri, exp, f"sweep {sweep_dir.name}", "soce.sweep_key", sweep_key(overrides),
-                                          tags={"soce.kind": "sweep", "soce.version": __version__,
-                                                "soce.sweep_dir": str(sweep_dir),
-                                                "soce.overrides": " ".join(overrides)[:5000]})
+        key = sweep_key(overrides)
+        tags = {"soce.kind": "sweep", "soce.version": __version__, "soce.sweep_dir": str(sweep_dir),
+                "soce.overrides": " ".join(overrides)[:5000], "soce.varying": json.dumps(varying_keys(overrides))}
+        # find-or-create under one lock: two launches of the same sweep cannot both start (or resume) it
+        with store_lock(uri, sweep_dir.parent):
+            exp = ensure_experiment(uri, str(t.experiment), t.artifact_location)
+            for run_id in reap_orphans(uri, exp):
+                log.info("MLflow run %s was left RUNNING by a process that is gone: marked KILLED", run_id)
+            try:
+                run_id, resumed = resume_or_start(uri, exp, f"sweep {sweep_dir.name}", "soce.sweep_key", key,
+                                                  tags=tags)
+            except RunBusy as e:
+                fail(f"the same sweep is already running ({e}); wait for it to end, or change an override")
         if resumed:
             log.info("resuming the interrupted sweep of MLflow run %s", run_id)
+        _HEARTBEATS[run_id] = Heartbeat(uri, run_id)  # not on self: the callback is pickled to the workers
         write_json_atomic(sweep_dir / PARENT_FILE, {"run_id": run_id, "experiment_id": exp, "uri": uri,
-                                                     "sweep_key": sweep_key(overrides)})
+                                                     "sweep_key": key, "varying": varying_keys(overrides),
+                                                     "owner": this_owner()})
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        # Hydra skips on_multirun_end when a job raises: mark the parent FAILED here.
         from hydra.core.utils import JobStatus
 
-        if job_return.status == JobStatus.FAILED:
-            parent = _parent(config)
-            if parent:
-                end_run(parent["uri"], parent["run_id"], "FAILED")
+        sweep_dir = OmegaConf.select(config, "hydra.sweep.dir")
+        parent = read_parent(str(sweep_dir)) if sweep_dir else None
+        if parent is None:
+            return
+        if job_return.status == JobStatus.FAILED:  # Hydra skips on_multirun_end when a job raises
+            end_run(parent.uri, parent.run_id, "FAILED")
+            return
+        try:
+            label_job_run(config, parent.uri, parent.varying)
+        except Exception as e:  # the label is a convenience: never fail a finished job over it
+            log.warning("could not label the job's MLflow run: %s", e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        parent = _parent(config)
-        if not parent:
-            return
-        from soce.report import write_sweep_report
-        from soce.tracking import client
-
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        parent = read_parent(sweep_dir)
+        if parent is None:
+            return
+        if parent.run_id in _HEARTBEATS:
+            _HEARTBEATS.pop(parent.run_id).stop()
         try:
-            report = write_sweep_report(sweep_dir)
-            if report is not None:
-                for name in ("report.md", "comparison.csv", "correlation.png", "scores.png", "weights.png"):
-                    if (sweep_dir / name).exists():
-                        client(parent["uri"]).log_artifact(parent["run_id"], str(sweep_dir / name))
+            finish_sweep(sweep_dir, parent)
         finally:
-            end_run(parent["uri"], parent["run_id"], "FINISHED")
+            end_run(parent.uri, parent.run_id, "FINISHED")
 
 
-def _parent(config: DictConfig) -> dict | None:
-    try:
-        sweep_dir = OmegaConf.select(config, "hydra.sweep.dir")
-    except Exception:
-        return None
-    marker = Path(str(sweep_dir)) / PARENT_FILE if sweep_dir else None
-    return json.loads(marker.read_text()) if marker and marker.exists() else None
+def label_job_run(config: DictConfig, uri: str, varying: list[str]) -> None:
+    """Name the job's MLflow run by its varying overrides (tags mlflow.runName, soce.label, soce.overrides)
+    unless the job already did; the run is the one its result.json names."""
+    result = Path(str(OmegaConf.select(config, "hydra.runtime.output_dir"))) / "result.json"
+    if not result.is_file():
+        return
+    run_id = json.loads(result.read_text()).get("mlflow_run_id")
+    c = client(uri)
+    if not run_id or c.get_run(run_id).data.tags.get("soce.label"):
+        return
+    overrides = list(OmegaConf.select(config, "hydra.overrides.task") or [])
+    label = job_label(overrides, varying, OmegaConf.select(config, "strategy.name"))
+    for k, v in {"mlflow.runName": label[:240], "soce.label": label[:5000],
+                 "soce.overrides": json.dumps(dict(parse_override(o) for o in overrides))[:5000]}.items():
+        c.set_tag(run_id, k, v)
+
+
+def finish_sweep(sweep_dir: Path, parent: Any) -> None:
+    """The sweep's report (artifacts of the parent), its baseline runs and its UI views."""
+    from soce.report import load_results, log_sweep_baselines, save_sweep_views, write_sweep_report
+
+    report = write_sweep_report(sweep_dir)
+    c = client(parent.uri)
+    if report is not None:
+        for name in ("report.md", "comparison.csv", "correlation.png", "scores.png", "weights.png"):
+            if (sweep_dir / name).exists():
+                c.log_artifact(parent.run_id, str(sweep_dir / name))
+    results = load_results(sweep_dir)
+    if results:
+        log_sweep_baselines(parent, results)
+        save_sweep_views(parent, results)

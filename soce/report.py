@@ -4,8 +4,12 @@
     python -m soce.report experiment=soce-demo parent=<run id> split=test out=DIR
     python -m soce.report dir=outputs/multirun/<date>   # from a multirun directory's result.json files
 
-Rows: one per strategy of the sweep, plus the best single candidate (chosen on the selection split);
-columns: the benchmark's categories and ``overall``, as percentages.
+    python -m soce.report by=selection.tau       # overall, one column per value of a swept override
+    python -m soce.report url                    # the MLflow UI addresses of the latest sweep (make ui)
+
+Rows: one per job of the sweep, named by the overrides that vary across it (``soce_weighted tau=0.1``),
+plus the best single candidate (chosen on the selection split); columns: the benchmark's categories and
+``overall``, as percent with 2 decimals (:func:`soce.tracking.percent`, the one rounding of every report).
 """
 
 from __future__ import annotations
@@ -14,9 +18,26 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
+
+from soce.tracking import (
+    ParentInfo,
+    client,
+    column,
+    find_runs,
+    fmt_pct,
+    job_label,
+    log_baselines,
+    metric_name,
+    mlflow_key,
+    parse_override,
+    percent,
+    read_parent,
+    save_view,
+    sweep_filter,
+    ui_url,
+)
 
 
 def sweep_runs(uri: str, experiment: str, parent: str | None = None) -> tuple[str, pd.DataFrame]:
@@ -27,9 +48,9 @@ def sweep_runs(uri: str, experiment: str, parent: str | None = None) -> tuple[st
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         raise LookupError(f"no MLflow experiment {experiment!r} at {uri}")
+
     def jobs_of(run_id: str) -> pd.DataFrame:
-        return mlflow.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}' and tags.`soce.kind` = 'job'")
+        return mlflow.search_runs([exp.experiment_id], filter_string=sweep_filter(run_id))
 
     if parent is not None:
         return parent, jobs_of(parent)
@@ -44,8 +65,38 @@ def sweep_runs(uri: str, experiment: str, parent: str | None = None) -> tuple[st
     raise LookupError(f"none of the latest {len(sweeps)} sweeps of experiment {experiment!r} has job runs")
 
 
-def comparison_table(jobs: pd.DataFrame, split: str) -> pd.DataFrame:
-    """Strategies (and the best single candidate) x categories + overall, in percent, on ``split``.
+def baseline_runs(uri: str, experiment_id: str, parent: str) -> pd.DataFrame:
+    """The sweep's baseline runs (one per candidate; tag soce.baseline = best_single | candidate)."""
+    import mlflow
+
+    return mlflow.search_runs([experiment_id], filter_string=sweep_filter(parent, "baseline"))
+
+
+def run_labels(jobs: pd.DataFrame) -> list[str]:
+    """Each job run's label (tag soce.label, else its run name, else its strategy), made unique."""
+    def one(job: pd.Series) -> str:
+        for col in ("tags.soce.label", "tags.mlflow.runName", "params.strategy"):
+            if isinstance(job.get(col), str) and job[col]:
+                return job[col]
+        return str(job["run_id"])[:8]
+
+    return unique([one(j) for _, j in jobs.iterrows()])
+
+
+def unique(labels: list[str]) -> list[str]:
+    """Labels with repeats numbered ('a', 'a #2'): two jobs never share a row."""
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:
+        seen[lab] = seen.get(lab, 0) + 1
+        out.append(lab if seen[lab] == 1 else f"{lab} #{seen[lab]}")
+    return out
+
+
+def comparison_table(jobs: pd.DataFrame, split: str, baselines: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Jobs (one row each, named by :func:`run_labels`) and the best single candidate x categories +
+    overall, in percent (:func:`percent`), on ``split``. The best single candidate comes from the sweep's
+    baseline runs, or (older sweeps) from the jobs' ``best_single.*`` metrics.
 
     Jobs not (yet) scored on ``split`` (running, killed, failed) are left out; see :func:`unscored_jobs`."""
     if jobs.empty:
@@ -54,19 +105,29 @@ def comparison_table(jobs: pd.DataFrame, split: str) -> pd.DataFrame:
     if jobs.empty:
         raise LookupError(f"no job of the sweep has scores on split {split!r} yet")
     prefix = f"metrics.{split}."
-    cols = [c for c in jobs.columns if c.startswith(prefix)]
-    cats = [c[len(prefix):] for c in cols if not c.endswith(".overall")]
+    cols = [c for c in jobs.columns if c.startswith(prefix) and not c.startswith(f"{prefix}overall")]
+    cats = [c[len(prefix):] for c in cols]
     if "params.categories" in jobs.columns and isinstance(jobs["params.categories"].iloc[0], str):
-        cats = jobs["params.categories"].iloc[0].split(",")
+        cats = [metric_name(c) for c in jobs["params.categories"].iloc[0].split(",")]
     cats = [*cats, "overall"]
-    rows: dict[str, Any] = {}
     jobs = jobs.sort_values("start_time")
-    for _, job in jobs.iterrows():
-        rows[job["params.strategy"]] = {c: 100 * job[prefix + c] for c in cats}
-    first = jobs.iloc[0]
-    best = f"best single ({first['params.best_single']})"
-    rows[best] = {c: 100 * first[f"metrics.best_single.{split}.{c}"] for c in cats}
-    return pd.DataFrame.from_dict(rows, orient="index")[cats].round(2)
+    rows = {lab: {c: percent(job[prefix + c]) for c in cats} for lab, (_, job) in zip(run_labels(jobs),
+                                                                                     jobs.iterrows(), strict=True)}
+    best = _best_baseline(baselines)
+    if best is not None and prefix + "overall" in best:
+        rows[str(best["tags.soce.label"])] = {c: percent(best.get(prefix + c, float("nan"))) for c in cats}
+    elif f"metrics.best_single.{split}.overall" in jobs.columns:
+        first = jobs.iloc[0]
+        rows[f"best single ({first['params.best_single']})"] = {
+            c: percent(first[f"metrics.best_single.{split}.{c}"]) for c in cats}
+    return pd.DataFrame.from_dict(rows, orient="index")[cats]
+
+
+def _best_baseline(baselines: pd.DataFrame | None) -> pd.Series | None:
+    if baselines is None or baselines.empty or "tags.soce.baseline" not in baselines.columns:
+        return None
+    best = baselines[baselines["tags.soce.baseline"] == "best_single"]
+    return None if best.empty else best.iloc[0]
 
 
 def unscored_jobs(jobs: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -78,29 +139,90 @@ def unscored_jobs(jobs: pd.DataFrame, split: str) -> pd.DataFrame:
 
 
 def load_results(sweep_dir: str | Path) -> list[dict]:
-    """The jobs' result.json files of a multirun directory, in job order."""
+    """The jobs' result.json files of a multirun directory, in job order, each with ``job_dir``,
+    ``overrides`` (the job's task overrides, from Hydra's .hydra/overrides.yaml) and ``label``."""
+    import yaml
+
     files = sorted(Path(sweep_dir).glob("*/result.json"), key=lambda f: (len(f.parent.name), f.parent.name))
-    return [json.loads(f.read_text()) | {"job_dir": str(f.parent)} for f in files]
+    results = []
+    for f in files:
+        ov = f.parent / ".hydra" / "overrides.yaml"
+        overrides = [str(o) for o in (yaml.safe_load(ov.read_text()) or [])] if ov.is_file() else []
+        results.append(json.loads(f.read_text()) | {"job_dir": str(f.parent), "overrides": overrides})
+    parent = read_parent(sweep_dir)
+    label_results(results, parent.varying if parent and parent.varying else None)
+    return results
+
+
+def varying_from(results: list[dict]) -> list[str]:
+    """The override keys whose values differ between the results' jobs (or are missing in some), in order."""
+    per_job = [dict(parse_override(o) for o in r.get("overrides", [])) for r in results]
+    keys = list(dict.fromkeys(k for d in per_job for k in d))
+    return [k for k in keys if not k.startswith("hydra") and len({d.get(k) for d in per_job}) > 1]
+
+
+def label_results(results: list[dict], varying: list[str] | None = None) -> list[str]:
+    """Set each result's ``label`` (:func:`job_label` over ``varying``, default :func:`varying_from`) and
+    ``varying``; labels are unique. Returns the varying keys."""
+    varying = varying_from(results) if varying is None else varying
+    labels = unique([job_label(r.get("overrides", []), varying, _strategy_label(r)) for r in results])
+    for r, lab in zip(results, labels, strict=True):
+        r["label"], r["varying"] = lab, varying
+    return varying
+
+
+def _strategy_label(result: dict) -> str:
+    if result["strategy"] != "fixed":
+        return result["strategy"]
+    return "fixed " + "/".join(f"{w:g}" for w in result["weights"].values() if w > 0)
+
+
+def _label(result: dict) -> str:
+    return result.get("label") or _strategy_label(result)
+
+
+def best_candidate(results: list[dict]) -> tuple[str, dict] | None:
+    """(name, {split: scores}) of the best single candidate of the sweep (picked on the selection split)."""
+    first = results[0]
+    cands = first.get("candidate_scores") or {}
+    if not cands:
+        return None
+    best = first.get("best_single")
+    if best is None:
+        split = first.get("select_split") or next(iter(next(iter(cands.values()))))
+        best = max(cands, key=lambda m: cands[m].get(split, {}).get("overall", float("-inf")))
+    return best, cands[best]
 
 
 def comparison_from_results(results: list[dict], split: str) -> pd.DataFrame:
-    """Strategies (+ best single candidate, picked on the selection split) x categories + overall, in %.
+    """Jobs (one row each, by label) + the best single candidate (picked on the selection split) x
+    categories + overall, in percent (:func:`percent`).
 
     Jobs not scored on ``split`` are left out (sweep-mode points are scored on the selection split only)."""
     scored = [r for r in results if split in r["scores"]]
     if not scored:
         raise LookupError(f"no job of the sweep was scored on split {split!r}")
     cats = [*scored[0]["categories"], "overall"]
-    rows = {_label(r): {c: 100 * r["scores"][split][c] for c in cats} for r in scored}
-    best = scored[0]["best_single"]
-    rows[f"best single ({best})"] = {c: 100 * scored[0]["candidate_scores"][best][split][c] for c in cats}
-    return pd.DataFrame.from_dict(rows, orient="index")[cats].round(2)
+    rows = {_label(r): {c: percent(r["scores"][split][c]) for c in cats} for r in scored}
+    best = best_candidate(scored)
+    if best is not None and split in best[1]:
+        rows[f"best single ({best[0]})"] = {c: percent(best[1][split][c]) for c in cats}
+    return pd.DataFrame.from_dict(rows, orient="index")[cats]
 
 
-def _label(result: dict) -> str:
-    if result["strategy"] != "fixed":
-        return result["strategy"]
-    return "fixed " + "/".join(f"{w:g}" for w in result["weights"].values() if w > 0)
+def pivot(table: pd.DataFrame, values: dict[str, str], by: str, column: str = "overall") -> pd.DataFrame:
+    """``table[column]`` (rows: job labels) pivoted by one override: rows = the rest of each label, columns =
+    ``<short key>=<value>``. ``values``: {label: that job's value of ``by``}; rows without one are dropped."""
+    short = by.rsplit(".", 1)[-1]
+    cells: dict[str, dict[str, float]] = {}
+    for lab, v in values.items():
+        if lab not in table.index:
+            continue
+        rest = " ".join(p for p in lab.split(" ") if not p.startswith(f"{short}=")) or "all"
+        cells.setdefault(rest, {})[f"{short}={v}"] = table.at[lab, column]
+    if not cells:
+        raise LookupError(f"no job of the sweep sets {by!r} (by= takes a swept override key)")
+    return pd.DataFrame.from_dict(cells, orient="index")
 
 
 def family_correlation(corr: pd.DataFrame, families: dict[str, str]) -> tuple[float, float]:
@@ -125,59 +247,78 @@ ORDERINGS = (  # (claim, larger row, smaller row, strict)
 )
 
 
-def orderings(table: pd.DataFrame) -> list[tuple[str, bool, float]]:
-    """The paper's orderings on ``table``'s overall column: (claim, holds, margin in points)."""
+def orderings(table: pd.DataFrame, strategies: dict[str, str] | None = None) -> list[tuple[str, bool, float]]:
+    """The paper's orderings on ``table``'s overall column: (claim, holds, margin in points).
+
+    ``strategies``: {row label: strategy} (default: each row is its strategy). Rows that differ in other
+    overrides too are compared within each group of equal other overrides; the claim then names the group,
+    e.g. 'soce_weighted > uniform (tau=0.1)'."""
     overall = table["overall"]
     best = next((i for i in table.index if str(i).startswith("best single")), None)
+    strategies = strategies or {str(i): str(i) for i in table.index if i != best}
+    groups: dict[str, dict[str, str]] = {}
+    for lab, strat in strategies.items():
+        rest = lab[len(strat):].strip() if lab.startswith(strat) else lab
+        groups.setdefault(rest, {})[strat] = lab
     out = []
-    for claim, hi, lo, strict in ORDERINGS:
-        hi, lo = (best if hi == "best" else hi), (best if lo == "best" else lo)
-        if hi in overall and lo in overall:
-            margin = float(overall[hi] - overall[lo])
-            out.append((claim, margin > 0 if strict else margin >= 0, round(margin, 2)))
+    for rest, rows in groups.items():
+        for claim, hi, lo, strict in ORDERINGS:
+            h, lo_ = (best if hi == "best" else rows.get(hi)), (best if lo == "best" else rows.get(lo))
+            if h is not None and lo_ is not None and h in overall and lo_ in overall:
+                margin = round(float(overall[h] - overall[lo_]), 2)
+                out.append((claim + (f" ({rest})" if rest else ""), margin > 0 if strict else margin >= 0, margin))
     return out
 
 
 def sweep_report(results: list[dict], split: str | None = None) -> str:
-    """A short markdown report of one sweep: table, heatmap, experts and weights, families, orderings."""
+    """A short markdown report of one sweep: the overrides that varied, one row per job, heatmap, experts and
+    weights per job, families, orderings."""
     first = results[0]
     split = split or first.get("report_split", "test")
     table = comparison_from_results(results, split)
     corr = pd.DataFrame(first["correlation"]).T.astype(float)
+    varied = ", ".join(f"`{k}`" for k in first.get("varying", [])) or "none"
     lines = [f"# SoCE sweep report: {first['benchmark']} / pool {first['pool']}", "",
+             f"{len(results)} jobs; overrides that varied: {varied}. Rows are named by them.", "",
              f"Selection split `{first.get('select_split')}` (correlation, experts, weights); "
              f"reported split `{split}` (accuracy %).", "", to_markdown(table), ""]
     if first.get("select_split") == split:
         lines += ["**Warning:** selection and report splits are the same (the paper's protocol): "
                   "the gains are optimistic.", ""]
+    strategies = {_label(r): r["strategy"] for r in results if split in r["scores"]}
     lines += ["## Orderings of the paper", ""]
-    lines += [f"- {'holds' if ok else 'does NOT hold'}: {claim} ({m:+.2f} points)" for claim, ok, m in orderings(table)]
-    lines += ["", "## Selection", "", f"- weak set L: {', '.join(first['weak_set']) or '(empty)'}",
-              "- experts: " + ", ".join(f"{c} -> {m}" for c, m in first.get("expert_of", {}).items())]
+    lines += [f"- {'holds' if ok else 'does NOT hold'}: {claim} ({m:+.2f} points)"
+              for claim, ok, m in orderings(table, strategies)]
+    lines += ["", "## Selection", ""]
     for r in results:
         ws = ", ".join(f"{m} {w:.2f}" for m, w in r["weights"].items() if w > 0)
-        lines.append(f"- `{r['strategy']}` weights: {ws}")
+        experts = ", ".join(f"{c} -> {m}" for c, m in r.get("expert_of", {}).items())
+        lines.append(f"- `{_label(r)}`: L = {', '.join(r['weak_set']) or '(empty)'}; experts: {experts}; "
+                     f"weights: {ws}")
     fam = first.get("families") or {}
     if fam:
         w, a = family_correlation(corr, fam)
         lines += ["", f"Mean |correlation| within families {w:.2f}, across families {a:.2f} "
                       f"(families: {', '.join(sorted(set(fam.values())))})."]
-    lines += ["", "![scores by strategy](scores.png)", "", "![soup weights](weights.png)", "",
+    lines += ["", "![scores by job](scores.png)", "", "![soup weights](weights.png)", "",
               "![category correlation](correlation.png)", ""]
     return "\n".join(lines)
 
 
 def write_sweep_report(sweep_dir: str | Path) -> Path | None:
-    """Write report.md, comparison.csv and the heatmap into the sweep dir; None if no job finished."""
+    """Write report.md, comparison.csv (one row per job) and the figures into the sweep dir; None if no job
+    finished."""
     sweep_dir = Path(sweep_dir)
     results = load_results(sweep_dir)
     if not results:
         return None
     split = results[0].get("report_split", "test")
     if not any(split in r["scores"] for r in results):
-        split = results[0]["select_split"]
+        split = results[0].get("select_split", "")
+    if not any(split in r["scores"] for r in results):  # scores only: no soup was scored
+        return None
     table = comparison_from_results(results, split)
-    table.to_csv(sweep_dir / "comparison.csv")
+    table.to_csv(sweep_dir / "comparison.csv", float_format="%.2f")
     from soce.plots import scores_figure, weights_figure
 
     scores_figure(table, sweep_dir / "scores.png")
@@ -192,16 +333,141 @@ def write_sweep_report(sweep_dir: str | Path) -> Path | None:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured markdown table (no extra dependency)."""
-    head = "| | " + " | ".join(table.columns) + " |"
+    """A GitHub-flavoured markdown table (no extra dependency); values printed with 2 decimals."""
+    head = "| | " + " | ".join(str(c) for c in table.columns) + " |"
     sep = "|---" * (len(table.columns) + 1) + "|"
     body = ["| " + str(i) + " | " + " | ".join(f"{v:.2f}" for v in row) + " |" for i, row in table.iterrows()]
     return "\n".join([head, sep, *body])
 
 
+def format_answer(result: dict, path: str | Path | None = None) -> str:
+    """The log line of a finished job: scores (percent, as the reports print them), L, experts, weights and
+    where result.json is, e.g. 'soce_selected: L = x1, y1; experts: x1 -> alpha, y1 -> beta; weights: alpha
+    0.50, beta 0.50; result: /out/result.json'."""
+    parts = [f"{s} overall {fmt_pct(v['overall'])}%" for s, v in result.get("scores", {}).items()]
+    parts.append(f"L = {', '.join(result.get('weak_set') or []) or '(empty)'}")
+    experts = result.get("expert_of") or {}
+    if experts:
+        parts.append("experts: " + ", ".join(f"{c} -> {m}" for c, m in experts.items()))
+    ws = ", ".join(f"{m} {w:.2f}" for m, w in result.get("weights", {}).items() if w > 0)
+    parts.append(f"weights: {ws or '(none)'}")
+    where = path or (Path(result["job_dir"]) / "result.json" if result.get("job_dir") else None)
+    if where:
+        parts.append(f"result: {where}")
+    return f"{result.get('label') or result['strategy']}: " + "; ".join(parts)
+
+
+def log_sweep_baselines(parent: ParentInfo, results: list[dict]) -> list[str]:
+    """The sweep's candidate baselines, once (see :func:`soce.tracking.log_baselines`)."""
+    best = best_candidate(results)
+    if best is None:
+        return []
+    return log_baselines(parent.uri, parent.experiment_id, parent.run_id, results[0]["candidate_scores"], best[0])
+
+
+def save_sweep_views(parent: ParentInfo, results: list[dict]) -> dict[str, str]:
+    """Saved MLflow UI views: the sweep's job runs (label, overall scores, strategy, tau, experts, report-split
+    categories; best first), and for each job with search points a chart view with one parallel-coordinates
+    chart of its experts' weights against the selection-split overall. Keys are left as tags
+    ``soce.view`` on the parent and the job runs. Returns {'jobs': key, <job label>: key, ...}."""
+    first = results[0]
+    sel = first.get("select_split") or next(iter(next(iter(first["candidate_scores"].values()), {})), "dev")
+    rep = first.get("report_split", "test")
+    main_split = rep if any(rep in r["scores"] for r in results) else sel
+    cats = [metric_name(c) for c in first.get("categories", [])]
+    cols = [column("tags", "soce.label"), column("metrics", f"{main_split}.overall"),
+            column("metrics", f"{sel}.overall"), column("params", "strategy"), column("params", "tau"),
+            column("params", "experts"), *[column("metrics", f"{main_split}.{c}") for c in cats]]
+    c = client(parent.uri)
+    keys = {"jobs": save_view(parent.uri, parent.experiment_id, f"soce-{parent.run_id}", sweep_filter(parent.run_id),
+                              list(dict.fromkeys(cols)), order_by=column("metrics", f"{main_split}.overall"))}
+    c.set_tag(parent.run_id, "soce.view", keys["jobs"])
+    for r in results:
+        run_id = r.get("mlflow_run_id")
+        if not run_id or not find_runs(parent.uri, parent.experiment_id,
+                                       {"mlflow.parentRunId": run_id, "soce.kind": "search_point"}):
+            continue
+        ws = [mlflow_key(f"w.{m}") for m in r.get("experts") or [m for m, w in r["weights"].items() if w > 0]]
+        metric = f"{sel}.overall"
+        keys[_label(r)] = save_view(parent.uri, parent.experiment_id, f"soce-points-{run_id}",
+                                    sweep_filter(run_id, "search_point"),
+                                    [column("params", w) for w in ws] + [column("metrics", metric)],
+                                    order_by=column("metrics", metric), parallel=(ws, [metric]))
+        c.set_tag(run_id, "soce.view", keys[_label(r)])
+    return keys
+
+
 USAGE = ("usage: python -m soce.report [experiment=soce-demo] [parent=RUN_ID] [dir=MULTIRUN_DIR] [split=test] "
-         "[root=.] [uri=MLFLOW_URI] [out=DIR]")
-KEYS = ("experiment", "parent", "dir", "split", "root", "uri", "out")
+         "[by=OVERRIDE_KEY] [root=.] [uri=MLFLOW_URI] [out=DIR]\n"
+         "       python -m soce.report url [base=http://127.0.0.1:5000] [experiment=..] [parent=..] [root=.] [uri=..]")
+KEYS = ("experiment", "parent", "dir", "split", "by", "root", "uri", "out", "base")
+
+
+def _args(argv: list[str]) -> dict[str, str] | str:
+    """{key: value} of ``key=value`` arguments (and 'url'), or the error line."""
+    bad = [a for a in argv if a != "url" and ("=" not in a or a.split("=", 1)[0] not in KEYS)]
+    if bad:
+        return f"unknown argument {bad[0]!r} (known: url, {', '.join(KEYS)})"
+    args = dict(a.split("=", 1) for a in argv if a != "url")
+    if "url" in argv:
+        args["url"] = "1"
+    root = Path(args.get("root", ".")).resolve()
+    db = root / "outputs" / "mlflow.db"
+    args.setdefault("uri", f"sqlite:///{db}")
+    args.setdefault("experiment", "soce-demo")
+    args.setdefault("split", "test")
+    if "dir" not in args and args["uri"] == f"sqlite:///{db}" and not db.is_file():
+        return f"no MLflow store at {db} (run `make run` first, or give root=, uri= or dir=)"
+    return args
+
+
+def _table(args: dict[str, str]) -> tuple[pd.DataFrame, str, list[str], dict[str, str]]:
+    """(table, source, varying keys, {label: value of by=}) from a multirun dir or MLflow."""
+    split, by = args["split"], args.get("by")
+    if "dir" in args:
+        results = load_results(args["dir"])
+        table = comparison_from_results(results, split)
+        values = {r["label"]: v for r in results for k, v in map(parse_override, r["overrides"]) if k == by}
+        return table, args["dir"], results[0]["varying"] if results else [], values
+    import mlflow
+
+    parent, jobs = sweep_runs(args["uri"], args["experiment"], args.get("parent"))
+    exp_id = str(jobs["experiment_id"].iloc[0]) if not jobs.empty else ""
+    table = comparison_table(jobs, split, baseline_runs(args["uri"], exp_id, parent) if exp_id else None)
+    left = unscored_jobs(jobs, split)
+    if not left.empty:
+        names = ", ".join(f"{r.get('tags.mlflow.runName', r['run_id'])} ({r['status']})" for _, r in left.iterrows())
+        print(f"soce.report: left out, no {split} scores yet: {names}", file=sys.stderr)
+    varying = json.loads(mlflow.MlflowClient(args["uri"]).get_run(parent).data.tags.get("soce.varying", "[]"))
+    scored = jobs[~jobs.index.isin(left.index)].sort_values("start_time")
+    values = {}
+    for lab, (_, job) in zip(run_labels(scored), scored.iterrows(), strict=True):
+        tag = job.get("tags.soce.overrides")
+        ov = json.loads(tag) if isinstance(tag, str) and tag else {}
+        if by in ov:
+            values[lab] = ov[by]
+    return table, f"MLflow sweep {parent}, experiment {args['experiment']}", varying, values
+
+
+def print_urls(args: dict[str, str]) -> None:
+    """The MLflow UI addresses of the latest sweep (or ``parent=``): its job runs, and per job with search
+    points its parallel-coordinates view; the plain job filter if the sweep has no saved view."""
+    import mlflow
+
+    base = args.get("base", "http://127.0.0.1:5000")
+    c = mlflow.MlflowClient(args["uri"])
+    try:
+        parent, jobs = sweep_runs(args["uri"], args["experiment"], args.get("parent"))
+    except LookupError as e:
+        print(f"MLflow UI: {base} ({e})")
+        return
+    exp_id = str(jobs["experiment_id"].iloc[0])
+    view = c.get_run(parent).data.tags.get("soce.view")
+    print(f"jobs of sweep {parent}: " + ui_url(base, exp_id, view, None if view else sweep_filter(parent)))
+    for lab, (_, job) in zip(run_labels(jobs), jobs.iterrows(), strict=True):
+        if isinstance(job.get("tags.soce.view"), str):
+            print(f"  search points of {lab} (parallel coordinates): "
+                  + ui_url(base, exp_id, job["tags.soce.view"], mode="CHART"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,41 +475,28 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    bad = [a for a in argv if "=" not in a or a.split("=", 1)[0] not in KEYS]
-    if bad:
-        print(f"soce.report: error: unknown argument {bad[0]!r} (known: {', '.join(KEYS)})", file=sys.stderr)
-        return 2
-    args = dict(a.split("=", 1) for a in argv)
-    root = Path(args.get("root", ".")).resolve()
-    db = root / "outputs" / "mlflow.db"
-    uri = args.get("uri", f"sqlite:///{db}")
-    experiment = args.get("experiment", "soce-demo")
-    split = args.get("split", "test")
-    if "dir" not in args and "uri" not in args and not db.is_file():
-        print(f"soce.report: error: no MLflow store at {db} (run `make run` first, or give root=, uri= or dir=)",
-              file=sys.stderr)
+    args = _args(argv)
+    if isinstance(args, str):
+        print(f"soce.report: error: {args}", file=sys.stderr)
         return 2
     try:
-        if "dir" in args:
-            table, source = comparison_from_results(load_results(args["dir"]), split), args["dir"]
-        else:
-            parent, jobs = sweep_runs(uri, experiment, args.get("parent"))
-            table, source = comparison_table(jobs, split), f"MLflow sweep {parent}, experiment {experiment}"
-            left = unscored_jobs(jobs, split)
-            if not left.empty:
-                names = ", ".join(f"{r.get('tags.mlflow.runName', r['run_id'])} ({r['status']})"
-                                  for _, r in left.iterrows())
-                print(f"soce.report: left out, no {split} scores yet: {names}", file=sys.stderr)
+        if "url" in args:
+            print_urls(args)
+            return 0
+        table, source, varying, values = _table(args)
+        if args.get("by"):
+            table = pivot(table, values, args["by"])
     except LookupError as e:
         print(f"soce.report: error: {e}", file=sys.stderr)
         return 2
     md = to_markdown(table)
-    print(f"\nSoCE comparison on split '{split}' (accuracy %, {source})\n")
+    what = f"overall by {args['by']}" if args.get("by") else "accuracy %"
+    print(f"\nSoCE comparison on split '{args['split']}' ({what}, {source}); varied: {', '.join(varying) or 'none'}\n")
     print(md)
     if "out" in args:
         out = Path(args["out"])
         out.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out / "comparison.csv")
+        table.to_csv(out / "comparison.csv", float_format="%.2f")
         (out / "comparison.md").write_text(md + "\n")
     return 0
 
