@@ -116,8 +116,7 @@ def check_tracking_uri(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> str | 
         except urllib.error.HTTPError as e:
             return f"tracking.uri {uri}: no MLflow server answers (GET /health: HTTP {e.code})"
         except (OSError, ValueError) as e:
-            why = getattr(e, "reason", None) or e
-            return f"tracking.uri {uri}: no MLflow server answers ({why}; waited {timeout:g} s)"
+            return f"tracking.uri {uri}: no MLflow server answers ({_why(e, timeout)})"
     if scheme == "sqlite":
         path = sqlite_path(uri)
         if path is None:
@@ -129,6 +128,14 @@ def check_tracking_uri(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> str | 
     if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
         return f"tracking.uri {uri}: MLflow 3 refuses file stores (use sqlite:///<abs path>/mlflow.db)"
     return None
+
+
+def _why(e: BaseException, timeout: float) -> str:
+    """'Connection refused', 'no answer within 3 s', 'Name or service not known', ..."""
+    reason = getattr(e, "reason", None) or e
+    if isinstance(reason, TimeoutError | socket.timeout) or "timed out" in str(reason):
+        return f"no answer within {timeout:g} s"
+    return getattr(reason, "strerror", None) or str(reason)
 
 
 def configure_http(env: dict[str, str] | None = None) -> None:
@@ -189,11 +196,12 @@ def client(uri: str) -> Any:
     configure_http()
     from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(tracking_uri=uri)
-    if uri not in _READY and sqlite_path(uri) is not None:
-        with store_lock(uri):
-            c.search_experiments(max_results=1)  # builds the store: tables created or migrated here
-        _READY.add(uri)
+    if uri in _READY or sqlite_path(uri) is None:
+        return MlflowClient(tracking_uri=uri)
+    with store_lock(uri):  # the store's tables are created or migrated on first use
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)
+    _READY.add(uri)
     return c
 
 

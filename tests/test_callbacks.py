@@ -1,0 +1,232 @@
+"""Real sweeps through `python -m soce -m ...`: jobs named by their overrides, the MLflow runs a sweep leaves,
+concurrent launches, failures, an unreachable tracking server, leaderboard names. Slow: run one at a time."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import mlflow
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from soce.tracking import percent, sweep_filter
+
+from .conftest import ROOT, soce_cmd
+from .test_tracking import LEADERBOARD, free_port
+
+ROWS = {  # two families of categories, as in test_scores_only
+    "alpha": [80, 78, 60, 62], "beta": [30, 32, 85, 83], "gamma": [60, 61, 20, 22],
+    "delta": [50, 49, 45, 44], "eps": [40, 42, 30, 29], "zeta": [70, 69, 50, 53],
+}
+
+
+def write_csv(path: Path, names: list[str] | None = None, cats=("x1", "x2", "y1", "y2"), extra: str = "") -> Path:
+    names = names or list(ROWS)
+    quote = lambda s: '"' + s.replace('"', '""') + '"'  # noqa: E731
+    lines = ["model," + ",".join(map(quote, cats)) + ("," + "path" if extra else "")]
+    for i, name in enumerate(names):
+        row = list(ROWS.values())[i % len(ROWS)]
+        jitter = [v + i // len(ROWS) for v in row]
+        lines.append(",".join([quote(name), *map(str, jitter)]) + ("," + extra if extra else ""))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def runs(uri: str, experiment: str = "soce-demo") -> pd.DataFrame:
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment])
+
+
+def store(tmp: Path) -> str:
+    return f"sqlite:///{tmp / 'outputs' / 'mlflow.db'}"
+
+
+def run_soce(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(soce_cmd(*args), capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+# ---- a 2 x 2 sweep on the demo, run once for the tests below ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_sweep(tmp_path_factory, tiny_demo_root):
+    tmp = tmp_path_factory.mktemp("sweep2x2")
+    p = run_soce("-m", "strategy=uniform,soce_selected", "selection.tau=0.1,0.5", "debug=fast", "save_soup=false",
+                 f"paths.root_dir={tmp}", f"demo.root={tiny_demo_root}", f"hydra.sweep.dir={tmp / 'sweep'}",
+                 cwd=tmp, timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return tmp
+
+
+LABELS = ["uniform tau=0.1", "uniform tau=0.5", "soce_selected tau=0.1", "soce_selected tau=0.5"]
+
+
+@pytest.mark.slow
+def test_sweep_reports_one_row_per_job(demo_sweep):
+    sweep = demo_sweep / "sweep"
+    dirs = sorted((d for d in sweep.iterdir() if (d / "result.json").is_file()),
+                  key=lambda d: int(d.name.split("_")[0]))
+    results = [json.loads((d / "result.json").read_text()) for d in dirs]
+    assert len(results) == 4
+    csv = pd.read_csv(sweep / "comparison.csv", index_col=0)
+    assert list(csv.index[:4]) == LABELS and csv.index[4].startswith("best single (")
+    for r, label in zip(results, LABELS, strict=True):
+        assert csv.loc[label, "overall"] == percent(r["scores"]["test"]["overall"]), label
+    md = (sweep / "report.md").read_text()
+    assert "overrides that varied: `strategy`, `selection.tau`" in md
+    assert all(f"| {lab} |" in md for lab in LABELS)
+    p = subprocess.run([*soce_cmd()[:2], "soce.report", f"root={demo_sweep}"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rows = [ln for ln in p.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| |")]
+    assert [r.split(" | ")[0][2:] for r in rows[:4]] == LABELS
+    jobs = runs(store(demo_sweep))
+    jobs = jobs[jobs["tags.soce.kind"] == "job"]
+    assert sorted(jobs["tags.mlflow.runName"]) == sorted(LABELS) == sorted(jobs["tags.soce.label"])
+
+
+@pytest.mark.slow
+def test_sweep_leaves_baseline_runs_and_a_ui_view_of_its_jobs(demo_sweep):
+    uri = store(demo_sweep)
+    all_runs = runs(uri)
+    assert "RUNNING" not in set(all_runs["status"])
+    parent = all_runs[all_runs["tags.soce.kind"] == "sweep"].iloc[0]
+    base = all_runs[all_runs["tags.soce.kind"] == "baseline"]
+    assert len(base) == 7 and set(base["tags.mlflow.parentRunId"]) == {parent["run_id"]}  # the demo's 7 candidates
+    assert (base["tags.soce.baseline"] == "best_single").sum() == 1
+    p = subprocess.run([*soce_cmd()[:2], "soce.report", "url", f"root={demo_sweep}"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    url = next(ln for ln in p.stdout.splitlines() if ln.startswith("jobs of sweep")).split(": ", 1)[1]
+    assert url.startswith("http://127.0.0.1:5000/#/experiments/")
+    query = parse_qs(url.split("?", 1)[1])
+    exp = mlflow.get_experiment_by_name("soce-demo")
+    state = json.loads(exp.tags["mlflow.sharedViewState." + query["viewStateShareKey"][0]])
+    assert state["searchFilter"] == sweep_filter(parent["run_id"])
+    found = mlflow.search_runs([exp.experiment_id], filter_string=state["searchFilter"])
+    assert sorted(found["run_id"]) == sorted(all_runs[all_runs["tags.soce.kind"] == "job"]["run_id"])
+    assert "metrics.`test.overall`" in state["selectedColumns"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="needs pipeline hook: the job logs best_single.* metrics itself", strict=False)
+def test_no_constant_baseline_metric_in_every_job_run(demo_sweep):
+    jobs = runs(store(demo_sweep))
+    jobs = jobs[jobs["tags.soce.kind"] == "job"]
+    assert not [c for c in jobs.columns if c.startswith("metrics.best_single.") and jobs[c].notna().any()]
+
+
+# ---- concurrent launches -----------------------------------------------------------------------------------
+
+def launch(tmp: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(soce_cmd("-m", "pool=from_csv", f"pool.csv={tmp / 's.csv'}", f"paths.root_dir={tmp}",
+                                     *args), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_default_output_dirs_are_unique_per_launch():
+    hydra = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "hydra" / "default.yaml"), resolve=False)
+    assert hydra["sweep"]["dir"].endswith("_${soce.launch:}") and hydra["run"]["dir"].endswith("_${soce.launch:}")
+
+
+@pytest.mark.slow
+def test_two_sweeps_in_the_same_second_each_keep_their_jobs(tmp_path):
+    """The same second (forced: one time prefix), a fresh sqlite store, two different sweeps at once."""
+    write_csv(tmp_path / "s.csv")
+    same_second = f"hydra.sweep.dir={tmp_path}/multirun/2026-01-01_00-00-00_${{soce.launch:}}"
+    procs = [launch(tmp_path, "strategy=soce_selected,uniform", f"selection.tau={tau}", same_second)
+             for tau in (0.3, 0.6)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    dirs = sorted((tmp_path / "multirun").iterdir())
+    assert len(dirs) == 2 and all((d / "mlflow_parent.json").is_file() for d in dirs)
+    r = runs(store(tmp_path))
+    assert set(r["status"]) == {"FINISHED"}
+    parents = r[r["tags.soce.kind"] == "sweep"]
+    jobs = r[r["tags.soce.kind"] == "job"]
+    assert len(parents) == 2 and len(jobs) == 4
+    assert sorted(jobs.groupby("tags.mlflow.parentRunId").size()) == [2, 2]
+    for d in dirs:
+        parent = json.loads((d / "mlflow_parent.json").read_text())["run_id"]
+        mine = jobs[jobs["tags.mlflow.parentRunId"] == parent]
+        ids = {json.loads(f.read_text())["mlflow_run_id"] for f in d.glob("*/result.json")}
+        assert ids == set(mine["run_id"])
+
+
+@pytest.mark.slow
+def test_identical_sweeps_at_once_one_refuses(tmp_path):
+    write_csv(tmp_path / "s.csv")
+    procs = [launch(tmp_path, "strategy=soce_selected,uniform") for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], [o[1][-2000:] for o in outs]
+    err = next(o[1] for p, o in zip(procs, outs, strict=True) if p.returncode == 2)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[-1].startswith("soce: error: the same sweep is already running (MLflow run ")
+    assert "Traceback" not in err
+    r = runs(store(tmp_path))
+    assert set(r["status"]) == {"FINISHED"}
+    assert (r["tags.soce.kind"] == "sweep").sum() == 1 and (r["tags.soce.kind"] == "job").sum() == 2
+
+
+@pytest.mark.slow
+def test_failed_job_leaves_no_run_running(tmp_path):
+    """Hydra skips on_multirun_end when a job raises: the parent must end FAILED, not stay RUNNING."""
+    write_csv(tmp_path / "s.csv", extra=str(tmp_path / "no-such-checkpoint"))  # the soup cannot be written
+    p = launch(tmp_path, "strategy=soce_selected,uniform")
+    p.communicate(timeout=900)
+    assert p.returncode != 0
+    r = runs(store(tmp_path))
+    assert "RUNNING" not in set(r["status"])
+    assert r[r["tags.soce.kind"] == "sweep"].iloc[0]["status"] == "FAILED"
+
+
+# ---- the tracking URI --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["-m", "single"])
+def test_unreachable_tracking_server_fails_fast_with_one_line(tmp_path, mode):
+    write_csv(tmp_path / "s.csv")
+    uri = f"http://127.0.0.1:{free_port()}"
+    args = ["pool=from_csv", f"pool.csv={tmp_path / 's.csv'}", "strategy=soce_selected", "tracking=server",
+            f"tracking.uri={uri}", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"]
+    t0 = time.time()
+    p = run_soce(*(["-m"] if mode == "-m" else []), *args, cwd=tmp_path, timeout=300)
+    took = time.time() - t0
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert lines == [f"soce: error: tracking.uri {uri}: no MLflow server answers (Connection refused)"]
+    assert took < 90  # python + hydra startup on a loaded 2-core machine; the check itself takes < 3 s
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_unknown_tracking_scheme_is_refused(tmp_path):
+    write_csv(tmp_path / "s.csv")
+    p = run_soce("pool=from_csv", f"pool.csv={tmp_path / 's.csv'}", "strategy=soce_selected",
+                 "tracking.uri=foo://somewhere", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
+                 cwd=tmp_path, timeout=300)
+    assert p.returncode == 2
+    assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [
+        "soce: error: tracking.uri foo://somewhere: unknown scheme 'foo' (use one of: sqlite, http, https, "
+        "postgresql, mysql, mssql, databricks, file)"]
+
+
+# ---- leaderboard names end to end --------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_leaderboard_names_through_scores_only(tmp_path):
+    """BFCL-style model names and odd category names: result.json, a FINISHED run, names.json maps back."""
+    cats = ("Non-Live (AST)", "Live Acc", "Multi Turn/Base", "Relevance Detection")
+    write_csv(tmp_path / "s.csv", LEADERBOARD, cats)
+    p = run_soce("pool=from_csv", f"pool.csv={tmp_path / 's.csv'}", "strategy=soce_selected",
+                 f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    r = runs(store(tmp_path))
+    job = r[r["run_id"] == result["mlflow_run_id"]].iloc[0]
+    assert job["status"] == "FINISHED"
+    c = mlflow.MlflowClient(store(tmp_path))
+    names = json.loads(Path(c.download_artifacts(job["run_id"], "names.json", str(tmp_path))).read_text())
+    params = {names.get(k[len("params."):], k[len("params."):]) for k in r.columns
+              if k.startswith("params.w.") and pd.notna(job[k])}
+    assert params == {f"w.{n}" for n in LEADERBOARD}
