@@ -152,20 +152,51 @@ def test_two_sweeps_in_the_same_second_each_keep_their_jobs(tmp_path):
         assert ids == set(mine["run_id"])
 
 
+HOLDER = """
+import sys, time
+from soce.callbacks import sweep_key
+from soce.tracking import ensure_experiment, resume_or_start
+uri, overrides = sys.argv[1], sys.argv[2:]
+exp = ensure_experiment(uri, "soce-demo")
+run_id, _ = resume_or_start(uri, exp, "sweep held", "soce.sweep_key", sweep_key(overrides), tags={"soce.kind": "sweep"})
+print(run_id, flush=True)
+time.sleep(600)
+"""
+
+
 @pytest.mark.slow
-def test_identical_sweeps_at_once_one_refuses(tmp_path):
+def test_identical_sweep_refuses_while_its_owner_lives_and_resumes_once_it_is_gone(tmp_path):
+    """A live process owns the sweep's RUNNING parent (as a first launch would): an identical launch refuses
+    with one line and touches nothing; once the owner is killed, the same command resumes that parent."""
+    import os
+    import signal
+    import sys
+
     write_csv(tmp_path / "s.csv")
-    procs = [launch(tmp_path, "strategy=soce_selected,uniform") for _ in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
-    codes = sorted(p.returncode for p in procs)
-    assert codes == [0, 2], [o[1][-2000:] for o in outs]
-    err = next(o[1] for p, o in zip(procs, outs, strict=True) if p.returncode == 2)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert lines[-1].startswith("soce: error: the same sweep is already running (MLflow run ")
-    assert "Traceback" not in err
+    sweep = ["pool=from_csv", f"pool.csv={tmp_path / 's.csv'}", f"paths.root_dir={tmp_path}",
+             "strategy=soce_selected,uniform"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, store(tmp_path), *sweep], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        parent = holder.stdout.readline().strip()
+        assert parent, "the holder did not start"
+        p = run_soce("-m", *sweep, cwd=tmp_path)
+        assert p.returncode == 2, p.stderr[-2000:]
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert lines[-1] == (f"soce: error: the same sweep is already running (MLflow run {parent} (sweep held) is "
+                             f"RUNNING in pid {holder.pid} on {__import__('socket').gethostname()}); wait for it to "
+                             "end, or change an override")
+        r = runs(store(tmp_path))
+        assert list(r["run_id"]) == [parent] and r.iloc[0]["status"] == "RUNNING"  # nothing resumed or added
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    p = run_soce("-m", *sweep, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
     r = runs(store(tmp_path))
     assert set(r["status"]) == {"FINISHED"}
-    assert (r["tags.soce.kind"] == "sweep").sum() == 1 and (r["tags.soce.kind"] == "job").sum() == 2
+    sweeps, jobs = r[r["tags.soce.kind"] == "sweep"], r[r["tags.soce.kind"] == "job"]
+    assert list(sweeps["run_id"]) == [parent] and len(jobs) == 2 and set(jobs["tags.mlflow.parentRunId"]) == {parent}
 
 
 @pytest.mark.slow
