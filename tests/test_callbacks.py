@@ -118,6 +118,9 @@ def test_no_constant_baseline_metric_in_every_job_run(demo_sweep):
 
 # ---- concurrent launches -----------------------------------------------------------------------------------
 
+CSV_EXPERIMENT = "soce-s"  # a score table's run is filed under its file name (s.csv), not the demo benchmark
+
+
 def launch(tmp: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(soce_cmd("-m", "pool=from_csv", f"pool.csv={tmp / 's.csv'}", f"paths.root_dir={tmp}",
                                      *args), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -139,7 +142,7 @@ def test_two_sweeps_in_the_same_second_each_keep_their_jobs(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     dirs = sorted((tmp_path / "multirun").iterdir())
     assert len(dirs) == 2 and all((d / "mlflow_parent.json").is_file() for d in dirs)
-    r = runs(store(tmp_path))
+    r = runs(store(tmp_path), CSV_EXPERIMENT)
     assert set(r["status"]) == {"FINISHED"}
     parents = r[r["tags.soce.kind"] == "sweep"]
     jobs = r[r["tags.soce.kind"] == "job"]
@@ -157,7 +160,7 @@ import sys, time
 from soce.callbacks import sweep_key
 from soce.tracking import ensure_experiment, resume_or_start
 uri, overrides = sys.argv[1], sys.argv[2:]
-exp = ensure_experiment(uri, "soce-demo")
+exp = ensure_experiment(uri, "soce-s")
 run_id, _ = resume_or_start(uri, exp, "sweep held", "soce.sweep_key", sweep_key(overrides), tags={"soce.kind": "sweep"})
 print(run_id, flush=True)
 time.sleep(600)
@@ -186,14 +189,14 @@ def test_identical_sweep_refuses_while_its_owner_lives_and_resumes_once_it_is_go
         assert lines[-1] == (f"soce: error: the same sweep is already running (MLflow run {parent} (sweep held) is "
                              f"RUNNING in pid {holder.pid} on {__import__('socket').gethostname()}); wait for it to "
                              "end, or change an override")
-        r = runs(store(tmp_path))
+        r = runs(store(tmp_path), CSV_EXPERIMENT)
         assert list(r["run_id"]) == [parent] and r.iloc[0]["status"] == "RUNNING"  # nothing resumed or added
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
     p = run_soce("-m", *sweep, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
-    r = runs(store(tmp_path))
+    r = runs(store(tmp_path), CSV_EXPERIMENT)
     assert set(r["status"]) == {"FINISHED"}
     sweeps, jobs = r[r["tags.soce.kind"] == "sweep"], r[r["tags.soce.kind"] == "job"]
     assert list(sweeps["run_id"]) == [parent] and len(jobs) == 2 and set(jobs["tags.mlflow.parentRunId"]) == {parent}
@@ -206,7 +209,7 @@ def test_failed_job_leaves_no_run_running(tmp_path):
     p = launch(tmp_path, "strategy=soce_selected,uniform")
     p.communicate(timeout=900)
     assert p.returncode != 0
-    r = runs(store(tmp_path))
+    r = runs(store(tmp_path), CSV_EXPERIMENT)
     assert "RUNNING" not in set(r["status"])
     assert r[r["tags.soce.kind"] == "sweep"].iloc[0]["status"] == "FAILED"
 
@@ -246,14 +249,15 @@ def test_unknown_tracking_scheme_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_leaderboard_names_through_scores_only(tmp_path):
-    """BFCL-style model names and odd category names: result.json, a FINISHED run, names.json maps back."""
+    """BFCL-style model names and odd category names: result.json, a FINISHED run in the experiment named after
+    the table, names.json maps the MLflow keys back to the real names."""
     cats = ("Non-Live (AST)", "Live Acc", "Multi Turn/Base", "Relevance Detection")
-    write_csv(tmp_path / "s.csv", LEADERBOARD, cats)
-    p = run_soce("pool=from_csv", f"pool.csv={tmp_path / 's.csv'}", "strategy=soce_selected",
+    write_csv(tmp_path / "bfcl_v3_live.csv", LEADERBOARD, cats)
+    p = run_soce("pool=from_csv", f"pool.csv={tmp_path / 'bfcl_v3_live.csv'}", "strategy=soce_selected",
                  f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    r = runs(store(tmp_path))
+    r = runs(store(tmp_path), "soce-bfcl_v3_live")  # the experiment is named after the table
     job = r[r["run_id"] == result["mlflow_run_id"]].iloc[0]
     assert job["status"] == "FINISHED"
     c = mlflow.MlflowClient(store(tmp_path))
