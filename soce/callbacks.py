@@ -8,8 +8,7 @@
 - a failed job marks the parent FAILED (Hydra skips ``on_multirun_end`` when a job raises);
 - at the end: the sweep report, one baseline run per candidate, the UI views, parent FINISHED.
 
-Resolvers registered on import: ``${soce.launch:}`` makes each launch's output dirs unique;
-``${soce.experiment:...}`` names the MLflow experiment (:func:`soce.tracking.experiment_name`).
+The resolver ``${soce.launch:}`` (registered on import) makes each launch's output dirs unique.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ from soce.tracking import (
     client,
     end_run,
     ensure_experiment,
-    experiment_name,
     job_label,
     parse_override,
     read_parent,
@@ -48,7 +46,6 @@ from soce.tracking import (
 log = logging.getLogger(__name__)
 _LAUNCH_ID = secrets.token_hex(3)  # one per driver process; cached in the config, so jobs see the same value
 OmegaConf.register_new_resolver("soce.launch", lambda: _LAUNCH_ID, use_cache=True, replace=True)
-OmegaConf.register_new_resolver("soce.experiment", experiment_name, replace=True)  # conf/tracking/*.yaml
 _HEARTBEATS: dict[str, Heartbeat] = {}  # parent run id -> its heartbeat thread (driver only)
 
 

@@ -154,14 +154,6 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path) if path.startswith("/") else None
 
 
-def experiment_name(benchmark: str, source: str = "paths", csv: str | None = None) -> str:
-    """``soce-<benchmark>``; a score-table run (``pool.source=csv``) left on the default benchmark (``demo``, which
-    a leaderboard table never is) is named after its table instead: ``soce-<CSV file stem>``."""
-    if source == "csv" and csv and benchmark == "demo":
-        return f"soce-{Path(csv).stem}"
-    return f"soce-{benchmark}"
-
-
 # ---- the store: created once, under a file lock ----------------------------------------------------------
 
 _READY: set[str] = set()

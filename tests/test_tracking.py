@@ -33,7 +33,6 @@ from soce.tracking import (
     ui_url,
 )
 
-from .conftest import ROOT
 from .test_scale import free_port, mlflow_server  # noqa: F401  (fixture: a real server on 127.0.0.1)
 
 LEADERBOARD = [  # names as public leaderboards spell them
@@ -246,18 +245,3 @@ def test_check_tracking_uri_schemes_and_closed_port(tmp_path):
 def test_check_tracking_uri_against_a_real_server(mlflow_server):  # noqa: F811
     assert check_tracking_uri(mlflow_server) is None
 
-
-def test_experiment_is_named_after_the_benchmark_or_the_score_table(tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    import soce.callbacks  # noqa: F401  (registers the soce.* resolvers)
-    from soce.config import register_configs
-    from soce.tracking import experiment_name
-
-    assert experiment_name("mgsm") == "soce-mgsm" == experiment_name("mgsm", "csv", "/x/lb.csv")
-    assert experiment_name("demo", "csv", "/x/bfcl_v3.csv") == "soce-bfcl_v3"
-    register_configs()
-    csv = tmp_path / "bfcl_v3.csv"
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        assert compose("config", overrides=["pool=from_csv", f"pool.csv={csv}"]).tracking.experiment == "soce-bfcl_v3"
-        assert compose("config", overrides=["benchmark=mgsm"]).tracking.experiment == "soce-mgsm"
