@@ -245,3 +245,16 @@ def test_check_tracking_uri_schemes_and_closed_port(tmp_path):
 def test_check_tracking_uri_against_a_real_server(mlflow_server):  # noqa: F811
     assert check_tracking_uri(mlflow_server) is None
 
+
+
+def test_mlflow_gives_up_on_a_dead_server_within_seconds():
+    """MLflow's own retries (7, backoff 2: minutes) are cut to a few seconds for soce's processes."""
+    from soce.tracking import client
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    c = client(uri)  # sets MLFLOW_HTTP_REQUEST_MAX_RETRIES/TIMEOUT/BACKOFF_FACTOR unless the user did
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    t0 = time.time()
+    with pytest.raises(Exception):  # noqa: B017 (MLflow's exception type for exhausted retries varies)
+        c.search_experiments(max_results=1)
+    assert time.time() - t0 < 20
