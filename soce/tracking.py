@@ -32,6 +32,8 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
+from soce.owners import _pid_alive, start_time
+
 log = logging.getLogger(__name__)
 
 PARENT_FILE = "mlflow_parent.json"  # in a multirun's sweep dir: see ParentInfo
@@ -227,17 +229,9 @@ def ensure_experiment(uri: str, name: str, artifact_location: str | None = None)
 
 # ---- owners: who may reopen a RUNNING run ----------------------------------------------------------------
 
-def _proc_start(pid: int) -> str:
-    """The process's start time in clock ticks since boot ('' where /proc is not there): pid reuse guard."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
 def this_owner() -> str:
     """``host:pid:start`` of this process."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid())}"
+    return f"{socket.gethostname()}:{os.getpid()}:{start_time(os.getpid()) or ''}"
 
 
 def owner_gone(owner: str | None, heartbeat: float | None, now: float | None = None) -> bool:
@@ -248,16 +242,12 @@ def owner_gone(owner: str | None, heartbeat: float | None, now: float | None = N
     host, pid_s, start = (owner.split(":") + ["", ""])[:3]
     if host != socket.gethostname():
         return heartbeat is None or (now or time.time()) - heartbeat > STALE_AFTER_S
-    try:
-        pid = int(pid_s)
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_s.isdigit():
         return True
-    except PermissionError:
-        return False
-    except ValueError:
+    pid = int(pid_s)
+    if not _pid_alive(pid):
         return True
-    return bool(start) and _proc_start(pid) not in ("", start)
+    return bool(start) and start_time(pid) not in (None, start)
 
 
 def _run_owner_gone(run: Any) -> bool:
