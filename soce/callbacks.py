@@ -100,7 +100,7 @@ class MlflowSweepCallback(Callback):
                 "soce.overrides": " ".join(overrides)[:5000], "soce.varying": json.dumps(varying_keys(overrides))}
         # find-or-create under one lock: two launches of the same sweep cannot both start (or resume) it
         with store_lock(uri, sweep_dir.parent):
-            exp = ensure_experiment(uri, str(t.experiment), t.artifact_location)
+            exp = ensure_experiment(uri, sweep_experiment(config), t.artifact_location)
             for run_id in reap_orphans(uri, exp):
                 log.info("MLflow run %s was left RUNNING by a process that is gone: marked KILLED", run_id)
             try:
@@ -141,6 +141,20 @@ class MlflowSweepCallback(Callback):
             finish_sweep(sweep_dir, parent)
         finally:
             end_run(parent.uri, parent.run_id, "FINISHED")
+
+
+def sweep_experiment(config: DictConfig) -> str:
+    """The experiment the sweep's jobs log to, so that the parent run lives beside them: ``tracking.experiment``,
+    or for a score table whose categories are not the benchmark's, ``soce-<CSV stem>`` (soce.inputs' rule)."""
+    name = str(config.tracking.experiment)
+    pool, bench = config.pool, config.benchmark
+    if pool.source != "csv" or not pool.csv or name != f"soce-{bench.name}":
+        return name
+    from soce.scores import read_score_csv
+
+    if set(read_score_csv(str(pool.csv))[0].columns) != set(bench.categories):
+        return f"soce-{Path(str(pool.csv)).stem}"
+    return name
 
 
 def label_job_run(config: DictConfig, uri: str, varying: list[str]) -> None:

@@ -43,7 +43,7 @@ HEARTBEAT_S = 30.0  # an owned RUNNING run's heartbeat tag is refreshed this oft
 STALE_AFTER_S = 300.0  # a run owned on ANOTHER host is gone after this long without a heartbeat (seconds)
 HTTP_RETRIES, HTTP_TIMEOUT_S = "2", "20"  # MLflow's HTTP retry settings for jobs (its defaults: 7, 120 s)
 PREFLIGHT_TIMEOUT_S = 3.0
-SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # as soce.preflight
 JOBS_FILTER = "tags.`soce.kind` = 'job'"
 VIEW_TAG = "mlflow.sharedViewState."  # experiment tag the MLflow UI reads for ?viewStateShareKey=<key>
 
@@ -127,8 +127,6 @@ def check_tracking_uri(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> str | 
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             return f"tracking.uri {uri}: cannot create {path.parent} ({e.strerror})"
-    if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
-        return f"tracking.uri {uri}: MLflow 3 refuses file stores (use sqlite:///<abs path>/mlflow.db)"
     return None
 
 

@@ -205,13 +205,14 @@ def test_identical_sweep_refuses_while_its_owner_lives_and_resumes_once_it_is_go
 @pytest.mark.slow
 def test_failed_job_leaves_no_run_running(tmp_path):
     """Hydra skips on_multirun_end when a job raises: the parent must end FAILED, not stay RUNNING."""
-    write_csv(tmp_path / "s.csv", extra=str(tmp_path / "no-such-checkpoint"))  # the soup cannot be written
+    (tmp_path / "empty").mkdir()  # a checkpoint dir without weights: the soup cannot be written
+    write_csv(tmp_path / "s.csv", extra=str(tmp_path / "empty"))
     p = launch(tmp_path, "strategy=soce_selected,uniform")
     p.communicate(timeout=900)
     assert p.returncode != 0
     r = runs(store(tmp_path), CSV_EXPERIMENT)
     assert "RUNNING" not in set(r["status"])
-    assert r[r["tags.soce.kind"] == "sweep"].iloc[0]["status"] == "FAILED"
+    assert list(r[r["tags.soce.kind"] == "sweep"]["status"]) == ["FAILED"]  # beside its jobs, in their experiment
 
 
 # ---- the tracking URI --------------------------------------------------------------------------------------
@@ -240,9 +241,8 @@ def test_unknown_tracking_scheme_is_refused(tmp_path):
                  "tracking.uri=foo://somewhere", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
                  cwd=tmp_path, timeout=300)
     assert p.returncode == 2
-    assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [
-        "soce: error: tracking.uri foo://somewhere: unknown scheme 'foo' (use one of: sqlite, http, https, "
-        "postgresql, mysql, mssql, databricks, file)"]
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("soce: error: tracking.uri ") and "unknown scheme 'foo'" in lines[0]
 
 
 # ---- leaderboard names end to end --------------------------------------------------------------------------
