@@ -7,7 +7,6 @@ sweep, every value of every swept key), so a bad input fails with one line and n
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -23,7 +22,6 @@ from soce.preflight import CONF_DIR, job_overrides, preflight
 
 register_configs()
 log = logging.getLogger("soce")
-PARENT_FILE = "mlflow_parent.json"  # soce.tracking.PARENT_FILE (not imported: keeps --help fast)
 # Hydra's own flags: they compose no job, so there is nothing to check first
 _NO_PREFLIGHT = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--package", "-p",
                  "--shell-completion", "-sc", "--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp",
@@ -34,28 +32,26 @@ _NO_PREFLIGHT = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", 
 def hydra_main(cfg: DictConfig) -> None:
     from soce.callbacks import sweep_key
     from soce.pipeline import run
+    from soce.report import format_answer
+    from soce.tracking import end_run, job_label, read_parent
 
     hc = HydraConfig.get()
-    parent, job_key = None, None
-    if hc.mode == RunMode.MULTIRUN:
-        marker = Path(hc.sweep.dir) / PARENT_FILE
-        if marker.exists():
-            info = json.loads(marker.read_text())
-            parent = info["run_id"]
-            job_key = sweep_key([info.get("sweep_key", ""), *hc.overrides.task])
+    overrides = list(hc.overrides.task)
+    info = read_parent(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    parent = info.run_id if info else None
+    job_key = sweep_key([info.sweep_key, *overrides]) if info else None
+    label = job_label(overrides, info.varying if info else [], cfg.strategy.name)
+    out_dir = Path(hc.runtime.output_dir)
     try:
-        result = run(typed(cfg), Path(hc.runtime.output_dir), parent, job_key)
-    except ValueError as e:  # ConfigError, SoupError, ScoreTable problems: bad input found inside the job
+        result = run(typed(cfg), out_dir, parent, job_key, label=label, overrides=overrides)
+    except ValueError as e:  # ConfigError, SoupError, score-table problems: bad input found inside the job
         if not _is_input_error(e) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"soce: error: {e}", file=sys.stderr)
-        if parent:  # Hydra skips its callbacks when a job exits: the sweep's parent run ends here
-            from soce.tracking import end_run
-
-            end_run(json.loads(marker.read_text())["uri"], parent, "FAILED")
+        if info:  # Hydra skips its callbacks when a job exits: the sweep's parent run ends here
+            end_run(info.uri, info.run_id, "FAILED")
         raise SystemExit(2) from None
-    log.info("%s: %s", result.strategy,
-             ", ".join(f"{s} overall {100 * v['overall']:.2f}%" for s, v in result.scores.items()))
+    log.info(format_answer(result.to_json(), out_dir / "result.json"))
 
 
 def _is_input_error(e: BaseException) -> bool:

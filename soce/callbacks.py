@@ -8,7 +8,7 @@
 - a failed job marks the parent FAILED (Hydra skips ``on_multirun_end`` when a job raises);
 - at the end: the sweep report, one baseline run per candidate, the UI views, parent FINISHED.
 
-The resolver ``${soce.launch:}`` (registered on import) makes each launch's output dirs unique.
+The resolver ``${soce.launch:}`` (soce.config.register_configs) makes each launch's output dirs unique.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,8 +43,6 @@ from soce.tracking import (
 )
 
 log = logging.getLogger(__name__)
-_LAUNCH_ID = secrets.token_hex(3)  # one per driver process; cached in the config, so jobs see the same value
-OmegaConf.register_new_resolver("soce.launch", lambda: _LAUNCH_ID, use_cache=True, replace=True)
 _HEARTBEATS: dict[str, Heartbeat] = {}  # parent run id -> its heartbeat thread (driver only)
 
 

@@ -7,6 +7,7 @@ is checked: an unknown key or a wrong type fails at compose time, before anythin
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,9 +199,16 @@ class Config:
     progress: bool = True  # progress bars (zoo build, scoring, searches)
 
 
+_LAUNCH_ID = secrets.token_hex(3)  # one per driver process; cached in the config, so jobs see the same value
+
+
 def register_configs() -> None:
-    """Register the root schema in Hydra's ConfigStore; ``conf/config.yaml`` lists it first."""
+    """Register the root schema in Hydra's ConfigStore (``conf/config.yaml`` lists it first) and the resolver
+    ``${soce.launch:}``, a random id per launch that makes output dirs unique (conf/hydra/default.yaml)."""
+    from omegaconf import OmegaConf
+
     ConfigStore.instance().store(name="_config_schema", node=Config)
+    OmegaConf.register_new_resolver("soce.launch", lambda: _LAUNCH_ID, use_cache=True, replace=True)
 
 
 def unknown_keys(cfg: Any, schema: type = Config, prefix: str = "") -> list[str]:

@@ -54,6 +54,7 @@ class JobResult:
     evaluated: int  # evaluations run by this job (the rest came from the cache)
     cached: int
     objective: str = "mean"
+    label: str = ""  # the job's name: strategy + the overrides that vary across its sweep
     search: dict[str, Any] = field(default_factory=dict)  # what the search spent (points, items)
     timing: dict[str, float] = field(default_factory=dict)
     analysis: dict[str, Any] = field(default_factory=dict)
@@ -63,14 +64,22 @@ class JobResult:
         return dataclasses.asdict(self)
 
 
-def start_tracker(config: Config, inputs: Inputs, parent_run_id: str | None, job_key: str | None) -> JobTracker:
-    """The job's MLflow run (resumed when ``job_key`` names an interrupted one)."""
+def start_tracker(config: Config, inputs: Inputs, parent_run_id: str | None, job_key: str | None,
+                  label: str | None = None, overrides: list[str] | None = None) -> JobTracker:
+    """The job's MLflow run (resumed when ``job_key`` names an interrupted one), named ``label``."""
     tags = {"soce.kind": "job", "soce.version": __version__}
     if inputs.soups is None:
         tags["soce.scores_only"] = "true"
     t = config.tracking
     return JobTracker.start(t.uri, inputs.experiment, t.artifact_location, name=config.strategy.name,
-                            parent_run_id=parent_run_id, tags=tags, job_key=job_key)
+                            parent_run_id=parent_run_id, tags=tags, job_key=job_key, label=label, overrides=overrides)
+
+
+def log_baselines_of(tracker: JobTracker, result: JobResult) -> None:
+    """A single job's baselines (one run per candidate, nested under the job's run); sweeps log theirs once."""
+    from soce.tracking import log_baselines
+
+    log_baselines(tracker.uri, tracker.experiment_id, tracker.run_id, result.candidate_scores, result.best_single)
 
 
 class SearchProgress:
@@ -245,10 +254,9 @@ def job_params(config: Config, inputs: Inputs, selection: Selection, result: Job
 
 
 def job_metrics(inputs: Inputs, plan: Plan, result: JobResult, analysis: dict[str, float]) -> dict[str, float]:
-    """The job's MLflow metrics: the soup's scores per split, the best single candidate's, the search's cost."""
-    best = {s: inputs.candidate_scores[s][result.best_single] for s in inputs.candidate_scores}
-    metrics = {**split_metrics(result.scores),
-               **split_metrics({s: _plain(v) for s, v in best.items()}, prefix="best_single."), **analysis}
+    """The job's MLflow metrics: the soup's scores per split and what the search cost (the candidates' scores
+    are baseline runs, logged once per sweep, not constants repeated in every job)."""
+    metrics = {**split_metrics(result.scores), **analysis}
     if inputs.soups is None:
         metrics["population.size"] = len(inputs.population)
     if plan.trace is not None:
@@ -262,7 +270,3 @@ def matrix(df: pd.DataFrame) -> dict[str, dict[str, float | None]]:
     """A correlation matrix as nested dicts, NaN as None (JSON has no NaN)."""
     return {c: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
             for c, row in df.to_dict("index").items()}
-
-
-def _plain(scores: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in scores.items() if k not in ("samples", "item_ids")}

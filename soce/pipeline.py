@@ -30,24 +30,30 @@ __all__ = ["ConfigError", "JobResult", "run", "validate"]
 
 
 def run(cfg: Config | Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None = None,
-        job_key: str | None = None) -> JobResult:
+        job_key: str | None = None, label: str | None = None, overrides: list[str] | None = None) -> JobResult:
     """Run one job; write ``result.json`` (and the soup) into ``out_dir``.
 
     ``job_key`` identifies the job within its sweep: an interrupted job with the same key is resumed in
-    MLflow (same run, missing search points only); evaluations are resumed through the score cache."""
+    MLflow (same run, missing search points only); evaluations are resumed through the score cache.
+    ``label`` names the job by the overrides that vary across its sweep (its MLflow run name and tag);
+    ``overrides`` (the job's own) are logged as a tag."""
     config = cfg if isinstance(cfg, Config) else typed(cfg)
     validate(config)
     out_dir, t0 = Path(out_dir), time.time()
     inputs = gather(config)  # score tables (cached), Algorithm 1's input
     selection = select_experts(config, inputs)  # steps 1-2: correlation, L, experts
-    tracker = outputs.start_tracker(config, inputs, parent_run_id, job_key)
+    label = label or config.strategy.name
+    tracker = outputs.start_tracker(config, inputs, parent_run_id, job_key, label, overrides)
     with finished_or_failed(tracker):
         plan = plan_soup(config, inputs, selection, tracker)  # step 3: the strategy (and its weight search)
         soup_path = outputs.write_final_soup(config, inputs, plan, out_dir)  # step 4: the soup on disk
         result = make_result(config, inputs, selection, plan, soup_path, tracker)
+        result.label = label
         analysis_metrics, result.analysis = outputs.analyses(config, inputs, plan, result, out_dir)
         result.seconds = round(time.time() - t0, 1)
         outputs.record(tracker, config, inputs, selection, plan, result, out_dir, analysis_metrics)
+        if parent_run_id is None:  # a sweep logs its baselines once, under its parent (soce.callbacks)
+            outputs.log_baselines_of(tracker, result)
     return result
 
 

@@ -265,6 +265,11 @@ def _tracking(config: Config) -> None:
     if scheme not in TRACKING_SCHEMES:
         raise ConfigError(f"tracking.uri {uri!r}: unknown scheme {scheme!r}; use one of "
                           f"{', '.join(TRACKING_SCHEMES)} (e.g. sqlite:////abs/mlflow.db or http://127.0.0.1:5000)")
+    from soce.tracking import check_tracking_uri
+
+    problem = check_tracking_uri(uri)  # a server that does not answer fails here, in seconds
+    if problem:
+        raise ConfigError(problem)
 
 
 def job_overrides(overrides: list[str], max_jobs: float = MAX_CHECKED_JOBS) -> list[list[str]]:

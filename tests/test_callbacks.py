@@ -109,7 +109,6 @@ def test_sweep_leaves_baseline_runs_and_a_ui_view_of_its_jobs(demo_sweep):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs pipeline hook: the job logs best_single.* metrics itself", strict=False)
 def test_no_constant_baseline_metric_in_every_job_run(demo_sweep):
     jobs = runs(store(demo_sweep))
     jobs = jobs[jobs["tags.soce.kind"] == "job"]
