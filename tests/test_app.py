@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from soce.config import register_configs, to_plain
 from soce.preflight import validate
+from soce.tracking import score
 
 from .conftest import ROOT, soce_cmd
 
