@@ -123,6 +123,7 @@ def race_settings(c: SearchConfig) -> racing.RaceSettings:
                                start=float(getattr(c, "race_start", d.start)),
                                growth=float(getattr(c, "race_growth", d.growth)),
                                finalists=int(getattr(c, "race_finalists", d.finalists)),
+                               keep=float(getattr(c, "race_keep", d.keep)),
                                seed=c.seed, budget=c.budget)
 
 
@@ -148,7 +149,7 @@ def race(ctx: SearchContext) -> method.SearchResult:
             ctx.on_point(r["point"], dict(zip(names, points[r["point"]], strict=True)), {"overall": r["overall"]})
     notes = {**spent(len(points), outcome.full_split_equivalents, ctx.item_ids),
              "items_evaluated": outcome.items_evaluated, "rounds": outcome.rounds,
-             "proposal": getattr(c, "proposal", "grid"), "rule": "paired z race, Bonferroni",
+             "proposal": getattr(c, "proposal", "grid"), "rule": "paired z race (Bonferroni) + halving",
              "delta": settings.delta, "budget": settings.budget}
     log.info("race: %d points, %d items evaluated (%.2f full-split equivalents) -> %s", len(points),
              outcome.items_evaluated, outcome.full_split_equivalents, best)

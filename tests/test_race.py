@@ -112,8 +112,27 @@ def test_clearly_worse_points_are_dropped_early_and_the_best_never_is():
 def test_ties_keep_every_point_and_pick_the_first():
     ids = {"a": [str(i) for i in range(40)]}
     same = {p: {"a": {i: float(int(i) % 3 == 0) for i in ids["a"]}} for p in range(5)}
-    out = R.race(5, ids, Oracle(same), R.RaceSettings(finalists=2))
-    assert out.best == 0 and all(r["dropped_in_round"] is None for r in out.points)
+    out = R.race(5, ids, Oracle(same), R.RaceSettings(finalists=2, keep=1.0))
+    assert out.best == 0 and all(r["dropped_in_round"] is None for r in out.points)  # the bound never drops a tie
+
+
+def test_halving_keeps_the_best_share_by_estimate_and_never_fewer_than_the_finalists():
+    pts, ids, y, _ = matrix()
+    out = R.race(len(pts), ids, Oracle(y), R.RaceSettings(keep=0.5, finalists=5))
+    alive = [r["alive"] for r in out.rounds]
+    assert alive[0] == 85 and all(b <= max(5, math.ceil(a / 2)) for a, b in zip(alive, alive[1:], strict=False))
+    first = out.rounds[0]
+    survivors = [r for r in out.points if r["dropped_in_round"] != 1]
+    assert len(survivors) == max(5, math.ceil(first["alive"] / 2)) or first["dropped"] > 42
+    bound_only = R.race(len(pts), ids, Oracle(y), R.RaceSettings(keep=1.0))
+    assert bound_only.rounds[0]["dropped"] < first["dropped"]
+
+
+def test_finalists_shrink_to_what_a_small_budget_affords():
+    pts, ids, y, _ = matrix()
+    oracle = Oracle(y)
+    out = R.race(len(pts), ids, oracle, R.RaceSettings(finalists=8, budget=6.0))  # 85 x 80 items + ~1.8 more
+    assert oracle.items <= 6.0 * 1600 and out.rounds[-1]["finals"] and out.rounds[0]["alive"] == 85
 
 
 def test_deterministic_for_a_seed_and_the_seed_changes_the_items():
@@ -143,7 +162,7 @@ def test_budget_below_the_first_round_is_refused_in_one_line():
 
 @pytest.mark.parametrize("kw, message", [({"delta": 0}, "race_delta"), ({"start": 0}, "race_start"),
                                           ({"growth": 1.0}, "race_growth"), ({"finalists": 0}, "race_finalists"),
-                                          ({"budget": -1}, "search.budget")])
+                                          ({"budget": -1}, "search.budget"), ({"keep": 0}, "race_keep")])
 def test_bad_settings_are_one_clear_line(kw, message):
     with pytest.raises(method.SelectionError, match=message):
         R.RaceSettings(**kw).check()
@@ -173,3 +192,60 @@ def test_a_missing_item_score_is_one_clear_error():
     ids = {"a": [str(i) for i in range(20)]}
     with pytest.raises(method.SelectionError, match="point 0: item evaluation returned no score"):
         R.race(4, ids, lambda p, items: {"a": {}}, R.RaceSettings())
+
+
+# --- end to end, on the real (small) demo through the job: SoupEvaluator, lm-eval, the item cache ---
+
+RACE_JOB = ["strategy=soce_weighted", "search=race", "debug=fast", "selection.tau=1.0", "selection.max_experts=3",
+            "search.step=0.2", "search.min_weight=0.2", "save_soup=false"]
+
+
+def _race_job(tmp_path, tiny_demo_root, name):
+    from soce.pipeline import run
+    from soce.preflight import compose_config
+
+    cfg = compose_config([*RACE_JOB, f"paths.root_dir={tmp_path / name}", f"demo.root={tiny_demo_root}"])
+    return run(cfg, tmp_path / name / "job")
+
+
+def _item_files(root):
+    return {p: p.stat().st_size for p in (root / "outputs" / "cache" / "items").rglob("*.jsonl")}
+
+
+@pytest.mark.slow
+def test_race_job_on_the_demo_spends_items_and_resumes_from_the_item_cache(tmp_path, tiny_demo_root):
+    first = _race_job(tmp_path, tiny_demo_root, "a")
+    notes = first.search
+    n_sel = 8 * 40  # the small demo: 8 categories x 40 dev items
+    assert notes["points"] == 7 and 0 < notes["items_evaluated"] < 7 * n_sel
+    assert notes["full_split_equivalents"] == pytest.approx(notes["items_evaluated"] / n_sel)
+    assert sum(first.weights.values()) == pytest.approx(1.0) and len([w for w in first.weights.values() if w]) == 3
+    files = _item_files(tmp_path / "a")
+    assert files  # one JSONL per soup raced
+    again = _race_job(tmp_path, tiny_demo_root, "a")  # same cache: a repeated (or resumed) race evaluates nothing
+    assert _item_files(tmp_path / "a") == files
+    assert again.weights == first.weights and again.search["items_evaluated"] == notes["items_evaluated"]
+
+
+@pytest.mark.slow
+def test_race_ignores_the_report_split(tmp_path, tiny_demo_root, monkeypatch):
+    """The inversion test for search=race: report-split scores turned upside down move nothing it chooses."""
+    from soce.benchmarks import lmeval
+
+    honest = _race_job(tmp_path, tiny_demo_root, "honest")
+    original = lmeval.Evaluator.score
+
+    def poisoned(self, model, tokenizer, split, items=None, log_samples=True):
+        out = original(self, model, tokenizer, split, items, log_samples)
+        if split == self.benchmark.report_split:
+            out = {k: (1.0 - v if isinstance(v, float) else v) for k, v in out.items()}
+            out["samples"] = {c: [1.0 - x for x in v] for c, v in out.get("samples", {}).items()}
+        return out
+
+    monkeypatch.setattr(lmeval.Evaluator, "score", poisoned)
+    liar = _race_job(tmp_path, tiny_demo_root, "poisoned")  # its own caches
+    assert liar.evaluated > 0
+    assert liar.weights == honest.weights and liar.experts == honest.experts
+    assert liar.search["items_evaluated"] == honest.search["items_evaluated"]
+    assert liar.scores["dev"] == honest.scores["dev"]
+    assert liar.scores["test"]["overall"] == pytest.approx(1 - honest.scores["test"]["overall"])
