@@ -127,6 +127,14 @@ def race_settings(c: SearchConfig) -> racing.RaceSettings:
                                seed=c.seed, budget=c.budget)
 
 
+def check_race(c: SearchConfig) -> None:
+    """Raise SelectionError (one line) for race settings that cannot run: for preflight, before any work."""
+    race_settings(c).check()
+    proposal = getattr(c, "proposal", "grid")
+    if proposal not in PROPOSALS:
+        raise method.SelectionError(f"search.proposal must be one of {', '.join(PROPOSALS)}, got {proposal!r}")
+
+
 @search("race", needs_items=True)
 def race(ctx: SearchContext) -> method.SearchResult:
     """Race weight points on shared items of the selection split (:mod:`soce.race`): the grid's points or
@@ -135,8 +143,8 @@ def race(ctx: SearchContext) -> method.SearchResult:
     if ctx.evaluate_items is None or not ctx.item_ids:
         raise method.SelectionError("search=race needs item-level evaluations of the selection split; this job's "
                                     "evaluator has none (use search=grid or search=optuna)")
+    check_race(c)
     settings = race_settings(c)
-    settings.check()
     memo = _ItemMemo(ctx)
     points = race_points(ctx, settings, memo)
     outcome = racing.race(len(points), ctx.item_ids, lambda p, items: memo.get(points[p], items), settings,

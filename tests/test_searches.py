@@ -133,6 +133,15 @@ def test_race_resumed_through_the_item_cache_evaluates_nothing_twice(tmp_path):
     assert r2.weights == r1.weights and r2.notes["items_evaluated"] == r1.notes["items_evaluated"]
 
 
+@pytest.mark.parametrize("kw, message", [({"proposal": "random"}, "search.proposal"),
+                                          ({"race_delta": 1.5}, "race_delta"), ({"race_keep": 0.0}, "race_keep"),
+                                          ({"budget": 0.0}, "search.budget")])
+def test_check_race_refuses_bad_settings_in_one_line(kw, message):
+    with pytest.raises(method.SelectionError, match=message):
+        searches.check_race(config(**kw))
+    searches.check_race(config())  # the defaults run
+
+
 def test_item_table_reads_both_shapes_and_refuses_others():
     assert searches.item_table({"x": 0.5, "samples": {"x": [1.0, 0.0]}, "item_ids": {"x": ["3", "7"]}}) == \
         {"x": {"3": 1.0, "7": 0.0}}
