@@ -120,7 +120,7 @@ class StrategyConfig:
 class SearchConfig:
     """Weight search for strategies that search (soce_weighted)."""
 
-    name: str = "grid"  # grid (the paper) | optuna (TPE with a budget)
+    name: str = "grid"  # grid (the paper) | optuna (TPE/GP with a budget) | race (soce/race.py)
     step: float = 0.1  # grid: spacing of each weight
     min_weight: float = 0.1  # smallest weight of an ingredient (the paper: 0.1)
     include_uniform: bool = True  # grid: also try the equal-weight point (the paper does)
@@ -129,6 +129,13 @@ class SearchConfig:
     storage: str | None = None  # optuna: e.g. sqlite:////abs/optuna.db to resume a study across runs
     sampler: str = "tpe"  # optuna: tpe | gp
     budget: float | None = None  # most full selection-split evaluations a search may spend (null: no cap)
+    proposal: str = "grid"  # race: the points raced: grid | tpe | gp (optuna on the race's first items)
+    # race: the racing rule's knobs; null keeps soce.race.RaceSettings' default (declared there, with its meaning)
+    race_delta: float | None = None  # chance the bound drops the selection split's best point (Bonferroni)
+    race_start: float | None = None  # first subset, fraction of each category's items
+    race_growth: float | None = None  # subset growth per round
+    race_keep: float | None = None  # share of survivors kept per round (halving); 1: the bound alone
+    race_finalists: int | None = None  # points scored on the whole selection split
 
 
 @dataclass

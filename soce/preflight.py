@@ -147,8 +147,15 @@ def _strategy_and_search(config: Config) -> None:
         raise ConfigError(f"search.budget must be > 0 (full selection-split evaluations), got {search.budget}")
     try:
         method.weight_grid(1, search.step, search.min_weight)
+        if search.name == "race":
+            from soce.searches import check_race
+
+            check_race(search)
     except method.SelectionError as e:
         raise ConfigError(str(e)) from None
+    if search.name == "race" and config.benchmark.objective != "mean":
+        raise ConfigError(f"search=race races the mean of category means; benchmark.objective="
+                          f"{config.benchmark.objective} is not linear in the categories' items yet")
     if s.name == "fixed":
         names, ws = list(s.ingredients), list(s.weights)
         if not names or len(names) != len(ws) or min(ws) < 0 or sum(ws) <= 0:

@@ -117,20 +117,16 @@ PROPOSALS = ("grid", "tpe", "gp")
 
 
 def race_settings(c: SearchConfig) -> racing.RaceSettings:
-    """The racing rule's settings from ``search.*`` (``race_*`` keys; defaults where the schema has none)."""
-    d = racing.RaceSettings()
-    return racing.RaceSettings(delta=float(getattr(c, "race_delta", d.delta)),
-                               start=float(getattr(c, "race_start", d.start)),
-                               growth=float(getattr(c, "race_growth", d.growth)),
-                               finalists=int(getattr(c, "race_finalists", d.finalists)),
-                               keep=float(getattr(c, "race_keep", d.keep)),
-                               seed=c.seed, budget=c.budget)
+    """The racing rule's settings from ``search.race_*`` (null: the rule's own default) and seed/budget."""
+    given = {"delta": c.race_delta, "start": c.race_start, "growth": c.race_growth, "finalists": c.race_finalists,
+             "keep": c.race_keep}
+    return racing.RaceSettings(**{k: v for k, v in given.items() if v is not None}, seed=c.seed, budget=c.budget)
 
 
 def check_race(c: SearchConfig) -> None:
     """Raise SelectionError (one line) for race settings that cannot run: for preflight, before any work."""
     race_settings(c).check()
-    proposal = getattr(c, "proposal", "grid")
+    proposal = c.proposal
     if proposal not in PROPOSALS:
         raise method.SelectionError(f"search.proposal must be one of {', '.join(PROPOSALS)}, got {proposal!r}")
 
@@ -157,7 +153,7 @@ def race(ctx: SearchContext) -> method.SearchResult:
             ctx.on_point(r["point"], dict(zip(names, points[r["point"]], strict=True)), {"overall": r["overall"]})
     notes = {**spent(len(points), outcome.full_split_equivalents, ctx.item_ids),
              "items_evaluated": outcome.items_evaluated, "rounds": outcome.rounds,
-             "proposal": getattr(c, "proposal", "grid"), "rule": "paired z race (Bonferroni) + halving",
+             "proposal": c.proposal, "rule": "paired z race (Bonferroni) + halving",
              "delta": settings.delta, "budget": settings.budget}
     log.info("race: %d points, %d items evaluated (%.2f full-split equivalents) -> %s", len(points),
              outcome.items_evaluated, outcome.full_split_equivalents, best)
@@ -168,7 +164,7 @@ def race_points(ctx: SearchContext, settings: racing.RaceSettings, memo: _ItemMe
     """The points to race: the grid, or the distinct proposals of optuna's TPE/GP sampler run on the race's
     first item subset (the same items the race starts on, so the proposals cost nothing twice)."""
     c, names = ctx.config, ctx.ingredients
-    proposal = getattr(c, "proposal", "grid")
+    proposal = c.proposal
     if proposal not in PROPOSALS:
         raise method.SelectionError(f"search.proposal must be one of {', '.join(PROPOSALS)}, got {proposal!r}")
     if proposal == "grid" or len(names) == 1:

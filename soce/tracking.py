@@ -103,7 +103,7 @@ def mlflow_keys(names: list[str]) -> dict[str, str]:
 
 def check_tracking_uri(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> str | None:
     """The problem with ``uri`` as one line, or None. http(s): GET <uri>/health within ``timeout`` seconds;
-    sqlite: the folder of the file can be created; other schemes than ``SCHEMES`` are refused."""
+    sqlite: the folder of the file can be created (checked, not created); other schemes than ``SCHEMES`` are refused."""
     scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
     if scheme not in SCHEMES:
         return f"tracking.uri {uri}: unknown scheme {scheme or '(none)'!r} (use one of: {', '.join(SCHEMES)})"
@@ -123,10 +123,9 @@ def check_tracking_uri(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> str | 
         path = sqlite_path(uri)
         if path is None:
             return f"tracking.uri {uri}: use an absolute path (sqlite:////abs/mlflow.db)"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            return f"tracking.uri {uri}: cannot create {path.parent} ({e.strerror})"
+        existing = next(p for p in [path.parent, *path.parent.parents] if p.exists())  # nothing is written here
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            return f"tracking.uri {uri}: cannot create {path.parent} ({existing} is not a writable folder)"
     return None
 
 
