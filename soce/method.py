@@ -247,7 +247,6 @@ def optuna_points(
         raise SelectionError(f"search.sampler must be one of {', '.join(samplers)}, got {sampler!r}")
     study = optuna.create_study(direction="maximize", sampler=samplers[sampler](seed=seed), storage=storage,
                                 study_name=study_name, load_if_exists=storage is not None)
-    rows: list[dict] = []
 
     def weights_of(params: dict[str, float]) -> dict[str, float]:
         raw = [max(params[f"r.{n}"], 1e-6) for n in ingredients]
@@ -270,7 +269,14 @@ def optuna_points(
     done = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
     if n_trials > done:
         study.optimize(objective, n_trials=n_trials - done)
-    best = None
+    return study_result(study)
+
+
+def study_result(study: Any) -> SearchResult:
+    """The best completed trial of an optuna study (ties: the earlier) and the trace of every completed one."""
+    import optuna
+
+    rows, best = [], None
     for t in study.trials:
         if t.state != optuna.trial.TrialState.COMPLETE:
             continue
