@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test run ui bench lint clean
+.PHONY: install test run smoke ui bench lint clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ $(BFCL_STAMP): $(STAMP) requirements-bfcl.txt
 
 run: $(STAMP)  ## the main job: uniform / soce_selected / soce_weighted on the demo, then the comparison table
 	$(PY) -m soce -m strategy=uniform,soce_selected,soce_weighted $(ARGS)
+	$(PY) -m soce.report
+
+smoke: $(STAMP)  ## the same sweep on the fast demo zoo (debug=fast): under 2 min on 2 cores, zoo build included
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m soce -m strategy=uniform,soce_selected,soce_weighted debug=fast $(ARGS)
 	$(PY) -m soce.report
 
 UI_PORT ?= 5000

@@ -22,11 +22,11 @@ def _hf_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_demo_root(tmp_path_factory) -> Path:
-    """A demo root holding the small zoo (seed 0, as debug=fast uses), built once for the end-to-end tests."""
+    """A demo root holding the fast zoo (seed 0, as debug=fast uses), built once for the end-to-end tests."""
     from soce.demo.zoo import DemoConfig, build_demo
 
     root = tmp_path_factory.mktemp("demo")
-    build_demo(DemoConfig(seed=0, preset="small", root=str(root)), progress=False)
+    build_demo(DemoConfig(seed=0, preset="fast", root=str(root)), progress=False)
     return root
 
 

@@ -2,6 +2,10 @@
 
 import hashlib
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +63,8 @@ def test_manifest(tiny):
                          "candidates", "population"}
     assert tiny["categories"] == [c.name for c in tasks.CATEGORIES]
     assert set(tiny["families"]) == set(tiny["categories"]) and len(set(tiny["families"].values())) == 3
+    assert set(tiny["outputs"]) == set(tiny["categories"])
+    assert set(tiny["outputs"].values()) == {tasks.LOGLIKELIHOOD, tasks.GENERATE}  # both kinds of category
     assert tiny["splits"] == ["dev", "test"]
     assert len(tiny["candidates"]) >= 5 and len(tiny["population"]) >= 20
     assert not set(tiny["candidates"]) & set(tiny["population"])
@@ -124,3 +130,50 @@ def test_lm_eval_offline_matches_quick_scores(tiny, monkeypatch):
     assert 0.0 <= acc <= 1.0
     items = tasks.read_items(Path(tiny["dir"]) / "data" / "half_dev.jsonl")
     assert acc == pytest.approx(quick_scores(model, {"half": items})["half"])
+
+
+def test_format_version_and_knobs_change_the_fingerprint(monkeypatch):
+    cfg = DemoConfig(seed=0, preset="tiny")
+    now = zoo._fingerprint(cfg)
+    monkeypatch.setattr(zoo, "FORMAT_VERSION", zoo.FORMAT_VERSION - 1)
+    assert zoo._fingerprint(cfg) != now  # a zoo of the previous format is rebuilt, not reused
+    monkeypatch.undo()
+    assert zoo._fingerprint(DemoConfig(seed=0, preset="fast")) != zoo._fingerprint(cfg)
+    assert tasks.knobs(tasks.Knobs(num=(2, 3))) != tasks.knobs()
+
+
+def test_knobs_set_item_sizes():
+    small = tasks.Knobs(num=(2, 2), str=(3, 3), sort=(4, 4), cipher=(5, 5))
+    items = {c.name: tasks.make_eval_items(0, c.name, {"dev": 10, "test": 10}, small)["dev"] for c in tasks.CATEGORIES}
+    assert all(10 <= int(p.split()[1][:-1]) <= 99 for p, _ in items["quad"])
+    assert {len(t) for _, t in items["rev"]} == {3} and {len(t) for _, t in items["sort"]} == {4}
+    assert {len(t) for _, t in items["dec"]} == {5}
+
+
+def test_build_restores_torch_threads(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before > 1 else 2)
+    want = torch.get_num_threads()
+    try:
+        build_demo(DemoConfig(seed=3, preset="tiny", root=str(tmp_path)), progress=False)
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_killed_build_is_cleaned_up_by_the_next(tmp_path):
+    """SIGKILL mid-build (no clean-up handler runs) leaves a staging folder; the next build removes it."""
+    code = ("from soce.config import DemoConfig; from soce.demo.zoo import build_demo; "
+            f"build_demo(DemoConfig(seed=0, preset='tiny', root={str(tmp_path)!r}), progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, staged = time.time() + 300, []
+    while time.time() < deadline and proc.poll() is None and not staged:
+        time.sleep(0.2)
+        staged = list(tmp_path.glob(".tiny-seed0.tmp-*/base/model.safetensors"))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert staged, "the build ended before it could be killed"
+    assert list(tmp_path.glob(".tiny-seed0.tmp-*")) and not (tmp_path / "tiny-seed0").exists()
+    manifest = build_demo(DemoConfig(seed=0, preset="tiny", root=str(tmp_path)), progress=False)
+    assert not list(tmp_path.glob(".tiny-seed0.tmp-*")), "the killed build's staging folder is still there"
+    assert Path(manifest["dir"]) == tmp_path / "tiny-seed0" and (tmp_path / "tiny-seed0" / "manifest.json").exists()

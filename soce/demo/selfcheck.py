@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--root", default="outputs/demo")
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     args = ap.parse_args(argv)
-    set_threads()
+    set_threads(1)
     manifest = build_demo(DemoConfig(seed=args.seed, preset=args.preset, root=args.root, device=args.device))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)

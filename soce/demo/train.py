@@ -70,9 +70,13 @@ def make_model(shape: ModelShape, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).float()
 
 
-def set_threads() -> int:
-    """Use every core this process may run on; returns the thread count."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def set_threads(n: int | None = None) -> int:
+    """Use ``n`` torch threads (None: ``OMP_NUM_THREADS`` when set, else every core this process may run
+    on); returns the thread count."""
+    if n is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        n = int(os.environ["OMP_NUM_THREADS"])
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(n)
     return n
 
