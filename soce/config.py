@@ -152,8 +152,9 @@ class DemoConfig:
     """Where and how to build the demo (a Hydra structured-config node ``demo``).
 
     preset: ``"cpu"`` (default demo, ~1M params, a few minutes on 2 cores), ``"small"`` (the cpu zoo with
-    shorter training and 40/60 items per split: debug=fast and end-to-end tests), ``"tiny"`` (mechanics
-    only, seconds) or ``"gpu"`` (tens of millions of params, uses CUDA when available).
+    shorter training, 40/60 items per split), ``"fast"`` (0.14M params, shorter items, ~20 s: debug=fast,
+    make smoke, end-to-end tests), ``"tiny"`` (mechanics only, seconds) or ``"gpu"`` (tens of millions of
+    params, uses CUDA when available).
     The zoo is built under ``f"{root}/{preset}-seed{seed}"``.
     """
 

@@ -53,7 +53,7 @@ def test_requests_built_once_and_handed_out_fresh(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_reused_evaluator_scores_like_a_fresh_one(tiny_demo_root):
     """A search scores many models with one Evaluator: each score equals a fresh Evaluator's, per item."""
-    man = build_demo(DemoConfig(seed=0, preset="small", root=str(tiny_demo_root)), progress=False)
+    man = build_demo(DemoConfig(seed=0, preset="fast", root=str(tiny_demo_root)), progress=False)
     a, b = list(man["candidates"].values())[:2]
     ev = _evaluator(man)
     ev.score(*load_model(a, "cpu"), "dev")
