@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from soce.benchmarks import Evaluator, Scores
+from soce.benchmarks.lmeval import lm_eval_version
 from soce.scores import ScoreCache, model_fingerprint
 
 CACHE_FORMAT = 2  # bump when the meaning of cached scores changes (old entries are then recomputed)
@@ -47,7 +48,7 @@ class SoupEvaluator:
             memo = Path(self.cache.root) / "fingerprints"  # full hashes of large checkpoints, once per change
             self.fingerprints = {name: model_fingerprint(path, memo_dir=memo) for name, path in self.models.items()}
         self.context = {"benchmark": self.evaluator.fingerprint(), "metric": self.evaluator.benchmark.metric,
-                        "dtype": self.dtype, "device": self.device.split(":")[0], "lm_eval": _lm_eval_version(),
+                        "dtype": self.dtype, "device": self.device.split(":")[0], "lm_eval": lm_eval_version(),
                         "format": CACHE_FORMAT}
 
     def key(self, weights: dict[str, float], split: str) -> str:
@@ -175,16 +176,3 @@ def on_devices(base: SoupEvaluator, n_workers: int, make_evaluator: Any, gpus_pe
 
 def _live(weights: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in weights.items() if v > 0}
-
-
-def _lm_eval_version() -> str:
-    from importlib.metadata import version
-
-    return version("lm-eval")
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()

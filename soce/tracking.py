@@ -43,7 +43,7 @@ HEARTBEAT_S = 30.0  # an owned RUNNING run's heartbeat tag is refreshed this oft
 STALE_AFTER_S = 300.0  # a run owned on ANOTHER host is gone after this long without a heartbeat (seconds)
 HTTP_RETRIES, HTTP_TIMEOUT_S = "2", "20"  # MLflow's HTTP retry settings for jobs (its defaults: 7, 120 s)
 PREFLIGHT_TIMEOUT_S = 3.0
-SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # as soce.preflight
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # checked by soce.preflight
 JOBS_FILTER = "tags.`soce.kind` = 'job'"
 VIEW_TAG = "mlflow.sharedViewState."  # experiment tag the MLflow UI reads for ?viewStateShareKey=<key>
 
