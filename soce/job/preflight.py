@@ -8,7 +8,6 @@ after the selection, before the job's MLflow run is created.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import os
@@ -75,14 +74,12 @@ def _bfcl(config: Config) -> None:
         bfcl_sdk.load()  # ConfigError: "benchmark.backend=bfcl needs bfcl-eval: make bfcl"
 
 
-@functools.cache
 def _task_index(task_dir: str | None, include_defaults: bool) -> frozenset[str]:
-    from lm_eval.tasks import TaskManager
+    from soce.benchmarks.lmeval import task_manager
 
     if task_dir and not Path(task_dir).is_dir():
         raise ConfigError(f"benchmark.task_dir: no folder {task_dir}")
-    manager = TaskManager(include_path=[task_dir] if task_dir else None, include_defaults=include_defaults)
-    return frozenset(manager.all_tasks)
+    return frozenset(task_manager(task_dir, include_defaults).all_tasks)
 
 
 def _registered(config: Config) -> None:
