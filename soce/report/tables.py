@@ -261,7 +261,7 @@ def sweep_report(results: list[dict], split: str | None = None) -> str:
     lines = [f"# SoCE sweep report: {first['benchmark']} / pool {first['pool']}", "",
              f"{len(results)} jobs; overrides that varied: {varied}. Rows are named by them.", "",
              f"Selection split `{first.get('select_split')}` (correlation, experts, weights); "
-             f"reported split `{split}` (accuracy %).", "", to_markdown(table), ""]
+             f"reported split `{split}` (accuracy %).", "", *_items_lines(first), to_markdown(table), ""]
     if first.get("select_split") == split:
         lines += ["**Warning:** selection and report splits are the same (the paper's protocol): "
                   "the gains are optimistic.", ""]
@@ -274,7 +274,7 @@ def sweep_report(results: list[dict], split: str | None = None) -> str:
         ws = ", ".join(f"{m} {w:.2f}" for m, w in r["weights"].items() if w > 0)
         experts = ", ".join(f"{c} -> {m}" for c, m in r.get("expert_of", {}).items())
         lines.append(f"- `{_label(r)}`: L = {', '.join(r['weak_set']) or '(empty)'}; experts: {experts}; "
-                     f"weights: {ws}")
+                     f"weights: {ws}{collapse_note(r)}")
     fam = first.get("families") or {}
     if fam:
         w, a = family_correlation(corr, fam)
@@ -283,6 +283,25 @@ def sweep_report(results: list[dict], split: str | None = None) -> str:
     lines += ["", "![scores by job](scores.png)", "", "![soup weights](weights.png)", "",
               "![category correlation](correlation.png)", ""]
     return "\n".join(lines)
+
+
+def collapse_note(result: dict) -> str:
+    """' (the soup collapsed to one model: X)' for a SoCE soup whose experts are one model, else ''."""
+    live = [m for m, w in result.get("weights", {}).items() if w > 0]
+    if len(live) != 1 or result.get("strategy") not in ("soce_selected", "soce_weighted"):
+        return ""
+    return f" (the soup collapsed to one model: every category in L picks {live[0]})"
+
+
+def _items_lines(result: dict) -> list[str]:
+    """Which items were used and the metric of each category (from result.json), as report lines."""
+    lines = []
+    if result.get("items", {}).get("statement"):
+        lines.append(f"Items: {result['items']['statement']}.")
+    metrics = result.get("metrics") or {}
+    if metrics:
+        lines.append("Metrics: " + ", ".join(f"{c} `{m}`" for c, m in metrics.items()) + ".")
+    return [*lines, ""] if lines else []
 
 
 def write_sweep_report(sweep_dir: str | Path) -> Path | None:
@@ -330,7 +349,7 @@ def format_answer(result: dict, path: str | Path | None = None) -> str:
     if experts:
         parts.append("experts: " + ", ".join(f"{c} -> {m}" for c, m in experts.items()))
     ws = ", ".join(f"{m} {w:.2f}" for m, w in result.get("weights", {}).items() if w > 0)
-    parts.append(f"weights: {ws or '(none)'}")
+    parts.append(f"weights: {ws or '(none)'}{collapse_note(result)}")
     where = path or (Path(result["job_dir"]) / "result.json" if result.get("job_dir") else None)
     if where:
         parts.append(f"result: {where}")
