@@ -45,6 +45,21 @@ def sweep_runs(uri: str, experiment: str, parent: str | None = None) -> tuple[st
     raise LookupError(f"none of the latest {len(sweeps)} sweeps of experiment {experiment!r} has job runs")
 
 
+def latest_experiment(uri: str, parent: str | None = None) -> str:
+    """The name of the experiment holding run ``parent``, else the most recent sweep (parent run) of any
+    experiment; LookupError when the store has none."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if parent is not None:
+        return mlflow.get_experiment(mlflow.get_run(parent).info.experiment_id).name
+    sweeps = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`soce.kind` = 'sweep'",
+                                order_by=["start_time DESC"], max_results=1)
+    if sweeps.empty:
+        raise LookupError(f"no sweep in {uri} yet (a multirun makes one: python -m soce -m strategy=a,b)")
+    return mlflow.get_experiment(str(sweeps["experiment_id"].iloc[0])).name
+
+
 def baseline_runs(uri: str, experiment_id: str, parent: str) -> pd.DataFrame:
     """The sweep's baseline runs (one per candidate; tag soce.baseline = best_single | candidate)."""
     import mlflow
