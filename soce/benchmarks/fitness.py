@@ -61,9 +61,10 @@ def context_length(path: str) -> int:
 
 
 def check_fitness(evaluator: Any, models: dict[str, str], splits: list[str]) -> None:
-    """ConfigError (one line) when a model of ``models`` (name -> checkpoint) cannot run the benchmark's items
-    of ``splits``; models sharing a context length and tokenizer are checked, and named, together. Every
-    problem is logged, one line each; the first is raised."""
+    """ConfigError (one line) when a model of ``models`` (name -> checkpoint, candidates first) cannot run the
+    benchmark's items of ``splits``. Models sharing a context length and tokenizer are checked, and named,
+    together: at most one line per group for the context, one for the chat markup. Every problem is logged;
+    the first is raised."""
     demands = demands_of(evaluator, splits)
     if not demands:
         return
@@ -73,7 +74,7 @@ def check_fitness(evaluator: Any, models: dict[str, str], splits: list[str]) -> 
     problems = []
     for (ctx, _), names in groups.items():
         tok = _tokenizer(models[names[0]])
-        problems += [p for d in demands if (p := _problem(d, tok, ctx, names))]
+        problems += [p for p in (_too_long(demands, tok, ctx, names), _no_markup(demands, tok, names)) if p]
     for p in problems[1:]:
         log.error("%s", p)
     if problems:
@@ -81,24 +82,38 @@ def check_fitness(evaluator: Any, models: dict[str, str], splits: list[str]) -> 
         raise ConfigError(problems[0] + more)
 
 
-def _problem(d: Demand, tok: Any, ctx: int, names: list[str]) -> str | None:
-    """One line naming the models, the category and the fix, or None when they fit ``d``."""
-    who = f"model{'s' * (len(names) > 1)} {', '.join(names)}"
-    vocab = tok.get_vocab()
-    missing = [t for t in d.special if t not in vocab]
-    if missing:
-        return (f"{who}: the tokenizer has no token {', '.join(missing)}, which the prompt format of category "
-                f"{d.category!r} writes; use models trained on that format (another pool)"
-                + (f" or {d.fix}" if d.fix else ""))
-    tokens = max(len(tok(p, add_special_tokens=True)["input_ids"]) for p in d.prompts) if d.prompts else 0
-    if tokens + d.new_tokens <= ctx:
+def _who(names: list[str]) -> str:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"model{'s' * (len(names) > 1)} {shown}"
+
+
+def _too_long(demands: list[Demand], tok: Any, ctx: int, names: list[str]) -> str | None:
+    """One line when a prompt plus its new tokens exceeds the context ``ctx`` (the worst category named)."""
+    need = {d.category: (max((len(tok(p, verbose=False)["input_ids"]) for p in d.prompts), default=0),
+                         d.new_tokens) for d in demands}
+    over = [c for c, (n, new) in need.items() if n + new > ctx]
+    if not over:
         return None
+    worst = max(over, key=lambda c: sum(need[c]))
+    tokens, new = need[worst]
     fix = "use models with a longer context (another pool)"
     if tokens < ctx:
         fix = f"set benchmark.max_new_tokens={ctx - tokens} or less, or " + fix
-    drop = f", or leave category {d.category!r} out of benchmark.categories"
-    return (f"{who}: a prompt of category {d.category!r} is {tokens:,} tokens, + {d.new_tokens:,} new tokens > "
-            f"the model's context of {ctx:,} tokens; {fix}{drop}")
+    return (f"{_who(names)}: a prompt of category {worst!r} is {tokens:,} tokens + {new:,} new tokens, more than "
+            f"the models' context of {ctx:,} tokens ({len(over)} of {len(demands)} categories do not fit); {fix}, "
+            f"or leave those categories out of benchmark.categories")
+
+
+def _no_markup(demands: list[Demand], tok: Any, names: list[str]) -> str | None:
+    """One line when the prompt format writes special tokens the tokenizer does not have."""
+    vocab = tok.get_vocab()
+    missing = sorted({t for d in demands for t in d.special if t not in vocab})
+    if not missing:
+        return None
+    fixes = sorted({d.fix for d in demands if d.fix})
+    return (f"{_who(names)}: the tokenizer has no {', '.join(missing)}, which the benchmark's prompt format writes "
+            f"(the models were not trained on it); use models trained on that chat format (another pool)"
+            + "".join(f", or {f}" for f in fixes))
 
 
 _TOKENIZERS: dict[str, Any] = {}

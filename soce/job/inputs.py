@@ -55,7 +55,7 @@ def gather(config: Config) -> Inputs:
                     "that are reported (the paper's protocol); reported gains are optimistic", benchmark.select_split)
     everyone = {**population, **candidates}
     evaluator = _backend(config, benchmark)
-    benchmark, items = check_benchmark(benchmark, evaluator, everyone)  # before any evaluation
+    benchmark, items = check_benchmark(benchmark, evaluator, {**candidates, **population})  # before evaluating
     soups = make_soup_evaluator(config, benchmark, everyone, list(candidates), evaluator)
     metrics = _metrics(evaluator, benchmark)
     log.info("items: %s; metrics: %s", items.statement(), ", ".join(f"{c} {m}" for c, m in metrics.items()))
