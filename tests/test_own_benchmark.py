@@ -73,3 +73,19 @@ def test_own_benchmark_with_one_split_reports_disjoint_items(tmp_path, tiny_demo
     assert got["_log"].count("carving disjoint halves of 'test'") == len(STRATEGIES)  # one warning line per job
     assert "disjoint halves of `test`" in got["_report"]
     assert "select_split == report_split" not in got["_log"]
+
+
+def test_readme_shows_the_shipped_example():
+    """The README's benchmark YAML and task YAMLs are the files the end-to-end tests run (parsed equal)."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Your own benchmark"):]
+    section = section[:section.index("\n## ", 5)]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    assert yaml.safe_load(blocks[0]) == yaml.safe_load((EXAMPLE / "conf" / "benchmark" / "own.yaml").read_text())
+    tasks = {re.match(r"# (\S+\.yaml)", b).group(1): yaml.safe_load(b) for b in blocks[1:]}
+    assert set(tasks) == {"own_mirror_dev.yaml", "own_times4_dev.yaml", "own_swap_dev.yaml"}
+    for name, shown in tasks.items():
+        assert shown == yaml.safe_load((EXAMPLE / "tasks" / name).read_text()), name
+    assert {t["output_type"] for t in tasks.values()} == {"generate_until", "multiple_choice", "loglikelihood"}
