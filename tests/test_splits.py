@@ -91,3 +91,11 @@ def test_backends_without_content_keys_are_compared_by_id():
     b = BenchmarkConfig(name="b", categories=["x"], backend="bfcl")
     got, check = check_splits(b, ById(b))
     assert check.mode == "carved" and check.select == {"x": 5} and check.report == {"x": 5}
+
+
+def test_items_are_compared_by_content_not_by_id():
+    from soce.benchmarks.lmeval import content_key
+
+    a = {"id": "dev-3", "prompt": "rev ab=", "target": "ba"}
+    assert content_key(a) == content_key({**a, "id": "test-9"}) == content_key({**a, "question_id": 7})
+    assert content_key(a) != content_key({**a, "target": "ab"})

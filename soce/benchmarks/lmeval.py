@@ -205,40 +205,32 @@ class Evaluator:
 
     def demands(self, splits: list[str]) -> list[Any]:
         """What the items of ``splits`` ask of a model (:mod:`soce.benchmarks.fitness`): per category, the
-        longest request texts (context + continuation, or the context of a generation) and the generation
-        budget (``max_gen_toks``; lm-eval's default 256)."""
-        from soce.benchmarks.fitness import Demand, longest
+        request texts of its longest documents (few-shot context + continuation, or the context of a
+        generation) and the generation budget (``max_gen_toks``; lm-eval's default 256). Only the documents
+        longest in JSON are rendered, so the check costs milliseconds however many items there are."""
+        from soce.benchmarks.fitness import LONGEST, Demand, longest
 
         b, out = self.benchmark, []
         for c in b.categories:
             texts, new = [], 0
             for split in dict.fromkeys(b.source_split(s) for s in splits):
-                leaf = {t.config.task: t for t in _leaf_tasks(self.tasks(split))}
-                task = leaf[b.task_name(c, split)]
-                task.build_all_requests(limit=b.limit, rank=0, world_size=1)
-                for inst in task.instances:
-                    ctx, arg = inst.arguments[0], inst.arguments[1]
-                    gen = isinstance(arg, dict)
-                    texts.append(ctx if gen else ctx + arg)
-                    new = max(new, int(arg.get("max_gen_toks", 256)) if gen else 0)
+                task = {t.config.task: t for t in _leaf_tasks(self.tasks(split))}[b.task_name(c, split)]
+                docs = sorted(list(task.eval_docs)[: b.limit], key=lambda d: -len(json.dumps(d, default=str)))
+                for doc in docs[: 2 * LONGEST]:
+                    text, gen = request_text(task, doc)
+                    texts.append(text)
+                    new = max(new, gen)
             out.append(Demand(c, longest(texts), new))
         return out
 
     def item_keys(self, split: str) -> dict[str, list[str]]:
         """Each item's content per category of ``split`` (``benchmark.limit`` first ones, carving not applied):
-        a hash of the prompt the model sees, the target and the choices, so that the same question under
-        another id is the same item (:mod:`soce.benchmarks.splits` compares the splits with it)."""
+        a hash of its document's fields, id fields left out (``id``, ``*_id``, ``idx``), so that the same
+        question under another id is the same item (:mod:`soce.benchmarks.splits` compares splits with it)."""
         b = self.benchmark
         leaf = {t.config.task: t for t in _leaf_tasks(self.tasks(split))}
-        out = {}
-        for c in b.categories:
-            task = leaf[b.task_name(c, split)]
-            docs = list(task.eval_docs)[: b.limit]
-            mc = task.config.output_type == "multiple_choice"
-            out[c] = [hashlib.sha256(json.dumps([task.doc_to_text(d), task.doc_to_target(d),
-                                                 task.doc_to_choice(d) if mc else None], default=str).encode()
-                                     ).hexdigest()[:16] for d in docs]
-        return out
+        return {c: [content_key(d) for d in list(leaf[b.task_name(c, split)].eval_docs)[: b.limit]]
+                for c in b.categories}
 
     def doc_ids(self, split: str, items: dict[str, list[str]] | None) -> dict[str, list[int]] | None:
         """lm-eval ``samples`` per category for ``split`` and ``items``; None: the whole split."""
@@ -333,6 +325,25 @@ def category_scores(results: dict[str, Any], benchmark: Benchmark, split: str, l
             if chosen is not None:
                 out["item_ids"][c] = [str(s["doc_id"]) for s in rows]
     return out
+
+
+def content_key(doc: Any) -> str:
+    """A document's content as a short hash, its id fields (``id``, ``idx``, ``*_id``) left out."""
+    if isinstance(doc, dict):
+        doc = {k: v for k, v in doc.items() if not (k.lower() in ("id", "idx") or k.lower().endswith("_id"))}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def request_text(task: Any, doc: dict) -> tuple[str, int]:
+    """(the longest text lm-eval will score or continue for ``doc``, new tokens it may generate): the few-shot
+    context plus the longest continuation (target or choice), or the context and ``max_gen_toks``."""
+    cfg = task.config
+    ctx = task.fewshot_context(doc, cfg.num_fewshot or 0)
+    ctx = ctx if isinstance(ctx, str) else "".join(map(str, ctx))
+    if cfg.output_type == "generate_until":
+        return ctx, int((cfg.generation_kwargs or {}).get("max_gen_toks", 256))
+    conts = task.doc_to_choice(doc) if cfg.output_type == "multiple_choice" else [task.doc_to_target(doc)]
+    return ctx + (cfg.target_delimiter or "") + max(map(str, conts), key=len), 0
 
 
 def _build_requests_once(task: Any) -> None:
