@@ -23,6 +23,7 @@ from soce.config import BenchmarkConfig, ConfigError
 log = logging.getLogger(__name__)
 
 
+LONG_PASS_S = 20.0  # an lm-eval pass (requests of one type) running longer shows its bar: items, rate, time left
 FEWSHOT_SEED = 1234  # lm-eval's default (what `lm_eval --num_fewshot k` uses): the same shots in every evaluation
 
 
@@ -418,13 +419,14 @@ def quiet_lm_eval() -> None:
     # "Passed an already-initialized model": intended, once per evaluation
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     # lm-eval draws several progress bars per evaluation (building requests, tokenizing, running); a
-    # search runs hundreds of evaluations, and soce shows its own bars over them instead
+    # search runs hundreds of short evaluations and soce shows its own bars over them, so lm-eval's appear
+    # only for a long pass (a large benchmark, a slow model): items done, rate, time left
     import importlib
 
     from tqdm import tqdm
 
-    def silent_tqdm(*args: Any, **kwargs: Any) -> tqdm:
-        return tqdm(*args, **{**kwargs, "disable": True})
+    def silent_tqdm(*args: Any, **kwargs: Any) -> tqdm:  # shown only once a pass has run LONG_PASS_S seconds
+        return tqdm(*args, **{**kwargs, "delay": LONG_PASS_S, "leave": False, "mininterval": 2.0})
 
     for module in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface"):
         mod = importlib.import_module(module)
