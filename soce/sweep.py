@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "soce", "-m", *point_overrides(experts, points), f"hydra.sweep.dir={sweep_dir}",
            "hydra.sweep.subdir=${hydra.job.num}", *extra]
     subprocess.run(cmd, check=True)
-    collect(sweep_dir, job_args)
+    try:
+        collect(sweep_dir, job_args)
+    except CollectError as e:
+        print(f"soce.collect: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
