@@ -93,7 +93,13 @@ class BenchmarkConfig:
     select_split: str = "dev"  # correlation, selection and weight search read only this split
     report_split: str = "test"  # the split reported in tables (held out from selection)
     holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
-    metric: str = "acc"  # lm-eval metric read per task: "name" (filter none) or "name,filter"
+    # lm-eval metric per category, a fraction in [0, 1]: null (each task's own primary metric: the first of its
+    # metric_list, else exact_match for generate_until, acc for multiple_choice and loglikelihood; its filter, else
+    # none), one "name" / "name,filter" for every category, or a mapping {category: "name[,filter]"} (categories
+    # left out of it take their task's own)
+    metric: Any = None
+    strict_splits: bool = False  # select and report splits that share items: refuse (true) instead of carving halves
+    max_new_tokens: int | None = None  # generation budget per item (lm-eval max_gen_toks, BFCL); null: task/backend's
     objective: str = "mean"  # what searches maximise and "overall" reports: mean (of categories) | official
     num_fewshot: int | None = None
     limit: int | None = None  # items per task (debugging only)
@@ -109,6 +115,10 @@ class BenchmarkConfig:
     def task_name(self, category: str, split: str) -> str:
         return self.task.format(category=category, split=self.source_split(split))
 
+    def metric_of(self, category: str) -> str | None:
+        """The metric asked for ``category`` ("name" or "name,filter"); None: the task's own primary metric."""
+        return self.metric.get(category) if isinstance(self.metric, dict) else self.metric
+
     def source_split(self, split: str) -> str:
         """The data split that ``split`` reads (the carved split when a holdout is set)."""
         return self.holdout.split if self.holdout.split else split
@@ -122,10 +132,27 @@ class BenchmarkConfig:
                  _one_of("benchmark.objective", self.objective, OBJECTIVES),
                  (self.limit is not None and self.limit < 1, f"benchmark.limit must be >= 1 or null, got {self.limit}"),
                  (self.batch_size < 1, f"benchmark.batch_size must be >= 1, got {self.batch_size}"),
+                 (self.max_new_tokens is not None and self.max_new_tokens < 1,
+                  f"benchmark.max_new_tokens must be >= 1 or null, got {self.max_new_tokens}"),
+                 *_metric_checks(self),
                  (h.split is not None and not 0 < h.select_fraction < 1,
                   f"benchmark.holdout.select_fraction must be in (0, 1), got {h.select_fraction}"),
                  (h.split is not None and self.select_split == self.report_split,
                   "benchmark.holdout carves two halves: select_split and report_split must differ")])
+
+
+def _metric_checks(b: BenchmarkConfig) -> list[tuple[bool, str]]:
+    """benchmark.metric: null, one metric name, or a mapping of known categories to names."""
+    m = b.metric
+    if m is None or isinstance(m, str):
+        return [(m is not None and not m.split(",")[0].strip(), "benchmark.metric must be a metric name, got ''")]
+    if not isinstance(m, dict):
+        return [(True, f"benchmark.metric must be null, a name or {{category: name}}, got {m!r}")]
+    unknown = [c for c in m if c not in b.categories]
+    bad = [c for c, v in m.items() if not isinstance(v, str) or not v.split(",")[0].strip()]
+    return [(bool(unknown), f"benchmark.metric names {unknown[0] if unknown else ''!r}, not a category of "
+                            f"benchmark {b.name!r} ({', '.join(b.categories)})"),
+            (bool(bad), f"benchmark.metric.{bad[0] if bad else ''}: a metric name is a string, e.g. exact_match")]
 
 
 @dataclass

@@ -141,3 +141,44 @@ def test_task_index_is_built_once_per_process_until_a_task_changes(tmp_path):
     (tmp_path / "b.yaml").write_text("task: soce_idx_b\ndataset_path: json\noutput_type: loglikelihood\n")
     again = task_manager(str(tmp_path), False)
     assert again is not first and "soce_idx_b" in again.all_tasks
+
+
+def _own(monkeypatch, **kw) -> Evaluator:
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the example's data_files are relative to the repo root
+    return Evaluator(Benchmark(name="own", categories=["mirror", "times4", "swap"], task="own_{category}_{split}",
+                               task_dir="examples/own_benchmark/tasks", **kw))
+
+
+def test_each_category_is_scored_by_its_tasks_own_metric(monkeypatch):
+    """generate_until -> exact_match, multiple_choice and loglikelihood -> acc, with no option set."""
+    assert _own(monkeypatch).metrics("dev") == {"mirror": "exact_match,none", "times4": "acc,none", "swap": "acc,none"}
+    per_category = _own(monkeypatch, metric={"mirror": "exact_match", "times4": "acc,none"}).metrics("test")
+    assert per_category == {"mirror": "exact_match,none", "times4": "acc,none", "swap": "acc,none"}  # swap: its own
+
+
+def test_a_metric_a_task_does_not_report_is_one_line_naming_the_task(monkeypatch):
+    with pytest.raises(ValueError) as e:
+        _own(monkeypatch, metric="acc").metrics("dev")
+    assert str(e.value) == ("task 'own_mirror_dev' reports no metric 'acc,none' (it reports: exact_match,none); set "
+                            "benchmark.metric (one name, or {category: name}) to one of them")
+    with pytest.raises(ValueError, match=r"task 'own_swap_dev': metric 'perplexity' is not a fraction in \[0, 1\]"):
+        _own(monkeypatch, metric={"swap": "perplexity"}).metrics("dev")
+    with pytest.raises(ValueError, match=r"^task 'own_times4_test' reports no metric 'acc_norm,none' \(it reports: "
+                                         r"acc,none\)"):
+        _own(monkeypatch, metric={"times4": "acc_norm"}).metrics("test")
+
+
+def test_benchmark_metric_is_checked_in_the_config():
+    from soce.config import ConfigError
+
+    b = Benchmark(name="b", categories=["x", "y"], metric={"z": "acc"})
+    with pytest.raises(ConfigError, match=r"benchmark.metric names 'z', not a category of benchmark 'b' \(x, y\)"):
+        b.validate()
+    b.metric = {"x": "acc"}
+    b.validate()
+    assert b.metric_of("x") == "acc" and b.metric_of("y") is None
+    b.metric = 3
+    with pytest.raises(ConfigError, match="benchmark.metric must be null, a name or"):
+        b.validate()

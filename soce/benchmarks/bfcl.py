@@ -29,6 +29,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ def options(benchmark: BenchmarkConfig) -> tuple[str, GenSettings]:
         raise ConfigError(f"benchmark.options.handler must be one of {', '.join(HANDLERS)}, got {handler!r}")
     if "stop_tokens" in opts:
         opts["stop_tokens"] = tuple(opts["stop_tokens"])
+    if benchmark.max_new_tokens is not None:  # the declared key wins over options.max_new_tokens
+        opts["max_new_tokens"] = benchmark.max_new_tokens
     settings = GenSettings(**opts)
     if settings.max_new_tokens < 1 or settings.max_batch_tokens < 1:
         raise ConfigError("benchmark.options.max_new_tokens and max_batch_tokens must be >= 1")
@@ -125,6 +128,18 @@ def unique_ids(entries: list[dict]) -> list[dict]:
         seen[e["id"]] = k + 1
         out.append({**e, "id": f"{e['id']}#{k}"} if k else e)
     return out
+
+
+CHAT_MARKUP = re.compile(r"<\|[A-Za-z0-9_]+\|>")  # special tokens a prompt format writes, e.g. <|eot_id|>
+
+
+def first_prompt(handler: Any, entry: dict) -> str:
+    """The first prompt bfcl-eval's ``handler`` sends for ``entry`` (as its single- and multi-turn loops build
+    it; the entry is copied, not changed)."""
+    e = copy.deepcopy(entry)
+    data = handler._pre_query_processing_prompting(e)
+    data = handler.add_first_turn_message_prompting(data, e["question"][0])
+    return handler._format_prompt(data["message"], data["function"])
 
 
 def purge_state(model_name: str) -> int:
@@ -217,6 +232,23 @@ class Evaluator:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return carve(ids, b.holdout.select_fraction, b.holdout.seed)[half]
+
+    def demands(self, splits: list[str]) -> list[Any]:
+        """What the entries of ``splits`` ask of a model (:mod:`soce.benchmarks.fitness`), per category: the
+        longest first-turn prompts as the handler formats them (the entries longest in JSON are formatted),
+        ``max_new_tokens``, and the chat markup (``<|...|>``) the format writes."""
+        from soce.benchmarks.fitness import LONGEST, Demand, longest
+
+        handler = self._handler_class()(HANDLERS[self.handler][2], 0.0)
+        fix = f"another benchmark.options.handler ({' | '.join(HANDLERS)}) that writes the models' chat format"
+        out = []
+        for c in self.benchmark.categories:
+            ids = {i for s in splits for i in self.item_ids(s).get(c, [])}
+            entries = sorted((e for e in load_category(c)[0] if e["id"] in ids), key=lambda e: -len(json.dumps(e)))
+            prompts = [first_prompt(handler, e) for e in entries[: 2 * LONGEST]]
+            markup = tuple(sorted({m for p in prompts for m in CHAT_MARKUP.findall(p)}))
+            out.append(Demand(c, longest(prompts), self.settings.max_new_tokens, markup, fix))
+        return out
 
     def chosen(self, split: str, items: dict[str, list[str]] | None) -> dict[str, list[str]]:
         """The ids to evaluate per category: the split's, or ``items`` (each checked to be in the split);

@@ -1,7 +1,8 @@
 """The lm-eval bridge: a benchmark's tasks are built once, any live model is scored per category.
 
-A category's score is its task's metric (``benchmark.metric``, e.g. lm-eval's ``acc``) on one split;
-``overall`` is the unweighted mean over the categories, computed here so that the weighting is explicit.
+A category's score is one metric of its task on one split, a fraction in [0, 1]: the task's own primary
+metric (:func:`task_metric`) or the one ``benchmark.metric`` names for it; ``overall`` is the unweighted mean
+over the categories, computed here so that the weighting is explicit.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from soce.config import BenchmarkConfig, ConfigError
 log = logging.getLogger(__name__)
 
 
+LONG_PASS_S = 20.0  # an lm-eval pass (requests of one type) running longer shows its bar: items, rate, time left
 FEWSHOT_SEED = 1234  # lm-eval's default (what `lm_eval --num_fewshot k` uses): the same shots in every evaluation
 
 
@@ -44,6 +46,8 @@ def benchmark_fingerprint(benchmark: BenchmarkConfig) -> str:
     h = hashlib.sha256()
     settings = [benchmark.task, sorted(benchmark.categories), benchmark.metric, benchmark.num_fewshot,
                 benchmark.limit, FEWSHOT_SEED]
+    if benchmark.max_new_tokens is not None:  # absent: keys of earlier runs unchanged
+        settings.append(["max_new_tokens", benchmark.max_new_tokens])
     if benchmark.holdout.split:  # carved halves: which items each side holds (absent: keys unchanged)
         h_ = benchmark.holdout
         settings.append(["holdout", h_.split, h_.select_fraction, h_.seed, benchmark.select_split])
@@ -120,6 +124,7 @@ class Evaluator:
     benchmark: Benchmark
     device: str = "cpu"
     _tasks: dict[str, Any] = field(default_factory=dict, repr=False)
+    _metrics: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)
     _manager: Any = field(default=None, repr=False)
 
     def fingerprint(self) -> str:
@@ -142,12 +147,27 @@ class Evaluator:
                 )
             task_dict = get_task_dict(names, self._manager)
             for task in _leaf_tasks(task_dict):
-                if self.benchmark.num_fewshot is not None:
-                    task.set_config(key="num_fewshot", value=self.benchmark.num_fewshot)
-                task.set_fewshot_seed(FEWSHOT_SEED)  # else lm-eval's sampler is seeded from the OS: random shots
-                _build_requests_once(task)
+                self._configure(task)
+            leaf = {t.config.task: t for t in _leaf_tasks(task_dict)}
+            b = self.benchmark
+            self._metrics[split] = {c: task_metric(leaf[b.task_name(c, split)], b.metric_of(c)) for c in b.categories}
             self._tasks[split] = task_dict
         return self._tasks[split]
+
+    def _configure(self, task: Any) -> None:
+        """Few-shot count and seed, generation budget, requests built once."""
+        b = self.benchmark
+        if b.num_fewshot is not None:
+            task.set_config(key="num_fewshot", value=b.num_fewshot)
+        if b.max_new_tokens is not None and task.config.output_type == "generate_until":
+            task.set_config(key="generation_kwargs", value={"max_gen_toks": b.max_new_tokens}, update=True)
+        task.set_fewshot_seed(FEWSHOT_SEED)  # else lm-eval's sampler is seeded from the OS: random shots
+        _build_requests_once(task)
+
+    def metrics(self, split: str) -> dict[str, str]:
+        """The lm-eval metric key (``"name,filter"``) each category of ``split`` is scored by."""
+        self.tasks(split)
+        return dict(self._metrics[self.benchmark.source_split(split)])
 
     def score(self, model: Any, tokenizer: Any, split: str, items: dict[str, list[str]] | None = None,
               log_samples: bool = True) -> dict[str, Any]:
@@ -167,7 +187,8 @@ class Evaluator:
             log_samples=log_samples or chosen is not None,
             verbosity="WARNING",
         )
-        return category_scores(results, self.benchmark, split, log_samples or chosen is not None, chosen)
+        return category_scores(results, self.benchmark, split, log_samples or chosen is not None, chosen,
+                               self.metrics(split))
 
     def item_ids(self, split: str) -> dict[str, list[str]]:
         """Every item id (lm-eval doc id) of ``split`` per category, carved halves applied."""
@@ -182,6 +203,35 @@ class Evaluator:
         if not b.holdout.split:
             return ids
         return carve(ids, b.holdout.select_fraction, b.holdout.seed)[side(b.select_split, b.report_split, split)]
+
+    def demands(self, splits: list[str]) -> list[Any]:
+        """What the items of ``splits`` ask of a model (:mod:`soce.benchmarks.fitness`): per category, the
+        request texts of its longest documents (few-shot context + continuation, or the context of a
+        generation) and the generation budget (``max_gen_toks``; lm-eval's default 256). Only the documents
+        longest in JSON are rendered, so the check costs milliseconds however many items there are."""
+        from soce.benchmarks.fitness import LONGEST, Demand, longest
+
+        b, out = self.benchmark, []
+        for c in b.categories:
+            texts, new = [], 0
+            for split in dict.fromkeys(b.source_split(s) for s in splits):
+                task = {t.config.task: t for t in _leaf_tasks(self.tasks(split))}[b.task_name(c, split)]
+                docs = sorted(list(task.eval_docs)[: b.limit], key=lambda d: -len(json.dumps(d, default=str)))
+                for doc in docs[: 2 * LONGEST]:
+                    text, gen = request_text(task, doc)
+                    texts.append(text)
+                    new = max(new, gen)
+            out.append(Demand(c, longest(texts), new))
+        return out
+
+    def item_keys(self, split: str) -> dict[str, list[str]]:
+        """Each item's content per category of ``split`` (``benchmark.limit`` first ones, carving not applied):
+        a hash of its document's fields, id fields left out (``id``, ``*_id``, ``idx``), so that the same
+        question under another id is the same item (:mod:`soce.benchmarks.splits` compares splits with it)."""
+        b = self.benchmark
+        leaf = {t.config.task: t for t in _leaf_tasks(self.tasks(split))}
+        return {c: [content_key(d) for d in list(leaf[b.task_name(c, split)].eval_docs)[: b.limit]]
+                for c in b.categories}
 
     def doc_ids(self, split: str, items: dict[str, list[str]] | None) -> dict[str, list[int]] | None:
         """lm-eval ``samples`` per category for ``split`` and ``items``; None: the whole split."""
@@ -209,32 +259,92 @@ def metric_key(metric: str) -> tuple[str, str]:
     return name, filt or "none"
 
 
+PRIMARY = {"generate_until": "exact_match", "multiple_choice": "acc", "loglikelihood": "acc"}  # by output type
+NOT_FRACTIONS = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})
+
+
+def task_metric(task: Any, asked: str | None) -> str:
+    """The ``"name,filter"`` key a category is scored by, checked against what ``task`` computes before any
+    evaluation. ``asked`` None: the task's primary metric (the first of its ``metric_list``, else
+    :data:`PRIMARY` of its output type) under its ``none`` filter, else its first filter; a name without a
+    filter takes the same filter. ConfigError (one line naming the task and what it reports) when the task
+    does not compute it, or when it is not a fraction in [0, 1] (perplexities)."""
+    cfg = task.config
+    computed = [m for m in task.aggregation() if isinstance(m, str)]
+    filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+    reports = ", ".join(f"{m},{f}" for m in computed for f in filters)
+    if asked is None:
+        listed = [m.get("metric") for m in cfg.metric_list or [] if isinstance(m, dict)]
+        name = listed[0] if listed and isinstance(listed[0], str) else PRIMARY.get(cfg.output_type, "acc")
+        filt = None
+    else:
+        name, _, filt = asked.partition(",")
+        name, filt = name.strip(), filt.strip() or None
+    filt = filt or ("none" if "none" in filters else filters[0])
+    if name not in computed or filt not in filters:
+        raise ConfigError(f"task {cfg.task!r} reports no metric '{name},{filt}' (it reports: {reports}); set "
+                          f"benchmark.metric (one name, or {{category: name}}) to one of them")
+    if name in NOT_FRACTIONS:
+        raise ConfigError(f"task {cfg.task!r}: metric {name!r} is not a fraction in [0, 1] (it reports: {reports}); "
+                          f"set benchmark.metric to an accuracy-like one")
+    return f"{name},{filt}"
+
+
 def category_scores(results: dict[str, Any], benchmark: Benchmark, split: str, log_samples: bool = True,
-                    chosen: dict[str, list[int]] | None = None) -> dict[str, Any]:
+                    chosen: dict[str, list[int]] | None = None,
+                    metrics: dict[str, str] | None = None) -> dict[str, Any]:
     """Per-category scores (+ "overall", their mean, + "samples" and "item_ids" per item, by doc_id) from the
-    output of ``lm_eval.evaluator.evaluate``, for the benchmark's metric and filter. Categories with no
-    chosen item are left out of the scores."""
-    name, filt = metric_key(benchmark.metric)
-    key = f"{name},{filt}"
+    output of ``lm_eval.evaluator.evaluate``, each category by its metric key (``metrics``, from
+    :func:`task_metric`; default: ``benchmark.metric``'s, "acc" if unset). Categories with no chosen item
+    are left out of the scores. A category score outside [0, 1] is a ConfigError naming task and metric."""
+    keys = {c: "{},{}".format(*metric_key((metrics or {}).get(c) or benchmark.metric_of(c) or "acc"))
+            for c in benchmark.categories}
     cats = [c for c in benchmark.categories if chosen is None or chosen.get(c)]
     out: dict[str, Any] = {}
     for c in cats:
-        task = benchmark.task_name(c, split)
+        task, key = benchmark.task_name(c, split), keys[c]
         res = results["results"][task]
         if key not in res:
             have = sorted(k for k in res if "," in k and not k.split(",")[0].endswith("_stderr"))
             raise ConfigError(f"task {task!r} reports no metric {key!r} (it reports: {', '.join(have)}; "
                              f"set benchmark.metric to one of them)")
         out[c] = float(res[key])
+        if not 0 <= out[c] <= 1:
+            raise ConfigError(f"task {task!r}: metric {key!r} = {out[c]:g} is not a fraction in [0, 1]; "
+                              f"set benchmark.metric to an accuracy-like one")
     if len(cats) == len(benchmark.categories):
         out["overall"] = sum(out[c] for c in cats) / len(cats)
     if log_samples:
-        rows = {c: sorted((s for s in results["samples"][benchmark.task_name(c, split)]
-                           if s.get("filter", "none") == filt), key=lambda s: s["doc_id"]) for c in cats}
-        out["samples"] = {c: [float(s[name]) for s in rows[c]] for c in cats}
+        out["samples"] = {}
         if chosen is not None:
-            out["item_ids"] = {c: [str(s["doc_id"]) for s in rows[c]] for c in cats}
+            out["item_ids"] = {}
+        for c in cats:
+            name, filt = keys[c].split(",", 1)
+            rows = sorted((s for s in results["samples"][benchmark.task_name(c, split)]
+                           if s.get("filter", "none") == filt), key=lambda s: s["doc_id"])
+            out["samples"][c] = [float(s[name]) for s in rows]
+            if chosen is not None:
+                out["item_ids"][c] = [str(s["doc_id"]) for s in rows]
     return out
+
+
+def content_key(doc: Any) -> str:
+    """A document's content as a short hash, its id fields (``id``, ``idx``, ``*_id``) left out."""
+    if isinstance(doc, dict):
+        doc = {k: v for k, v in doc.items() if not (k.lower() in ("id", "idx") or k.lower().endswith("_id"))}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def request_text(task: Any, doc: dict) -> tuple[str, int]:
+    """(the longest text lm-eval will score or continue for ``doc``, new tokens it may generate): the few-shot
+    context plus the longest continuation (target or choice), or the context and ``max_gen_toks``."""
+    cfg = task.config
+    ctx = task.fewshot_context(doc, cfg.num_fewshot or 0)
+    ctx = ctx if isinstance(ctx, str) else "".join(map(str, ctx))
+    if cfg.output_type == "generate_until":
+        return ctx, int((cfg.generation_kwargs or {}).get("max_gen_toks", 256))
+    conts = task.doc_to_choice(doc) if cfg.output_type == "multiple_choice" else [task.doc_to_target(doc)]
+    return ctx + (cfg.target_delimiter or "") + max(map(str, conts), key=len), 0
 
 
 def _build_requests_once(task: Any) -> None:
@@ -309,13 +419,14 @@ def quiet_lm_eval() -> None:
     # "Passed an already-initialized model": intended, once per evaluation
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
     # lm-eval draws several progress bars per evaluation (building requests, tokenizing, running); a
-    # search runs hundreds of evaluations, and soce shows its own bars over them instead
+    # search runs hundreds of short evaluations and soce shows its own bars over them, so lm-eval's appear
+    # only for a long pass (a large benchmark, a slow model): items done, rate, time left
     import importlib
 
     from tqdm import tqdm
 
-    def silent_tqdm(*args: Any, **kwargs: Any) -> tqdm:
-        return tqdm(*args, **{**kwargs, "disable": True})
+    def silent_tqdm(*args: Any, **kwargs: Any) -> tqdm:  # shown only once a pass has run LONG_PASS_S seconds
+        return tqdm(*args, **{**kwargs, "delay": LONG_PASS_S, "leave": False, "mininterval": 2.0})
 
     for module in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface"):
         mod = importlib.import_module(module)

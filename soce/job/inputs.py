@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from soce.benchmarks.scores import ScoreCache, read_score_csv, score_table, with_population_csv
+from soce.benchmarks.splits import SplitCheck
 from soce.config import BenchmarkConfig, Config, ConfigError
 from soce.search.evaluator import SoupEvaluator
 
@@ -35,6 +36,8 @@ class Inputs:
     population: pd.DataFrame
     soups: SoupEvaluator | None  # None: scores only (no model can be evaluated)
     experiment: str  # the MLflow experiment (follows a score table's benchmark)
+    items: SplitCheck | None = None  # which items selection and report use (None: scores only)
+    metrics: dict[str, str] = field(default_factory=dict)  # category -> the metric it is scored by
 
     def table(self, split: str) -> pd.DataFrame:
         """Candidates x categories on ``split`` (categories only, no overall)."""
@@ -50,28 +53,57 @@ def gather(config: Config) -> Inputs:
     if benchmark.select_split == benchmark.report_split:
         log.warning("select_split == report_split (%s): experts and weights are chosen on the scores "
                     "that are reported (the paper's protocol); reported gains are optimistic", benchmark.select_split)
-    soups = make_soup_evaluator(config, benchmark, {**population, **candidates}, list(candidates))
-    sel = benchmark.select_split
     everyone = {**population, **candidates}
+    evaluator = _backend(config, benchmark)
+    benchmark, items = check_benchmark(benchmark, evaluator, {**candidates, **population})  # before evaluating
+    soups = make_soup_evaluator(config, benchmark, everyone, list(candidates), evaluator)
+    metrics = _metrics(evaluator, benchmark)
+    log.info("items: %s; metrics: %s", items.statement(), ", ".join(f"{c} {m}" for c, m in metrics.items()))
+    sel = benchmark.select_split
     log.info("scoring %d checkpoints on %s and %d candidates on %s (cached after the first run)",
              len(everyone), sel, len(candidates), "+".join(benchmark.splits))
     cand = {s: {n: soups.scores({n: 1.0}, s) for n in candidates} for s in benchmark.splits}
     pop = {n: soups.scores({n: 1.0}, sel) for n in _progress(everyone, config.progress, "scoring models")}
     cats = benchmark.categories
     population_table = with_population_csv(score_table(pop, cats)[cats], config.selection.population_csv, cats)
-    return Inputs(benchmark, candidates, cand, population_table, soups, config.tracking.experiment)
+    return Inputs(benchmark, candidates, cand, population_table, soups, config.tracking.experiment, items, metrics)
 
 
-def make_soup_evaluator(config: Config, benchmark: BenchmarkConfig, models: dict[str, str],
-                        candidates: list[str]) -> SoupEvaluator:
-    """The in-memory merge evaluator of a job: benchmark backend, device, dtype and caches from the config."""
+def check_benchmark(benchmark: BenchmarkConfig, evaluator: Any,
+                    models: dict[str, str]) -> tuple[BenchmarkConfig, SplitCheck]:
+    """Before any evaluation: held-out items disjoint from the selection's (carved or refused:
+    :mod:`soce.benchmarks.splits`), and every model able to run the items (:mod:`soce.benchmarks.fitness`)."""
+    from soce.benchmarks.fitness import check_fitness
+    from soce.benchmarks.splits import check_splits
+
+    benchmark, items = check_splits(benchmark, evaluator)
+    check_fitness(evaluator, models, benchmark.splits)
+    return benchmark, items
+
+
+def _backend(config: Config, benchmark: BenchmarkConfig) -> Any:
     from soce.benchmarks import make_evaluator
     from soce.benchmarks.lmeval import pick_device, quiet_lm_eval
 
     quiet_lm_eval()
-    device = pick_device(config.device)
+    return make_evaluator(benchmark, pick_device(config.device))
+
+
+def _metrics(evaluator: Any, benchmark: BenchmarkConfig) -> dict[str, str]:
+    """The metric each category is scored by (the backend's, e.g. lm-eval's ``acc,none``; else ``accuracy``)."""
+    fn = getattr(evaluator, "metrics", None)
+    return fn(benchmark.select_split) if fn is not None else {c: "accuracy" for c in benchmark.categories}
+
+
+def make_soup_evaluator(config: Config, benchmark: BenchmarkConfig, models: dict[str, str],
+                        candidates: list[str], evaluator: Any = None) -> SoupEvaluator:
+    """The in-memory merge evaluator of a job: benchmark backend (``evaluator``, else a new one), device, dtype
+    and caches from the config."""
+    from soce.benchmarks.lmeval import pick_device
+
+    evaluator = evaluator if evaluator is not None else _backend(config, benchmark)
     cache = ScoreCache(Path(config.paths.cache_dir))
-    return SoupEvaluator(models, candidates, make_evaluator(benchmark, device), cache, device, config.dtype,
+    return SoupEvaluator(models, candidates, evaluator, cache, pick_device(config.device), config.dtype,
                          item_cache=_item_cache(Path(config.paths.cache_dir)), allow_nonfinite=config.allow_nonfinite)
 
 

@@ -62,6 +62,8 @@ class JobResult:
     timing: dict[str, float] = field(default_factory=dict)
     analysis: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    metrics: dict[str, str] = field(default_factory=dict)  # category -> the metric it is scored by (fraction)
+    items: dict[str, Any] = field(default_factory=dict)  # which items selection and report used (splits.SplitCheck)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -251,7 +253,15 @@ def job_params(config: Config, inputs: Inputs, selection: Selection, result: Job
             "select_split": result.select_split, "report_split": result.report_split,
             "objective": result.objective, "experts": ",".join(selection.ingredients),
             "weak_set": ",".join(selection.weak), "best_single": result.best_single,
+            "metric": metric_param(result.metrics), "items": result.items.get("mode", "scores"),
             **{f"w.{n}": w for n, w in result.weights.items()}}
+
+
+def metric_param(metrics: dict[str, str]) -> str:
+    """The metrics as one MLflow param: ``acc,none`` when every category shares it, else ``cat=metric;...``."""
+    if len(set(metrics.values())) <= 1:
+        return next(iter(metrics.values()), "")
+    return ";".join(f"{c}={m}" for c, m in metrics.items())[:6000]
 
 
 def job_metrics(inputs: Inputs, plan: Plan, result: JobResult, analysis: dict[str, float]) -> dict[str, float]:

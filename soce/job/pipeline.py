@@ -67,6 +67,9 @@ def select_experts(config: Config, inputs: Inputs) -> Selection:
     except method.SelectionError as e:
         raise ConfigError(str(e)) from None
     log.info("L = %s; experts = %s", selection.weak, selection.ingredients)
+    if len(selection.ingredients) == 1 and config.strategy.name in ("soce_selected", "soce_weighted"):
+        log.warning("every category in L picks %s: the soup collapses to that one model (no weights to search)",
+                    selection.ingredients[0])
     check_experts(config, selection.ingredients)
     return selection
 
@@ -153,7 +156,8 @@ def make_result(config: Config, inputs: Inputs, selection: Selection, plan: Plan
         best_single=str(method.overall(inputs.table(bench.select_split)).idxmax()),
         soup_path=str(soup_path) if soup_path else None, mlflow_run_id=tracker.run_id,
         evaluated=soups.cache.evaluated if soups else 0, cached=soups.cache.cached if soups else 0,
-        objective=bench.objective, search=dict(plan.notes), timing=soups.timing_summary() if soups else {})
+        objective=bench.objective, search=dict(plan.notes), timing=soups.timing_summary() if soups else {},
+        metrics=dict(inputs.metrics), items=inputs.items.to_json() if inputs.items else {})
 
 
 @contextlib.contextmanager

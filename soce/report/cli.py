@@ -1,6 +1,6 @@
 """``python -m soce.report``: comparison tables of a sweep, read back from MLflow (or a multirun folder).
 
-    python -m soce.report                       # latest sweep of the demo experiment, report split
+    python -m soce.report                       # the most recent sweep of any experiment, report split
     python -m soce.report experiment=soce-demo parent=<run id> split=test out=DIR
     python -m soce.report dir=outputs/multirun/<date>   # from a multirun directory's result.json files
 
@@ -13,26 +13,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
-from soce.report.tables import (
-    baseline_runs,
-    comparison_from_results,
-    comparison_table,
-    load_results,
-    pivot,
-    run_labels,
-    sweep_runs,
-    to_markdown,
-    unscored_jobs,
-)
-from soce.tracking.naming import parse_override
-from soce.tracking.views import sweep_filter, ui_url
-
-USAGE = ("usage: python -m soce.report [experiment=soce-demo] [parent=RUN_ID] [dir=MULTIRUN_DIR] [split=test] "
+USAGE = ("usage: python -m soce.report [experiment=NAME] [parent=RUN_ID] [dir=MULTIRUN_DIR] [split=test] "
          "[by=OVERRIDE_KEY] [root=.] [uri=MLFLOW_URI] [out=DIR]\n"
-         "       python -m soce.report url [base=http://127.0.0.1:5000] [experiment=..] [parent=..] [root=.] [uri=..]")
+         "       python -m soce.report url [base=http://127.0.0.1:5000] [experiment=..] [parent=..] [root=.] [uri=..]\n"
+         "Prints the comparison table of a sweep; without experiment= or parent=, the most recent sweep of any "
+         "experiment in the store (outputs/mlflow.db under root=).")
 KEYS = ("experiment", "parent", "dir", "split", "by", "root", "uri", "out", "base")
 
 
@@ -47,7 +37,6 @@ def _args(argv: list[str]) -> dict[str, str] | str:
     root = Path(args.get("root", ".")).resolve()
     db = root / "outputs" / "mlflow.db"
     args.setdefault("uri", f"sqlite:///{db}")
-    args.setdefault("experiment", "soce-demo")
     args.setdefault("split", "test")
     if "dir" not in args and args["uri"] == f"sqlite:///{db}" and not db.is_file():
         return f"no MLflow store at {db} (run `make run` first, or give root=, uri= or dir=)"
@@ -56,6 +45,17 @@ def _args(argv: list[str]) -> dict[str, str] | str:
 
 def _table(args: dict[str, str]) -> tuple[pd.DataFrame, str, list[str], dict[str, str]]:
     """(table, source, varying keys, {label: value of by=}) from a multirun dir or MLflow."""
+    from soce.report.tables import (
+        baseline_runs,
+        comparison_from_results,
+        comparison_table,
+        load_results,
+        run_labels,
+        sweep_runs,
+        unscored_jobs,
+    )
+    from soce.tracking.naming import parse_override
+
     split, by = args["split"], args.get("by")
     if "dir" in args:
         results = load_results(args["dir"])
@@ -64,6 +64,7 @@ def _table(args: dict[str, str]) -> tuple[pd.DataFrame, str, list[str], dict[str
         return table, args["dir"], results[0]["varying"] if results else [], values
     import mlflow
 
+    which = _experiment(args)
     parent, jobs = sweep_runs(args["uri"], args["experiment"], args.get("parent"))
     exp_id = str(jobs["experiment_id"].iloc[0]) if not jobs.empty else ""
     table = comparison_table(jobs, split, baseline_runs(args["uri"], exp_id, parent) if exp_id else None)
@@ -79,7 +80,18 @@ def _table(args: dict[str, str]) -> tuple[pd.DataFrame, str, list[str], dict[str
         ov = json.loads(tag) if isinstance(tag, str) and tag else {}
         if by in ov:
             values[lab] = ov[by]
-    return table, f"MLflow sweep {parent}, experiment {args['experiment']}", varying, values
+    return table, f"MLflow sweep {parent}, experiment {args['experiment']}{which}", varying, values
+
+
+def _experiment(args: dict[str, str]) -> str:
+    """Fill in ``experiment`` when not given: the experiment of ``parent=``, else of the most recent sweep in
+    the store; returns what to say about that choice ('' when the user named it)."""
+    from soce.report.tables import latest_experiment
+
+    if "experiment" in args:
+        return ""
+    args["experiment"] = latest_experiment(args["uri"], args.get("parent"))
+    return "" if args.get("parent") else " (the most recent sweep of any experiment; experiment= picks another)"
 
 
 def print_urls(args: dict[str, str]) -> None:
@@ -87,9 +99,13 @@ def print_urls(args: dict[str, str]) -> None:
     points its parallel-coordinates view; the plain job filter if the sweep has no saved view."""
     import mlflow
 
+    from soce.report.tables import run_labels, sweep_runs
+    from soce.tracking.views import sweep_filter, ui_url
+
     base = args.get("base", "http://127.0.0.1:5000")
     c = mlflow.MlflowClient(args["uri"])
     try:
+        _experiment(args)
         parent, jobs = sweep_runs(args["uri"], args["experiment"], args.get("parent"))
     except LookupError as e:
         print(f"MLflow UI: {base} ({e})")
@@ -108,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
+    from soce.report.tables import pivot, to_markdown
+
     args = _args(argv)
     if isinstance(args, str):
         print(f"soce.report: error: {args}", file=sys.stderr)

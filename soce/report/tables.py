@@ -45,6 +45,21 @@ def sweep_runs(uri: str, experiment: str, parent: str | None = None) -> tuple[st
     raise LookupError(f"none of the latest {len(sweeps)} sweeps of experiment {experiment!r} has job runs")
 
 
+def latest_experiment(uri: str, parent: str | None = None) -> str:
+    """The name of the experiment holding run ``parent``, else the most recent sweep (parent run) of any
+    experiment; LookupError when the store has none."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if parent is not None:
+        return mlflow.get_experiment(mlflow.get_run(parent).info.experiment_id).name
+    sweeps = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`soce.kind` = 'sweep'",
+                                order_by=["start_time DESC"], max_results=1)
+    if sweeps.empty:
+        raise LookupError(f"no sweep in {uri} yet (a multirun makes one: python -m soce -m strategy=a,b)")
+    return mlflow.get_experiment(str(sweeps["experiment_id"].iloc[0])).name
+
+
 def baseline_runs(uri: str, experiment_id: str, parent: str) -> pd.DataFrame:
     """The sweep's baseline runs (one per candidate; tag soce.baseline = best_single | candidate)."""
     import mlflow
@@ -261,7 +276,7 @@ def sweep_report(results: list[dict], split: str | None = None) -> str:
     lines = [f"# SoCE sweep report: {first['benchmark']} / pool {first['pool']}", "",
              f"{len(results)} jobs; overrides that varied: {varied}. Rows are named by them.", "",
              f"Selection split `{first.get('select_split')}` (correlation, experts, weights); "
-             f"reported split `{split}` (accuracy %).", "", to_markdown(table), ""]
+             f"reported split `{split}` (accuracy %).", "", *_items_lines(first), to_markdown(table), ""]
     if first.get("select_split") == split:
         lines += ["**Warning:** selection and report splits are the same (the paper's protocol): "
                   "the gains are optimistic.", ""]
@@ -274,7 +289,7 @@ def sweep_report(results: list[dict], split: str | None = None) -> str:
         ws = ", ".join(f"{m} {w:.2f}" for m, w in r["weights"].items() if w > 0)
         experts = ", ".join(f"{c} -> {m}" for c, m in r.get("expert_of", {}).items())
         lines.append(f"- `{_label(r)}`: L = {', '.join(r['weak_set']) or '(empty)'}; experts: {experts}; "
-                     f"weights: {ws}")
+                     f"weights: {ws}{collapse_note(r)}")
     fam = first.get("families") or {}
     if fam:
         w, a = family_correlation(corr, fam)
@@ -283,6 +298,25 @@ def sweep_report(results: list[dict], split: str | None = None) -> str:
     lines += ["", "![scores by job](scores.png)", "", "![soup weights](weights.png)", "",
               "![category correlation](correlation.png)", ""]
     return "\n".join(lines)
+
+
+def collapse_note(result: dict) -> str:
+    """' (the soup collapsed to one model: X)' for a SoCE soup whose experts are one model, else ''."""
+    live = [m for m, w in result.get("weights", {}).items() if w > 0]
+    if len(live) != 1 or result.get("strategy") not in ("soce_selected", "soce_weighted"):
+        return ""
+    return f" (the soup collapsed to one model: every category in L picks {live[0]})"
+
+
+def _items_lines(result: dict) -> list[str]:
+    """Which items were used and the metric of each category (from result.json), as report lines."""
+    lines = []
+    if result.get("items", {}).get("statement"):
+        lines.append(f"Items: {result['items']['statement']}.")
+    metrics = result.get("metrics") or {}
+    if metrics:
+        lines.append("Metrics: " + ", ".join(f"{c} `{m}`" for c, m in metrics.items()) + ".")
+    return [*lines, ""] if lines else []
 
 
 def write_sweep_report(sweep_dir: str | Path) -> Path | None:
@@ -330,7 +364,7 @@ def format_answer(result: dict, path: str | Path | None = None) -> str:
     if experts:
         parts.append("experts: " + ", ".join(f"{c} -> {m}" for c, m in experts.items()))
     ws = ", ".join(f"{m} {w:.2f}" for m, w in result.get("weights", {}).items() if w > 0)
-    parts.append(f"weights: {ws or '(none)'}")
+    parts.append(f"weights: {ws or '(none)'}{collapse_note(result)}")
     where = path or (Path(result["job_dir"]) / "result.json" if result.get("job_dir") else None)
     if where:
         parts.append(f"result: {where}")
