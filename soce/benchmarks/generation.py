@@ -356,6 +356,17 @@ class Engine:
                 self.step()
         return requests
 
+    def clear(self) -> None:
+        """Drop every request and session cache (after an evaluation, or when one failed)."""
+        for s in self.rows:
+            if s is not None:
+                self.pool.give(s.pages)
+        for s in [*self.waiting, *self.cache.values()]:
+            self.pool.give(s.pages)
+        self.rows, self._order = [None] * self.slots, []
+        self.waiting.clear()
+        self.cache.clear()
+
     def end_session(self, session: str) -> None:
         """Free the KV kept for ``session``."""
         seq = self.cache.pop(session, None)
