@@ -48,6 +48,7 @@ class EngineConfig:
     kv_bytes: int | None = None  # KV pool size; None: free device memory - reserve (CPU: 256 MiB)
     reserve_bytes: int = 6 * GIB  # left free on the device for activations, logits, graphs
     compile: bool | None = None  # CUDA graphs + compiled flex attention; None: on CUDA
+    attention: str | None = None  # "flex" | "dense" (SDPA over gathered pages); None: flex on CUDA, dense on CPU
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Stats:
     prefill_tokens: int = 0  # real prompt tokens run through the model
     prefill_padded: int = 0  # tokens of the passes, padding included
     prefill_s: float = 0.0
+    prefill_attn: int = 0  # keys attended by the prefilled tokens, summed (their positions + 1)
     reused_tokens: int = 0
     decode_steps: int = 0
     decode_tokens: int = 0  # live rows summed over steps
@@ -308,6 +310,7 @@ class Engine:
         self.chunk = config.chunk or (8192 if cuda else 512)
         self.sizes = tuple(sorted(config.prefill_sizes or ((1024, self.chunk) if cuda else ())))
         self.compile = cuda if config.compile is None else config.compile
+        self.flex = (config.attention or ("flex" if cuda else "dense")) == "flex"
         self.pool = _Pool(model, plan_pages(model, self.page, config.kv_bytes, config.reserve_bytes), self.page)
         self.stats = Stats()
         self.waiting: collections.deque[_Seq] = collections.deque()
@@ -315,7 +318,7 @@ class Engine:
         self.cache: collections.OrderedDict[str, _Seq] = collections.OrderedDict()  # idle sessions, LRU first
         self._sids = iter(range(1, 2**31 - 1))
         self._order: list[int] = []  # admission order of live sequence ids (for preemption)
-        self._decoder = _Decoder(model, self.pool, self.slots, self.compile) if cuda else None
+        self._decoder = _Decoder(model, self.pool, self.slots, self.compile) if self.flex else None
         self._prefill_masks: dict[int, tuple[torch.Tensor, torch.Tensor, Any]] = {}
         self._flex = None
 
@@ -495,8 +498,9 @@ class Engine:
         ends = [(s, i) for (s, a, b), i in zip(pieces, _ends(pieces), strict=True) if b == s.target]
         best = self.model.lm_head(h[0, [i for _, i in ends]]).argmax(-1).tolist() if ends else []
         finished = []
-        for s, _, b in pieces:
+        for s, a, b in pieces:
             s.kv_len = b
+            self.stats.prefill_attn += (b * (b + 1) - a * (a + 1)) // 2
         for (s, _), tok in zip(ends, best, strict=True):
             if self._sample(s, tok):
                 self._finish(s)
@@ -520,7 +524,7 @@ class Engine:
                 write.append(s.pages[j // self.page] * self.page + j % self.page)
         pad = size - len(tokens)
         tokens, pos, seq, write = tokens + [0] * pad, pos + [0] * pad, seq + [-1] * pad, write + [0] * pad
-        qb = 128 if self.cuda else size
+        qb = 128 if self.flex else size
         pages_of = {s.sid: s for s, _, _ in pieces}
         blocks = []
         for j in range(0, size, qb):
@@ -536,7 +540,7 @@ class Engine:
         tokens, pos = torch.tensor(p.tokens, device=dev), torch.tensor(p.pos, device=dev)
         q_seq = torch.tensor(p.seq, device=dev)
         write = torch.tensor(p.write, device=dev).flatten()
-        if not self.cuda:
+        if not self.flex:
             return _layers_forward(self.model, self.pool, tokens, pos, write,
                                    _dense_attend(self.pool, p, q_seq, pos))
         return _layers_forward(self.model, self.pool, tokens, pos, write, self._flex_attend(p, q_seq, pos))
@@ -577,7 +581,7 @@ class Engine:
             s.pages.append(self.pool.take(s.sid, len(s.pages) * self.page))
         live = [s for s in self.rows if s is not None and s.kv_len >= s.target]
         self.pool.flush()
-        best = self._decode_cuda(live) if self.cuda else self._decode_cpu(live)
+        best = self._decode_flex(live) if self.flex else self._decode_dense(live)
         finished = []
         for s, tok in zip(live, best, strict=True):
             s.kv_len += 1
@@ -595,15 +599,15 @@ class Engine:
         j = s.kv_len
         return s.stream()[j], j, s.pages[j // self.page] * self.page + j % self.page, s.sid
 
-    def _decode_cpu(self, live: list[_Seq]) -> list[int]:
+    def _decode_dense(self, live: list[_Seq]) -> list[int]:
         rows = [self._row_inputs(s) for s in live]
         p = _Pass([[r[0]] for r in rows], [[r[1]] for r in rows], [[r[3]] for r in rows], [[r[2]] for r in rows],
                   [[s.pages[: s.kv_len // self.page + 1]] for s in live])
         h = self._run_prefill(p)
         return self.model.lm_head(h[:, 0]).argmax(-1).tolist()
 
-    def _decode_cuda(self, live: list[_Seq]) -> list[int]:
-        """Fill the decoder's buffers (padding rows read and write scratch page 0), replay the step."""
+    def _decode_flex(self, live: list[_Seq]) -> list[int]:
+        """Fill the decoder's buffers (padding rows read and write scratch page 0), run (replay) the step."""
         d = self._decoder
         io = torch.zeros(4, self.slots, dtype=torch.long)
         io[3] = -1
