@@ -435,8 +435,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=None, help="tokenizer vocabulary (default 32000; tiny 1024)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to load, or to save the trained one to")
+    p.add_argument("--start-full-within", type=float, default=None,
+                   help="seconds: a --full part starts only this soon after the script began (device time)")
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "bfcl_cost"))
     a = p.parse_args(argv)
+    began = time.perf_counter()
     from soce.benchmarks.generation import Engine, EngineConfig
 
     tok, lm, device, head = setup(a)
@@ -458,6 +461,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.subset:
         run_subset(a, tok, lm, engine_of, forcer, head, save)
     for part in [x for x in a.full.split(",") if x]:
+        if a.start_full_within is not None and time.perf_counter() - began > a.start_full_within:
+            head.setdefault("skipped", []).append(part)
+            continue
         run_full(part, a, tok, lm, engine_of(), forcer, head, save)
     save()
     print(json.dumps({k: v for k, v in head.items() if k != "subset"} | {"subset": {
