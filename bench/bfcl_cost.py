@@ -168,7 +168,7 @@ def subset(per_category: int, multi: int) -> dict[str, list[str]]:
                 seen.add(first_user(e))
                 picked.append(e["id"])
         out[c] = picked
-    return out
+    return {c: v for c, v in out.items() if v}
 
 
 def forced_hf(lm: Any, tok: Any, forcer: Forcer, settings: Any, log: dict) -> Any:

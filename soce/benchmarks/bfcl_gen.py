@@ -120,18 +120,22 @@ class EngineGenerator:
 
     def __post_init__(self) -> None:
         self.stops = frozenset(stop_ids(self.tokenizer, self.settings.stop_tokens))
+        self.lock = threading.Lock()  # a fast tokenizer used from two threads at once can fail ("Already borrowed")
 
     def request(self, prompt: str, session: str | None = None) -> Any:
         from soce.benchmarks.generation import Request
 
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        force = self.force(prompt) if self.force is not None else None
+        with self.lock:
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            force = self.force(prompt) if self.force is not None else None
         return Request(ids, self.settings.max_new_tokens, self.stops, session=session, force=force)
 
     def result(self, req: Any) -> Generation:
         """The completion as :func:`hf_generator` reports it (text up to the first stop token)."""
         end = next((i + 1 for i, t in enumerate(req.out) if t in self.stops), len(req.out))
-        return Generation(self.tokenizer.decode(req.out[:end], skip_special_tokens=True), len(req.ids), end)
+        with self.lock:
+            text = self.tokenizer.decode(req.out[:end], skip_special_tokens=True)
+        return Generation(text, len(req.ids), end)
 
     def __call__(self, prompts: list[str]) -> list[Generation]:
         reqs = self.engine.generate([self.request(p) for p in prompts])
@@ -215,22 +219,23 @@ class Streamer:
         self._cv = threading.Condition()
         self._inbox: list[tuple[Any, dict[str, Any]]] = []
         self._ended: list[str] = []
+        self._waiting: dict[int, dict[str, Any]] = {}  # id -> slot of every query not yet answered
         self._failed = False
 
     def submit(self, prompt: str) -> Generation:
         """The completion of ``prompt`` (blocks); a multi-turn entry's queries share its engine session."""
         req = self._gen.request(prompt, getattr(_CURRENT, "session", None))
-        slot: dict[str, Any] = {}
+        slot: dict[str, Any] = {"ready": threading.Event()}
         with self._cv:
             if self._failed:
                 raise Aborted()
             self._inbox.append((req, slot))
+            self._waiting[id(slot)] = slot
             self._cv.notify_all()
-            while "out" not in slot and not self._failed:
-                self._cv.wait()
-            if "out" not in slot:
-                raise Aborted()
-            return slot["out"]
+        slot["ready"].wait()  # one wake-up per query, not one per finished query
+        if "out" not in slot:
+            raise Aborted()
+        return slot["out"]
 
     def end_session(self, session: str) -> None:
         with self._cv:
@@ -240,8 +245,15 @@ class Streamer:
     def leave(self, failed: bool = False) -> None:
         with self._cv:
             self._active -= 1
-            self._failed = self._failed or failed
+            if failed:
+                self._fail()
             self._cv.notify_all()
+
+    def _fail(self) -> None:
+        """Under the lock: every waiting query is aborted."""
+        self._failed = True
+        for slot in self._waiting.values():
+            slot["ready"].set()
 
     def serve(self) -> None:
         """Drive the engine until every worker has left (or one failed); engine errors are raised here."""
@@ -258,14 +270,15 @@ class Streamer:
                         engine.add(req)
                         slots[id(req)] = slot
                     done = engine.step() if engine.busy() else []
-                    if done:
+                    for r in done:
+                        slot = slots.pop(id(r))
+                        slot["out"] = self._gen.result(r)
                         with self._cv:
-                            for r in done:
-                                slots.pop(id(r))["out"] = self._gen.result(r)
-                            self._cv.notify_all()
+                            self._waiting.pop(id(slot))
+                        slot["ready"].set()
         except BaseException:
             with self._cv:
-                self._failed = True
+                self._fail()
                 self._cv.notify_all()
             raise
         finally:

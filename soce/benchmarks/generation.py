@@ -436,8 +436,9 @@ class Engine:
 
     def _preempt(self, keep: _Seq) -> bool:
         """Free the latest admitted sequence other than ``keep`` (re-queued first); False if none."""
+        by_sid = {s.sid: s for s in self.rows if s is not None}
         for sid in reversed(self._order):
-            seq = next(s for s in self.rows if s is not None and s.sid == sid)
+            seq = by_sid[sid]
             if seq is keep:
                 continue
             self._order.remove(sid)
@@ -571,9 +572,8 @@ class Engine:
     def _decode(self) -> list[Request]:
         """One decode step: every row past its prefill feeds its last token and samples the next."""
         t0 = time.perf_counter()
-        for sid in list(self._order):  # a page for each row whose next token starts one
-            s = next((r for r in self.rows if r is not None and r.sid == sid), None)
-            if s is None or s.kv_len < s.target or s.kv_len < len(s.pages) * self.page:
+        for s in list(self.rows):  # a page for each row whose next token starts one
+            if s is None or s.slot < 0 or s.kv_len < s.target or s.kv_len < len(s.pages) * self.page:
                 continue
             while not self._room(1, evict=True):
                 if not self._preempt(keep=s):
@@ -596,8 +596,9 @@ class Engine:
 
     def _row_inputs(self, s: _Seq) -> tuple[int, int, int, int]:
         """(token, position, pool index, sequence id) of row ``s``'s next decode input."""
-        j = s.kv_len
-        return s.stream()[j], j, s.pages[j // self.page] * self.page + j % self.page, s.sid
+        j, r = s.kv_len, s.req
+        tok = r.out[j - len(r.ids)] if j >= len(r.ids) else r.ids[j]
+        return tok, j, s.pages[j // self.page] * self.page + j % self.page, s.sid
 
     def _decode_dense(self, live: list[_Seq]) -> list[int]:
         rows = [self._row_inputs(s) for s in live]
@@ -609,12 +610,12 @@ class Engine:
     def _decode_flex(self, live: list[_Seq]) -> list[int]:
         """Fill the decoder's buffers (padding rows read and write scratch page 0), run (replay) the step."""
         d = self._decoder
-        io = torch.zeros(4, self.slots, dtype=torch.long)
-        io[3] = -1
-        num = torch.ones(self.slots, dtype=torch.int32)
+        io = [[0] * self.slots, [0] * self.slots, [0] * self.slots, [-1] * self.slots]
+        num = [1] * self.slots
         rows, cols, vals = [], [], []
         for s in live:
-            io[:, s.slot] = torch.tensor(self._row_inputs(s))
+            for k, x in enumerate(self._row_inputs(s)):
+                io[k][s.slot] = x
             n = s.kv_len // self.page + 1
             num[s.slot] = n
             have = d.seen.get(s.slot, (None, 0))
@@ -629,8 +630,8 @@ class Engine:
             rows.append(slot)
             cols.append(0)
             vals.append(0)
-        d.io.copy_(io, non_blocking=True)
-        d.num.view(-1).copy_(num, non_blocking=True)
+        d.io.copy_(torch.tensor(io), non_blocking=True)
+        d.num.view(-1).copy_(torch.tensor(num, dtype=torch.int32), non_blocking=True)
         if rows:
             dev = d.idx.device
             d.idx[torch.tensor(rows, device=dev), 0, 0, torch.tensor(cols, device=dev)] = torch.tensor(
