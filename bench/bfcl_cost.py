@@ -382,8 +382,16 @@ def run_subset(a: argparse.Namespace, tok: Any, lm: Any, engine_of: Any, forcer:
         base_argmax = log.get("argmax", {})
         save()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    engine = engine_of()
-    new = engine_run(engine, tok, forcer, settings, ids, head["hardware"], lm)
+    print(f"baseline done: {out.get('baseline', {}).get('minutes')} min", flush=True)
+    try:
+        engine = engine_of()
+        new = engine_run(engine, tok, forcer, settings, ids, head["hardware"], lm)
+    except Exception:  # noqa: BLE001 - recorded: the baseline's figures stay useful
+        import traceback
+
+        out["engine"] = {"error": traceback.format_exc()[-3000:]}
+        save()
+        raise
     out["engine"] = {k: v for k, v in new.items() if k != "_argmax"}
     if "minutes" in out.get("baseline", {}):
         out["speedup"] = out["baseline"]["minutes"] / out["engine"]["minutes"]
@@ -404,6 +412,7 @@ def run_full(part: str, a: argparse.Namespace, tok: Any, lm: Any, engine: Any, f
     forcer = Forcer(ids, tok, forcer.eot)
     new = engine_run(engine, tok, forcer, GenSettings(max_new_tokens=a.max_new_tokens), ids, head["hardware"], lm)
     key = "single_turn" if part == "single" else "multi_turn"
+    print(f"{key} done: {new['minutes']:.2f} min", flush=True)
     head[key] = {"measured": True, **{k: v for k, v in new.items() if k not in ("_argmax", "samples")}}
     save()
 
