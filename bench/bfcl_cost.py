@@ -360,18 +360,33 @@ def setup(a: argparse.Namespace) -> tuple[Any, Any, Any, dict]:
     return tok, lm, device, head
 
 
-def run_subset(a: argparse.Namespace, tok: Any, lm: Any, engine_of: Any, forcer: Forcer, head: dict,
+def run_subset(a: argparse.Namespace, tok: Any, lm: Any, engines: Any, forcer: Forcer, head: dict,
                save: Any) -> None:
-    """Baseline then engine on the same subset, in this process."""
+    """Baseline then engine on the same subset, in this process: the single-turn part, then the multi-turn part
+    (each part's figures are saved as soon as they exist; the engine is dropped before the second baseline so
+    the baseline has the memory it had in the first)."""
+    ids = subset(a.items, a.multi)
+    out = head.setdefault("subset", {"items": {c: len(v) for c, v in ids.items()}})
+    parts = {"single_turn": {c: v for c, v in ids.items() if c in SINGLE},
+             "multi_turn": {c: v for c, v in ids.items() if c in MULTI_TURN}}
+    for k, (name, part) in enumerate((n, p) for n, p in parts.items() if p):
+        if k and not a.skip_baseline:
+            engines.drop()
+        out[name] = subset_part(a, tok, lm, engines, Forcer(part, tok, forcer.eot), part, head, save)
+        save()
+    done = [out[n] for n in parts if "speedup" in out.get(n, {})]
+    if len(done) == sum(1 for p in parts.values() if p):
+        out["speedup"] = sum(d["baseline"]["minutes"] for d in done) / sum(d["engine"]["minutes"] for d in done)
+    save()
+
+
+def subset_part(a: argparse.Namespace, tok: Any, lm: Any, engines: Any, forcer: Forcer, ids: dict, head: dict,
+                save: Any) -> dict:
     import torch
 
     from soce.benchmarks.bfcl_gen import GenSettings
 
-    ids = subset(a.items, a.multi)
-    forcer = Forcer(ids, tok, forcer.eot)
-    out = head.setdefault("subset", {"items": {c: len(v) for c, v in ids.items()}})
-    settings = GenSettings(max_new_tokens=a.max_new_tokens)
-    base_argmax: dict = {}
+    settings, out, base_argmax = GenSettings(max_new_tokens=a.max_new_tokens), {}, {}
     if not a.skip_baseline:
         log: dict = {}
         try:
@@ -380,25 +395,50 @@ def run_subset(a: argparse.Namespace, tok: Any, lm: Any, engine_of: Any, forcer:
         except torch.cuda.OutOfMemoryError as e:
             out["baseline"] = {"error": f"out of memory: {str(e).splitlines()[0][:200]}"}
         base_argmax = log.get("argmax", {})
-        save()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    print(f"baseline done: {out.get('baseline', {}).get('minutes')} min", flush=True)
+        print(f"baseline done: {out['baseline'].get('minutes')} min", flush=True)
     try:
-        engine = engine_of()
-        new = engine_run(engine, tok, forcer, settings, ids, head["hardware"], lm)
+        new = engine_run(engines.get(), tok, forcer, settings, ids, head["hardware"], lm)
     except Exception:  # noqa: BLE001 - recorded: the baseline's figures stay useful
         import traceback
 
         out["engine"] = {"error": traceback.format_exc()[-3000:]}
-        save()
-        raise
+        head.setdefault("errors", []).append(out["engine"]["error"])
+        return out
     out["engine"] = {k: v for k, v in new.items() if k != "_argmax"}
+    print(f"engine done: {out['engine']['minutes']:.3f} min", flush=True)
     if "minutes" in out.get("baseline", {}):
         out["speedup"] = out["baseline"]["minutes"] / out["engine"]["minutes"]
         out["argmax_vs_baseline"] = compare(base_argmax, new["_argmax"])
         b, n = out["baseline"]["samples"], out["engine"]["samples"]
         out["differing_verdicts"] = sum(x != y for c in b for x, y in zip(b[c], n[c], strict=True))
-    save()
+    return out
+
+
+class Engines:
+    """The one engine of the run, built (and warmed up) on first use; dropped to give its memory back."""
+
+    def __init__(self, lm: Any, tok: Any, a: argparse.Namespace, head: dict) -> None:
+        self.lm, self.tok, self.a, self.head, self.engine = lm, tok, a, head, None
+
+    def get(self) -> Any:
+        from soce.benchmarks.generation import Engine, EngineConfig
+
+        if self.engine is None:
+            self.engine = Engine(self.lm, EngineConfig(slots=self.a.slots, chunk=self.a.chunk), tokenizer=self.tok)
+            self.head.setdefault("engine_warm_up_s", []).append(warm_up(self.engine, self.tok))
+        return self.engine
+
+    def drop(self) -> None:
+        import gc
+
+        import torch
+
+        self.engine = None
+        torch._dynamo.reset()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def run_full(part: str, a: argparse.Namespace, tok: Any, lm: Any, engine: Any, forcer: Forcer, head: dict,
@@ -428,6 +468,23 @@ def summarise(head: dict) -> None:
     head["speedup_vs_previous"] = head.get("subset", {}).get("speedup")
 
 
+def brief(head: dict) -> dict[str, Any]:
+    """The summary without per-item samples (the last line printed)."""
+    keep = ("minutes", "entries", "peak_gib", "decode_ms_per_step", "decode_vs_hbm_floor", "prefill_tokens_per_s",
+            "prefill_vs_flop_floor", "mean_rows_per_step", "generate_calls", "speedup", "argmax_vs_baseline",
+            "differing_verdicts", "error", "reused_kv_tokens", "queries_compared", "queries_with_differing_argmax",
+            "argmax_positions", "differing_argmax_positions", "prefill_tokens", "decoded_tokens", "decode_steps")
+
+    def small(d: Any) -> Any:
+        if not isinstance(d, dict):
+            return d
+        return {k: small(v) for k, v in d.items() if k in keep or isinstance(v, dict) and k not in ("samples",
+                                                                                               "accuracy")}
+
+    return {k: small(v) if k in ("subset", "single_turn", "multi_turn") else v for k, v in head.items()
+            if k != "errors"}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (smoke test)")
@@ -449,8 +506,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "bfcl_cost"))
     a = p.parse_args(argv)
     began = time.perf_counter()
-    from soce.benchmarks.generation import Engine, EngineConfig
-
     tok, lm, device, head = setup(a)
     forcer = Forcer({}, tok, tok.convert_tokens_to_ids("<|eot_id|>"))
     Path(a.out).mkdir(parents=True, exist_ok=True)
@@ -459,24 +514,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summarise(head)
         Path(a.out, "bfcl_cost.json").write_text(json.dumps(head, indent=1, default=str))
 
-    engines: list[Any] = []
-
-    def engine_of() -> Any:
-        if not engines:
-            engines.append(Engine(lm, EngineConfig(slots=a.slots, chunk=a.chunk), tokenizer=tok))
-            head["engine_warm_up_s"] = warm_up(engines[0], tok)
-        return engines[0]
-
+    engines = Engines(lm, tok, a, head)
     if a.subset:
-        run_subset(a, tok, lm, engine_of, forcer, head, save)
+        run_subset(a, tok, lm, engines, forcer, head, save)
     for part in [x for x in a.full.split(",") if x]:
         if a.start_full_within is not None and time.perf_counter() - began > a.start_full_within:
             head.setdefault("skipped", []).append(part)
             continue
-        run_full(part, a, tok, lm, engine_of(), forcer, head, save)
+        run_full(part, a, tok, lm, engines.get(), forcer, head, save)
     save()
-    print(json.dumps({k: v for k, v in head.items() if k != "subset"} | {"subset": {
-        k: v for k, v in head.get("subset", {}).items() if k not in ("baseline", "engine")}}, default=str))
+    print(json.dumps(brief(head), default=str))
     return head
 
 

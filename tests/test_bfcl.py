@@ -309,7 +309,7 @@ def test_cost_script_runs_tiny_on_cpu(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "bfcl_cost.json").read_text())
     assert summary["device"] == "cpu" and summary["speedup_vs_previous"] > 0
-    sub = summary["subset"]
+    sub = summary["subset"]["single_turn"]
     assert sub["argmax_vs_baseline"]["queries_with_differing_argmax"] == 0 and sub["differing_verdicts"] == 0
     assert sub["engine"]["decode_steps"] > 0 and sub["baseline"]["generate_calls"] > 0
     assert sub["engine"]["accuracy"]["simple"] == sub["baseline"]["accuracy"]["simple"] == 1.0
