@@ -369,10 +369,11 @@ def run_subset(a: argparse.Namespace, tok: Any, lm: Any, engines: Any, forcer: F
     out = head.setdefault("subset", {"items": {c: len(v) for c, v in ids.items()}})
     parts = {"single_turn": {c: v for c, v in ids.items() if c in SINGLE},
              "multi_turn": {c: v for c, v in ids.items() if c in MULTI_TURN}}
-    for k, (name, part) in enumerate((n, p) for n, p in parts.items() if p):
-        if k and not a.skip_baseline:
+    for name, part in ((n, p) for n, p in parts.items() if p):
+        baseline = not a.skip_baseline and name in a.baseline_parts.split(",")
+        if baseline:
             engines.drop()
-        out[name] = subset_part(a, tok, lm, engines, Forcer(part, tok, forcer.eot), part, head, save)
+        out[name] = subset_part(a, tok, lm, engines, Forcer(part, tok, forcer.eot), part, baseline)
         save()
     done = [out[n] for n in parts if "speedup" in out.get(n, {})]
     if len(done) == sum(1 for p in parts.values() if p):
@@ -380,14 +381,15 @@ def run_subset(a: argparse.Namespace, tok: Any, lm: Any, engines: Any, forcer: F
     save()
 
 
-def subset_part(a: argparse.Namespace, tok: Any, lm: Any, engines: Any, forcer: Forcer, ids: dict, head: dict,
-                save: Any) -> dict:
+def subset_part(a: argparse.Namespace, tok: Any, lm: Any, engines: Any, forcer: Forcer, ids: dict,
+                baseline: bool) -> dict:
     import torch
 
     from soce.benchmarks.bfcl_gen import GenSettings
 
     settings, out, base_argmax = GenSettings(max_new_tokens=a.max_new_tokens), {}, {}
-    if not a.skip_baseline:
+    head = engines.head
+    if baseline:
         log: dict = {}
         try:
             out["baseline"] = {**evaluate(forced_hf(lm, tok, forcer, settings, log), ids, a.batch,
@@ -434,6 +436,8 @@ class Engines:
 
         import torch
 
+        if self.engine is None:
+            return
         self.engine = None
         torch._dynamo.reset()
         gc.collect()
@@ -491,6 +495,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default=None)
     p.add_argument("--subset", action="store_true", help="baseline and engine on the same subset")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--baseline-parts", default="single_turn,multi_turn", help="subset parts the baseline runs")
     p.add_argument("--full", default="", help="comma-separated: single, multi (every entry, engine only)")
     p.add_argument("--limit", type=int, default=None, help="cap entries per category of --full (smoke tests)")
     p.add_argument("--items", type=int, default=16, help="subset: entries per single-turn category")
