@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from soce.benchmarks.lmeval import Evaluator, load_model, quiet_lm_eval
+from soce.benchmarks.lmeval import Evaluator, engine_lm, load_model, quiet_lm_eval
 from soce.config import BenchmarkConfig
 from soce.demo import tasks
 
@@ -113,3 +113,27 @@ def test_batched_in_memory_generation_matches_lm_eval_cli(manifest, gen_categori
         correct += sum(r["acc"] for r in rows)
     total = len(gen_categories) * manifest["sizes"][SPLIT]
     assert 0 < correct < total, "all right or all wrong: the comparison would show nothing"
+
+
+def test_engine_generate_until_matches_hf_generate(manifest, gen_categories, soup):
+    """lm-eval's generate_until on soce's generation engine (one continuous batch per task, stop strings, eos)
+    gives HF generate's responses, item by item, and the soce Evaluator uses it."""
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    quiet_lm_eval()
+    names = [manifest["task_template"].format(category=c, split=SPLIT) for c in gen_categories]
+    model, tok = load_model(str(soup))
+    runs, engines = {}, {}
+    for kind, lm in (("hf", HFLM(pretrained=model, tokenizer=tok, batch_size=4)),
+                     ("engine", engine_lm(model, tok, 4, engines))):
+        manager = TaskManager(include_path=manifest["task_dir"], include_defaults=False)
+        runs[kind] = simple_evaluate(model=lm, tasks=names, task_manager=manager, bootstrap_iters=0,
+                                     log_samples=True)
+    assert len(engines) == 1, "the engine ran the generation"
+    for name in names:
+        hf = sorted(runs["hf"]["samples"][name], key=lambda r: r["doc_id"])
+        eng = sorted(runs["engine"]["samples"][name], key=lambda r: r["doc_id"])
+        assert [r["filtered_resps"] for r in eng] == [r["filtered_resps"] for r in hf]
+        assert [r["acc"] for r in eng] == [r["acc"] for r in hf]

@@ -13,7 +13,8 @@ module globals under that name are deleted afterwards (:func:`purge_state`): bfc
 so a later evaluation under the same name would execute on a stale state.
 
 ``benchmark.options``: ``handler`` (``llama``: BFCL's python-call prompt, LlamaHandler; ``xlam``: JSON tool
-calls, SalesforceLlamaHandler), ``max_new_tokens``, ``stop_tokens``, ``max_batch_tokens``;
+calls, SalesforceLlamaHandler), ``max_new_tokens``, ``stop_tokens``, ``max_batch_tokens``, ``engine`` (``auto``:
+soce's generation engine, :mod:`soce.benchmarks.generation`, where it runs the model; ``hf``: HF ``generate``);
 ``benchmark.batch_size`` is the number of queries generated together. ``benchmark.objective``: ``mean``
 (the paper's: unweighted mean of categories) or ``official`` (the v3 leaderboard's overall, see
 :func:`official_overall`); the scores hold both as ``overall_mean`` and ``overall_official``.
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from soce.benchmarks import backend, bfcl_sdk
-from soce.benchmarks.bfcl_gen import Generate, GenSettings, hf_generator, run_entries
+from soce.benchmarks.bfcl_gen import Generate, GenSettings, engine_generator, run_entries
 from soce.config import BenchmarkConfig, ConfigError
 
 SIMPLE = ("simple", "java", "javascript")
@@ -50,7 +51,8 @@ CATEGORIES = (*NON_LIVE, *LIVE, *MULTI_TURN)  # the 17 v3 categories
 # its underscore_to_dot flag when function names contain dots)
 HANDLERS = {"llama": ("llama", "LlamaHandler", "meta-llama/Llama-3.1-8B-Instruct"),
             "xlam": ("salesforce_llama", "SalesforceLlamaHandler", "Salesforce/Llama-xLAM-2-8b-fc-r")}
-OPTION_KEYS = ("handler", "max_new_tokens", "stop_tokens", "max_batch_tokens")
+OPTION_KEYS = ("handler", "max_new_tokens", "stop_tokens", "max_batch_tokens", "engine")
+ENGINES = ("auto", "hf")
 _RUNS = itertools.count()
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ def options(benchmark: BenchmarkConfig) -> tuple[str, GenSettings]:
     if benchmark.max_new_tokens is not None:  # the declared key wins over options.max_new_tokens
         opts["max_new_tokens"] = benchmark.max_new_tokens
     settings = GenSettings(**opts)
+    if settings.engine not in ENGINES:
+        raise ConfigError(f"benchmark.options.engine must be one of {', '.join(ENGINES)}, got {settings.engine!r}")
     if settings.max_new_tokens < 1 or settings.max_batch_tokens < 1:
         raise ConfigError("benchmark.options.max_new_tokens and max_batch_tokens must be >= 1")
     return handler, settings
@@ -194,6 +198,7 @@ class Evaluator:
     device: str = "cpu"
     handler: str = field(init=False)
     settings: GenSettings = field(init=False)
+    _engines: dict[int, Any] = field(default_factory=dict, init=False, repr=False)  # id(model) -> Engine
 
     def __post_init__(self) -> None:
         check_config(self.benchmark)
@@ -267,8 +272,12 @@ class Evaluator:
         return {c: ids for c, ids in out.items() if ids}
 
     def score(self, model: Any, tokenizer: Any, split: str, items: dict[str, list[str]] | None = None) -> dict:
-        """Scores of the live ``model`` on ``split`` (all categories, or ``items``)."""
-        return self.score_with(hf_generator(model, tokenizer, self.settings), split, items)
+        """Scores of the live ``model`` on ``split`` (all categories, or ``items``). The engine (KV pool, compiled
+        decode step) is built once per model object and reused: a re-mixed model is the same object."""
+        generate = engine_generator(model, tokenizer, self.settings, self._engines.get(id(model)))
+        if hasattr(generate, "engine"):
+            self._engines = {id(model): generate.engine}
+        return self.score_with(generate, split, items)
 
     def score_with(self, generate: Generate, split: str, items: dict[str, list[str]] | None = None) -> dict:
         """Scores with ``generate`` (prompts -> completions) in the model's place; see the module doc."""

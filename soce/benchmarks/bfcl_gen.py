@@ -8,6 +8,13 @@ run unchanged. :func:`run_entries` runs those loops in ``workers`` threads whose
 :class:`Batcher`: a batch is generated when every busy thread is waiting, so each batch holds one query per
 thread; the sets of queries in each batch do not depend on thread timing (each thread issues exactly one
 query per round), which keeps padding, hence greedy outputs, reproducible.
+
+With the generation engine (:class:`EngineGenerator`, :mod:`soce.benchmarks.generation`) there are no rounds: a
+:class:`Streamer` hands each query to the engine as soon as its thread asks, the calling thread drives the
+engine, and a query returns as soon as its own completion is done (continuous batching across entries and steps).
+A multi-turn entry is one engine session: its KV cache is kept between its steps, and only the new tokens (tool
+results, the next user turn) are prefilled. The engine's rows compute independently of each other (fixed shapes
+on the GPU), so thread timing changes no token beyond rounding.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class GenSettings:
     max_new_tokens: int = 1024
     stop_tokens: tuple[str, ...] = ("<|eot_id|>", "<|eom_id|>")
     max_batch_tokens: int = 262144  # most (prompt + new) tokens x rows in one generate call (splits a batch)
+    engine: str = "auto"  # auto: soce.benchmarks.generation where it runs the model, else HF generate; hf: HF generate
 
 
 def stop_ids(tokenizer: Any, stop_tokens: Sequence[str]) -> list[int]:
@@ -96,6 +104,51 @@ def hf_generator(model: Any, tokenizer: Any, settings: GenSettings) -> Generate:
         return [out[i] for i in range(len(prompts))]
 
     return generate
+
+
+@dataclass
+class EngineGenerator:
+    """A :data:`Generate` backed by the generation engine (one engine run per call), which :func:`run_entries`
+    streams instead (:class:`Streamer`). ``force`` (benchmarks only): prompt -> the tokens to feed instead of
+    the argmax (see :class:`soce.benchmarks.generation.Request`)."""
+
+    engine: Any
+    tokenizer: Any
+    settings: GenSettings
+    force: Callable[[str], list[int] | None] | None = None
+    workers: int | None = None  # threads (live entries) when streamed; None: the engine's rows
+
+    def __post_init__(self) -> None:
+        self.stops = frozenset(stop_ids(self.tokenizer, self.settings.stop_tokens))
+        self.lock = threading.Lock()  # a fast tokenizer used from two threads at once can fail ("Already borrowed")
+
+    def request(self, prompt: str, session: str | None = None) -> Any:
+        from soce.benchmarks.generation import Request
+
+        with self.lock:
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            force = self.force(prompt) if self.force is not None else None
+        return Request(ids, self.settings.max_new_tokens, self.stops, session=session, force=force)
+
+    def result(self, req: Any) -> Generation:
+        """The completion as :func:`hf_generator` reports it (text up to the first stop token)."""
+        end = next((i + 1 for i, t in enumerate(req.out) if t in self.stops), len(req.out))
+        with self.lock:
+            text = self.tokenizer.decode(req.out[:end], skip_special_tokens=True)
+        return Generation(text, len(req.ids), end)
+
+    def __call__(self, prompts: list[str]) -> list[Generation]:
+        reqs = self.engine.generate([self.request(p) for p in prompts])
+        return [self.result(r) for r in reqs]
+
+
+def engine_generator(model: Any, tokenizer: Any, settings: GenSettings, engine: Any = None) -> Generate:
+    """The engine's generator where the engine runs ``model`` (``settings.engine``), else :func:`hf_generator`."""
+    from soce.benchmarks import generation
+
+    if settings.engine == "hf" or not generation.supported(model):
+        return hf_generator(model, tokenizer, settings)
+    return EngineGenerator(engine or generation.Engine(model, tokenizer=tokenizer), tokenizer, settings)
 
 
 class Aborted(Exception):
@@ -154,12 +207,100 @@ class Batcher:
         self._cv.notify_all()
 
 
+_CURRENT = threading.local()  # the entry a worker thread is running (its engine session)
+
+
+class Streamer:
+    """Continuous batching for :func:`run_entries`' threads (see the module doc): workers :meth:`submit`, the
+    calling thread :meth:`serve` s. Failures are reported as :class:`Batcher` reports them."""
+
+    def __init__(self, gen: EngineGenerator, workers: int) -> None:
+        self._gen, self._active = gen, workers
+        self._cv = threading.Condition()
+        self._inbox: list[tuple[Any, dict[str, Any]]] = []
+        self._ended: list[str] = []
+        self._waiting: dict[int, dict[str, Any]] = {}  # id -> slot of every query not yet answered
+        self._failed = False
+
+    def submit(self, prompt: str) -> Generation:
+        """The completion of ``prompt`` (blocks); a multi-turn entry's queries share its engine session."""
+        req = self._gen.request(prompt, getattr(_CURRENT, "session", None))
+        slot: dict[str, Any] = {"ready": threading.Event()}
+        with self._cv:
+            if self._failed:
+                raise Aborted()
+            self._inbox.append((req, slot))
+            self._waiting[id(slot)] = slot
+            self._cv.notify_all()
+        slot["ready"].wait()  # one wake-up per query, not one per finished query
+        if "out" not in slot:
+            raise Aborted()
+        return slot["out"]
+
+    def end_session(self, session: str) -> None:
+        with self._cv:
+            self._ended.append(session)
+            self._cv.notify_all()
+
+    def leave(self, failed: bool = False) -> None:
+        with self._cv:
+            self._active -= 1
+            if failed:
+                self._fail()
+            self._cv.notify_all()
+
+    def _fail(self) -> None:
+        """Under the lock: every waiting query is aborted."""
+        self._failed = True
+        for slot in self._waiting.values():
+            slot["ready"].set()
+
+    def serve(self) -> None:
+        """Drive the engine until every worker has left (or one failed); engine errors are raised here."""
+        import torch
+
+        engine, slots = self._gen.engine, {}
+        try:
+            with torch.no_grad():
+                while (todo := self._take(engine)) is not None:
+                    new, ended = todo
+                    for session in ended:
+                        engine.end_session(session)
+                    for req, slot in new:
+                        engine.add(req)
+                        slots[id(req)] = slot
+                    done = engine.step() if engine.busy() else []
+                    for r in done:
+                        slot = slots.pop(id(r))
+                        slot["out"] = self._gen.result(r)
+                        with self._cv:
+                            self._waiting.pop(id(slot))
+                        slot["ready"].set()
+        except BaseException:
+            with self._cv:
+                self._fail()
+                self._cv.notify_all()
+            raise
+        finally:
+            engine.clear()
+
+    def _take(self, engine: Any) -> tuple[list, list[str]] | None:
+        """New queries and ended sessions (waits while there is nothing to do); None when all is done."""
+        with self._cv:
+            while not (self._inbox or self._ended or engine.busy() or self._active <= 0 or self._failed):
+                self._cv.wait()
+            if self._failed or (self._active <= 0 and not self._inbox and not engine.busy()):
+                return None
+            new, self._inbox, ended, self._ended = self._inbox, [], self._ended, []
+            return new, ended
+
+
 _LIVE: dict[type, type] = {}
 _LIVE_LOCK = threading.Lock()
 _Base: type = object  # the handler class being subclassed (``@override`` resolves base names in module globals)
 
 
-def live_handler(kind: type, model_name: str, batcher: Batcher) -> Any:
+def live_handler(kind: type, model_name: str, batcher: Batcher | Streamer) -> Any:
     """An instance of bfcl-eval handler class ``kind`` whose queries go to ``batcher`` instead of a server."""
     global _Base
     from overrides import override
@@ -169,7 +310,7 @@ def live_handler(kind: type, model_name: str, batcher: Batcher) -> Any:
             _Base = kind
 
             class LiveHandler(_Base):  # type: ignore[misc, valid-type]
-                _soce_batcher: Batcher
+                _soce_batcher: Batcher | Streamer
 
                 @override
                 def _query_prompting(self, inference_data: dict):  # noqa: ANN202 - bfcl-eval's signature
@@ -194,10 +335,13 @@ def run_entries(kind: type, model_name: str, entries: list[dict], generate: Gene
                 workers: int) -> dict[str, Any]:
     """Each entry's raw model result (bfcl-eval's ``result``: a string for single-turn entries, a list of
     turns of step strings for multi-turn ones), by entry id; entries are consumed (mutated). The package's
-    progress lines go to a discarded buffer; the first error of any worker is raised."""
+    progress lines go to a discarded buffer; the first error of any worker is raised. An
+    :class:`EngineGenerator` is streamed (``generate.workers`` threads, default the engine's rows), anything
+    else batched in rounds of ``workers`` queries."""
     bfcl = bfcl_sdk.load()
-    workers = max(1, min(workers, len(entries)))
-    batcher = Batcher(generate, workers)
+    streamed = isinstance(generate, EngineGenerator)
+    workers = max(1, min(generate.workers or generate.engine.slots if streamed else workers, len(entries)))
+    batcher = Streamer(generate, workers) if streamed else Batcher(generate, workers)
     handler = live_handler(kind, model_name, batcher)
     todo, lock, results, errors = iter(entries), threading.Lock(), {}, []
 
@@ -209,11 +353,14 @@ def run_entries(kind: type, model_name: str, entries: list[dict], generate: Gene
                     entry = next(todo, None)
                 if entry is None:
                     break
+                _CURRENT.session = f"{model_name}/{entry['id']}"
                 if bfcl.utils.is_multi_turn(entry["id"]):
                     result, _ = handler.inference_multi_turn_prompting(entry, False, True)
                 else:
                     result, _ = handler.inference_single_turn_prompting(entry, False)
                 results[entry["id"]] = result
+                if streamed:
+                    batcher.end_session(_CURRENT.session)
         except Aborted:
             failed = True
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
@@ -226,8 +373,12 @@ def run_entries(kind: type, model_name: str, entries: list[dict], generate: Gene
         threads = [threading.Thread(target=work, daemon=True) for _ in range(workers)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            if streamed:
+                batcher.serve()
+        finally:
+            for t in threads:
+                t.join()
     if errors:
         raise errors[0]
     return results

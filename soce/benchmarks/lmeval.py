@@ -3,6 +3,9 @@
 A category's score is one metric of its task on one split, a fraction in [0, 1]: the task's own primary
 metric (:func:`task_metric`) or the one ``benchmark.metric`` names for it; ``overall`` is the unweighted mean
 over the categories, computed here so that the weighting is explicit.
+Greedy ``generate_until`` requests run on soce's generation engine (:mod:`soce.benchmarks.generation`) where it
+runs the model: all requests of a task in one continuous batch, with lm-eval's own tokenization, truncation,
+stop strings and post-processing (:func:`engine_lm`).
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ class Evaluator:
     _tasks: dict[str, Any] = field(default_factory=dict, repr=False)
     _metrics: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)
     _manager: Any = field(default=None, repr=False)
+    _engines: dict[int, Any] = field(default_factory=dict, repr=False)  # id(model) -> Engine, built once
 
     def fingerprint(self) -> str:
         return benchmark_fingerprint(self.benchmark)
@@ -174,9 +178,8 @@ class Evaluator:
         """Scores of ``model`` on ``split`` (the :mod:`soce.benchmarks` contract); ``items`` restricts each
         category to those doc ids (lm-eval's ``samples``)."""
         from lm_eval.evaluator import evaluate
-        from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.benchmark.batch_size)
+        lm = engine_lm(model, tokenizer, self.benchmark.batch_size, self._engines)
         chosen = self.doc_ids(split, items)
         results = evaluate(
             lm=lm,
@@ -250,6 +253,57 @@ class Evaluator:
 def make_lm_eval(benchmark: BenchmarkConfig, device: str) -> Evaluator:
     """The lm-eval backend: one task per category (``benchmark.task``), scored in process."""
     return Evaluator(benchmark, device)
+
+
+def engine_lm(model: Any, tokenizer: Any, batch_size: int, engines: dict[int, Any] | None = None) -> Any:
+    """lm-eval's HFLM over ``model`` whose greedy ``generate_until`` runs on the generation engine (built on first
+    use, kept in ``engines`` by model); sampled generation and unsupported models keep HF ``generate``."""
+    from lm_eval.models.huggingface import HFLM
+
+    from soce.benchmarks import generation
+
+    class EngineLM(HFLM):
+        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+            saved = self.batch_size_per_gpu
+            if generation.supported(self.model):
+                self.batch_size_per_gpu = max(1, len(requests))  # one continuous batch per kind of request
+            try:
+                return super().generate_until(requests, disable_tqdm)
+            finally:
+                self.batch_size_per_gpu = saved
+
+        def _model_generate(self, context: Any, max_length: int, stop: list[str], **kwargs: Any) -> Any:
+            greedy = not kwargs.get("do_sample") and not kwargs.get("temperature")
+            if not greedy or not generation.supported(self.model):
+                return super()._model_generate(context, max_length, stop, **kwargs)
+            cache = engines if engines is not None else {}
+            if id(self.model) not in cache:
+                cache.clear()
+                cache[id(self.model)] = generation.Engine(self.model, tokenizer=self.tokenizer)
+            engine = cache[id(self.model)]
+            return _engine_generate(engine, self, context, max_length, stop, kwargs.get("attention_mask"))
+
+    return EngineLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def _engine_generate(engine: Any, lm: Any, context: Any, max_length: int, stop: list[str], mask: Any) -> Any:
+    """What HF ``generate`` returns for lm-eval's left-padded ``context``: each row's context then its new tokens,
+    padded with the pad token; a row stops at an eos id (the model's generation config) or a stop string."""
+    import torch
+
+    from soce.benchmarks.generation import Request
+
+    eos = lm.model.generation_config.eos_token_id
+    stops = frozenset([eos] if isinstance(eos, int) else eos or [])
+    keep = mask.bool().cpu() if mask is not None else torch.ones_like(context, dtype=torch.bool, device="cpu")
+    rows = context.cpu()
+    new = max_length - context.shape[1]
+    reqs = [Request(row[k].tolist(), new, stops, tuple(stop)) for row, k in zip(rows, keep, strict=True)]
+    engine.generate(reqs)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    width = max(len(r.out) for r in reqs)
+    out = [r.out + [pad] * (width - len(r.out)) for r in reqs]
+    return torch.cat([rows, torch.tensor(out, dtype=rows.dtype).reshape(len(reqs), width)], dim=1).to(context.device)
 
 
 def metric_key(metric: str) -> tuple[str, str]:
