@@ -37,6 +37,7 @@ DTYPES = ("bfloat16", "float16", "float32", "float64")  # dtype: what soups are 
 OBJECTIVES = ("mean", "official")  # benchmark.objective
 TIE_BREAKS = ("overall", "first")  # selection.tie_break
 POOL_SOURCES = ("paths", "demo", "csv")  # pool.source
+SCALES = (None, "percent", "fraction")  # pool.scale: unit of the score tables (None: auto)
 PROPOSALS = ("grid", "tpe", "gp")  # search.proposal (race)
 SAMPLERS = ("tpe", "gp")  # search.sampler (optuna)
 EXPERT_PLACEMENTS = (None, "with_shard", "host", "auto")  # parallel.expert_placement
@@ -143,9 +144,13 @@ class PoolConfig:
     candidates: dict[str, str] = field(default_factory=dict)
     population: dict[str, str] = field(default_factory=dict)
     csv: str | None = None  # source=csv: the candidates' score table
+    # unit of the score tables read (pool.csv and selection.population_csv): percent | fraction; null: auto
+    # (fractions when every cell is <= 1, else percent; a column all <= 1 in a percent table is refused)
+    scale: str | None = None
 
     def validate(self) -> None:
         _refuse([_one_of("pool.source", self.source, POOL_SOURCES),
+                 _one_of("pool.scale", self.scale, SCALES),
                  (self.source == "csv" and self.csv is None, "pool.source=csv needs pool.csv=<score table>"),
                  (self.source == "paths" and not self.candidates, f"pool {self.name!r} lists no candidates")])
 

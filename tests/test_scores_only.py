@@ -83,3 +83,33 @@ def test_population_csv_drives_the_correlation(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads((tmp_path / "run" / "result.json").read_text())
     assert r["experts"] == ["alpha", "beta"]
+
+
+def test_a_leaderboard_in_percent_selects_and_finishes(tmp_path):
+    """The public BFCL v3 leaderboard's shape (percent; weak models at 0.0 and 0.5) selects experts end to end."""
+    from .test_scores import leaderboard
+
+    f = tmp_path / "lb.csv"
+    f.write_text(leaderboard())
+    p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={f}", "strategy=soce_selected",
+                                f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"),
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert r["experts"] and max(r["candidate_scores"]["Model-0 (Prompt)"]["dev"].values()) < 1
+
+
+@pytest.mark.parametrize(("text", "args", "needle"), [
+    ("model,a,b,c\nm1,0.3,0.5,55\nm2,0.7,0.4,70\nm3,0.5,0.6,60\n", [], "column 'a' holds only values <= 1"),
+    ("model,half,quad\nm1,0.3,0.5\nm2,0.7,0.4\nm3,0.5,0.6\n", ["benchmark.categories=[half,quad,tri]"],
+     "no column for benchmark category 'tri'"),
+])
+def test_a_table_that_cannot_mean_what_it_says_is_refused_before_anything_is_written(tmp_path, text, args, needle):
+    f = tmp_path / "t.csv"
+    f.write_text(text)
+    p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={f}", "strategy=soce_selected", *args,
+                                f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"),
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], p.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()

@@ -111,14 +111,14 @@ class MlflowSweepCallback(Callback):
 
 def sweep_experiment(config: DictConfig) -> str:
     """The experiment the sweep's jobs log to, so that the parent run lives beside them: ``tracking.experiment``,
-    or for a score table whose categories are not the benchmark's, ``soce-<CSV stem>`` (soce.job.inputs' rule)."""
+    or for a score table that lacks the benchmark's categories, ``soce-<CSV stem>`` (soce.job.inputs' rule)."""
     name = str(config.tracking.experiment)
     pool, bench = config.pool, config.benchmark
     if pool.source != "csv" or not pool.csv or name != f"soce-{bench.name}":
         return name
     from soce.benchmarks.scores import read_score_csv
 
-    if set(read_score_csv(str(pool.csv))[0].columns) != set(bench.categories):
+    if not set(bench.categories) <= set(read_score_csv(str(pool.csv), scale=pool.get("scale"))[0].columns):
         return f"soce-{Path(str(pool.csv)).stem}"
     return name
 

@@ -128,6 +128,15 @@ def _pool(config: Config) -> None:
         _score_table(config)
     else:
         _paths(config)
+    if pool.source != "csv" and sel.population_csv is not None:
+        _population_table(config)
+
+
+def _population_table(config: Config) -> None:
+    """selection.population_csv beside evaluated candidates: readable, in one unit, with every category."""
+    from soce.benchmarks.scores import read_score_csv
+
+    read_score_csv(config.selection.population_csv, config.benchmark.categories, config.pool.scale)
 
 
 def _demo(config: Config) -> None:
@@ -150,8 +159,11 @@ def _score_table(config: Config) -> None:
         no_eval = [n for n, st in STRATEGIES.items() if not st.evaluates]
         raise ConfigError(f"strategy {s.name!r} evaluates soups and needs checkpoints; with pool.source=csv "
                           f"use one of {', '.join(no_eval)}")
-    table = read_score_csv(pool.csv)[0]
-    extra = read_score_csv(sel.population_csv, list(table.columns))[0] if sel.population_csv else None
+    from soce.job.inputs import table_benchmark
+
+    table = read_score_csv(pool.csv, scale=pool.scale)[0]
+    cats = table_benchmark(config.benchmark, list(table.columns), str(pool.csv)).categories
+    extra = read_score_csv(sel.population_csv, cats, pool.scale)[0] if sel.population_csv else None
     size = len(table) + (0 if extra is None else int((~extra.index.isin(table.index)).sum()))
     _population_size(size)
 
