@@ -111,6 +111,8 @@ GOOD = {"x": 0.5, "y": 1.0, "overall": 0.75, "samples": {"x": [0.0, 1.0], "y": [
     ({"x": 0.5, "y": 0.5, "overall": "high"}, "overall"),
     ({**GOOD, "samples": [1, 0]}, "samples is not a dict of lists"),
     ({**GOOD, "samples": {"x": [0.5, None]}}, "samples holds"),
+    ({**GOOD, "overall": 0.99}, "overall = 0.99 is not its categories' mean (0.75)"),  # only overall wrong
+    ({**GOOD, "overall_mean": 0.6}, "overall_mean = 0.6 is not its categories' mean"),
 ])
 def test_invalid_cache_entries_are_recomputed_with_a_warning(tmp_path, caplog, entry, why):
     c = ScoreCache(tmp_path)
@@ -133,6 +135,8 @@ def test_valid_entries_served_and_invalid_computations_refused(tmp_path):
     with pytest.raises(ValueError, match="invalid .*'x' = 1.5"):
         c.get_or_compute("q" * 32, lambda: {"x": 1.5, "y": 0.5, "overall": 1.0}, categories=CATS)
     assert not (tmp_path / "qq").exists()
+    official = {**GOOD, "overall": 0.7, "overall_official": 0.7, "overall_mean": 0.75}  # bfcl objective=official
+    assert scores.entry_problem(official, CATS) is None
 
 
 # ------------------------------------------------------------------------------ 4. fingerprints at real sizes

@@ -105,7 +105,8 @@ def entry_problem(value: Any, categories: list[str] | None = None) -> str | None
     """None when ``value`` is a valid evaluation (the Evaluator contract in :mod:`soce.benchmarks`), else
     the first problem, one line. Schema: a dict; every category in ``categories`` present (and then
     ``overall`` too); every key but ``overall``/``samples``/``item_ids`` a finite number in [0, 1];
-    ``overall`` a finite number; ``samples`` a dict of lists of finite numbers; ``item_ids`` a dict of lists."""
+    ``overall`` a finite number and, with ``categories``, their mean (or the backend's ``overall_official``);
+    ``samples`` a dict of lists of finite numbers; ``item_ids`` a dict of lists."""
     if not isinstance(value, dict):
         return f"a {type(value).__name__}, not a dict of scores"
     need = [*(categories or []), *(["overall"] if categories else [])]
@@ -123,6 +124,18 @@ def entry_problem(value: Any, categories: list[str] | None = None) -> str | None
             return f"{k} is not a dict of lists"
     if not all(_number(x) for xs in value.get("samples", {}).values() for x in xs):
         return "samples holds a value that is not a finite number"
+    return _overall_problem(value, categories) if categories else None
+
+
+def _overall_problem(value: dict[str, Any], categories: list[str]) -> str | None:
+    """``overall`` must be the categories' mean (or the entry's ``overall_official``, for backends that
+    score an official formula); ``overall_mean``, when present, must be that mean."""
+    mean = sum(value[c] for c in categories) / len(categories)
+    if "overall_mean" in value and not math.isclose(value["overall_mean"], mean, abs_tol=1e-6):
+        return f"overall_mean = {value['overall_mean']!r} is not its categories' mean ({mean:.6g})"
+    allowed = [mean, *([value["overall_official"]] if _number(value.get("overall_official")) else [])]
+    if not any(math.isclose(value["overall"], a, abs_tol=1e-6) for a in allowed):
+        return f"overall = {value['overall']!r} is not its categories' mean ({mean:.6g})"
     return None
 
 
@@ -130,7 +143,8 @@ def entry_problem(value: Any, categories: list[str] | None = None) -> str | None
 class ScoreCache:
     """On-disk cache of evaluations: one JSON file per key, written atomically (safe across processes).
     Entries are checked against the evaluation schema (:func:`entry_problem`) when read: a bad one (wrong
-    type, a score outside [0, 1], a category missing) is evaluated again, with a warning."""
+    type, a score outside [0, 1], a category missing, an overall that is not its categories' mean) is evaluated
+    again, with a warning."""
 
     root: Path
     evaluated: int = 0  # evaluations actually run through this cache object

@@ -44,16 +44,20 @@ def check_experts(config: Config, experts: list[str]) -> None:
         try:
             method.weight_grid(len(experts), s.step, s.min_weight, s.include_uniform)
         except method.SelectionError as e:
-            raise ConfigError(f"{e} (the selection chose {len(experts)} experts: lower search.min_weight or set "
-                              f"selection.max_experts)") from None
+            cap = "lower selection.max_experts" if config.selection.max_experts else "set selection.max_experts"
+            raise ConfigError(f"{e} (the selection chose {len(experts)} experts: lower search.min_weight or "
+                              f"{cap})") from None
 
 
 def _tasks(config: Config) -> None:
-    """lm-eval must know every task of the benchmark (the demo's tasks exist only once its zoo is built)."""
+    """lm-eval must know every task of the benchmark, for every pool that evaluates: the demo pool's tasks are
+    the ones its zoo writes (known by name before it is built; unless task_dir is set) and lm-eval's own."""
     b = config.benchmark
-    if b.backend != "lm_eval" or config.pool.source != "paths":
+    if b.backend != "lm_eval" or config.pool.source == "csv":
         return
-    known = _task_index(b.task_dir, b.include_default_tasks)
+    known = _demo_tasks() if config.pool.source == "demo" and not b.task_dir else frozenset()
+    if config.pool.source != "demo" or b.task_dir or b.include_default_tasks:
+        known |= _task_index(b.task_dir, b.include_default_tasks)
     split_names = list(dict.fromkeys(b.source_split(s) for s in (b.select_split, b.report_split)))
     missing = [b.task.format(category=c, split=s) for c in b.categories for s in split_names
                if b.task.format(category=c, split=s) not in known]
@@ -61,6 +65,12 @@ def _tasks(config: Config) -> None:
         where = f" in task_dir={b.task_dir}" if b.task_dir else ""
         hint = "" if b.include_default_tasks else " (benchmark.include_default_tasks=true indexes lm-eval's own)"
         raise ConfigError(f"benchmark {b.name!r}: lm-eval has no task {missing[0]!r}{where}{hint}")
+
+
+def _demo_tasks() -> frozenset[str]:
+    from soce.demo.tasks import BY_NAME, SPLITS, TASK_TEMPLATE
+
+    return frozenset(TASK_TEMPLATE.format(category=c, split=s) for c in BY_NAME for s in SPLITS)
 
 
 def _bfcl(config: Config) -> None:
@@ -145,6 +155,10 @@ def _demo(config: Config) -> None:
 
     if config.demo.preset not in PRESETS:
         raise ConfigError(f"demo.preset must be one of {', '.join(PRESETS)}, got {config.demo.preset!r}")
+    candidates = sum(r.candidate for r in PRESETS[config.demo.preset].recipes)
+    problem = next((msg for bad, msg in config.weight_checks(candidates) if bad), None)
+    if problem:
+        raise ConfigError(problem)
     unknown = [c for c in config.benchmark.categories if c not in BY_NAME]
     if unknown:
         raise ConfigError(f"benchmark category {unknown[0]!r} is not in the demo zoo (it has: {', '.join(BY_NAME)})")
