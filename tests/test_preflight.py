@@ -99,3 +99,16 @@ def test_infeasible_weights_on_the_command_line_write_nothing(tmp_path):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "search.min_weight=0.6" in lines[0], p.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_candidates_of_another_architecture_are_refused_before_anything_is_written(tmp_path):
+    import json
+
+    for name, heads in (("a", 4), ("b", 4), ("c", 8)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": heads,
+                                                                 "eos_token_id": heads}))
+    cfg = to_plain(composed("pool=example_local"))
+    cfg["pool"].update(candidates={n: str(tmp_path / n) for n in "abc"}, population={})
+    with pytest.raises(ConfigError, match="differ in 'num_attention_heads', which defines the architecture"):
+        validate(cfg)

@@ -196,6 +196,19 @@ def _paths(config: Config) -> None:
                               f"{os.getcwd()}), not in the local hub cache, and HF_HUB_OFFLINE=1 forbids a download")
     if config.selection.population_csv is None:
         _population_size(len({**pool.population, **pool.candidates}))
+    _candidate_configs(pool.candidates)
+
+
+def _candidate_configs(candidates: Mapping[str, str]) -> None:
+    """Local candidates whose config.json differ in an architecture key cannot be souped (soce.soup.checks)."""
+    from soce.soup import SoupError
+    from soce.soup.checks import check_configs
+
+    local = {n: Path(str(p)).expanduser() for n, p in candidates.items() if Path(str(p)).expanduser().is_dir()}
+    try:
+        check_configs(local, warn=False)
+    except SoupError as e:
+        raise ConfigError(f"pool: {e}") from None
 
 
 def _in_hub_cache(repo_id: str) -> bool:
