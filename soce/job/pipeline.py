@@ -66,8 +66,11 @@ def select_experts(config: Config, inputs: Inputs) -> Selection:
         selection = select(inputs.population, inputs.table(inputs.benchmark.select_split), config.selection)
     except method.SelectionError as e:
         raise ConfigError(str(e)) from None
-    log.info("L = %s; experts = %s", selection.weak, selection.ingredients)
-    check_experts(config, selection.ingredients)
+    if STRATEGIES[config.strategy.name].selects:
+        log.info("selection: %s", selection.describe())
+        check_experts(config, selection.ingredients)
+    else:
+        log.info("strategy %s uses no selection (experts are not its ingredients)", config.strategy.name)
     return selection
 
 
@@ -143,9 +146,12 @@ def make_result(config: Config, inputs: Inputs, selection: Selection, plan: Plan
     splits = bench.splits if config.report else [bench.select_split]
     scores = {} if soups is None else {s: _summary(soups.scores(ingredients, s)) for s in splits}
     have = list(inputs.candidate_scores)
+    chosen = selection if STRATEGIES[config.strategy.name].selects else None  # a selection the soup is made of
     return JobResult(
         strategy=config.strategy.name, benchmark=bench.name, pool=config.pool.name,
-        experts=selection.ingredients, weak_set=selection.weak, expert_of=selection.experts,
+        experts=chosen.ingredients if chosen else [], weak_set=chosen.weak if chosen else [],
+        expert_of=chosen.kept if chosen else {}, dropped=chosen.dropped if chosen else {},
+        max_experts=config.selection.max_experts, selects=chosen is not None,
         categories=bench.categories, families=bench.families, select_split=bench.select_split,
         report_split=bench.report_split, correlation=outputs.matrix(selection.correlation), weights=weights,
         scores=scores,

@@ -4,7 +4,7 @@
     python -m soce.report experiment=soce-demo parent=<run id> split=test out=DIR
     python -m soce.report dir=outputs/multirun/<date>   # from a multirun directory's result.json files
 
-    python -m soce.report by=selection.tau       # overall, one column per value of a swept override
+    python -m soce.report by=tau                 # overall, one column per value of a swept override
     python -m soce.report url                    # the MLflow UI addresses of the latest sweep (make ui)
 """
 
@@ -20,6 +20,7 @@ from soce.report.tables import (
     baseline_runs,
     comparison_from_results,
     comparison_table,
+    distinct_soups,
     load_results,
     pivot,
     run_labels,
@@ -27,8 +28,8 @@ from soce.report.tables import (
     to_markdown,
     unscored_jobs,
 )
-from soce.tracking.naming import parse_override
-from soce.tracking.views import sweep_filter, ui_url
+from soce.tracking.naming import parse_override, short_keys
+from soce.tracking.views import root_url, sweep_filter, ui_url
 
 USAGE = ("usage: python -m soce.report [experiment=soce-demo] [parent=RUN_ID] [dir=MULTIRUN_DIR] [split=test] "
          "[by=OVERRIDE_KEY] [root=.] [uri=MLFLOW_URI] [out=DIR]\n"
@@ -59,9 +60,12 @@ def _table(args: dict[str, str]) -> tuple[pd.DataFrame, str, list[str], dict[str
     split, by = args["split"], args.get("by")
     if "dir" in args:
         results = load_results(args["dir"])
+        varying = results[0]["varying"] if results else []
+        by = swept_key(by, varying) if by else None
+        results = distinct_soups(results)
         table = comparison_from_results(results, split)
         values = {r["label"]: v for r in results for k, v in map(parse_override, r["overrides"]) if k == by}
-        return table, args["dir"], results[0]["varying"] if results else [], values
+        return table, args["dir"], varying, values
     import mlflow
 
     parent, jobs = sweep_runs(args["uri"], args["experiment"], args.get("parent"))
@@ -72,7 +76,10 @@ def _table(args: dict[str, str]) -> tuple[pd.DataFrame, str, list[str], dict[str
         names = ", ".join(f"{r.get('tags.mlflow.runName', r['run_id'])} ({r['status']})" for _, r in left.iterrows())
         print(f"soce.report: left out, no {split} scores yet: {names}", file=sys.stderr)
     varying = json.loads(mlflow.MlflowClient(args["uri"]).get_run(parent).data.tags.get("soce.varying", "[]"))
+    by = swept_key(by, varying) if by else None
     scored = jobs[~jobs.index.isin(left.index)].sort_values("start_time")
+    if "tags.soce.distinct" in scored.columns:
+        scored = scored[scored["tags.soce.distinct"] != "false"]
     values = {}
     for lab, (_, job) in zip(run_labels(scored), scored.iterrows(), strict=True):
         tag = job.get("tags.soce.overrides")
@@ -80,6 +87,20 @@ def _table(args: dict[str, str]) -> tuple[pd.DataFrame, str, list[str], dict[str
         if by in ov:
             values[lab] = ov[by]
     return table, f"MLflow sweep {parent}, experiment {args['experiment']}", varying, values
+
+
+def swept_key(by: str, varying: list[str]) -> str:
+    """The swept override ``by=`` names, by its full key or the short name run names use (``tau`` for
+    ``selection.tau``); LookupError for the strategy (it names the rows) or a key the sweep did not vary."""
+    short = short_keys(varying)
+    key = by if by in short else next((k for k, s in short.items() if s == by), None)
+    if key == "strategy":
+        raise LookupError("by=strategy: the strategy names the rows already; by= takes another swept override "
+                          f"({', '.join(s for k, s in short.items() if k != 'strategy') or 'none was swept'})")
+    if key is None:
+        raise LookupError(f"by={by}: not an override the sweep varied (it varied: "
+                          f"{', '.join(f'{s} ({k})' if s != k else k for k, s in short.items()) or 'none'})")
+    return key
 
 
 def print_urls(args: dict[str, str]) -> None:
@@ -97,8 +118,12 @@ def print_urls(args: dict[str, str]) -> None:
     exp_id = str(jobs["experiment_id"].iloc[0])
     view = c.get_run(parent).data.tags.get("soce.view")
     print(f"jobs of sweep {parent}: " + ui_url(base, exp_id, view, None if view else sweep_filter(parent)))
+    print(f"  experiment {args['experiment']} (all its job runs): " + ui_url(base, exp_id, search_filter="")
+          + f"\n  experiments: {root_url(base)}\n  (MLflow opens its GenAI screens unless told otherwise: these "
+          "addresses say workflowType=machine_learning; click 'Model training' at the top once and this browser "
+          "keeps it, for the root page too)")
     for lab, (_, job) in zip(run_labels(jobs), jobs.iterrows(), strict=True):
-        if isinstance(job.get("tags.soce.view"), str):
+        if isinstance(job.get("tags.soce.view"), str) and job.get("tags.soce.distinct") != "false":
             print(f"  search points of {lab} (parallel coordinates): "
                   + ui_url(base, exp_id, job["tags.soce.view"], mode="CHART"))
 
