@@ -113,3 +113,27 @@ def test_a_table_that_cannot_mean_what_it_says_is_refused_before_anything_is_wri
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], p.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_score_tables_of_one_benchmark_share_its_experiment(tmp_path):
+    """A table whose columns are a known benchmark's categories (conf/benchmark) is that benchmark, whatever the
+    file is called: its runs go to that benchmark's experiment, not one experiment per file."""
+    import mlflow
+
+    from soce.benchmarks.bfcl import CATEGORIES
+
+    names = list(ROWS)
+    for stem in ("leaderboard_may", "leaderboard_june"):
+        lines = ["model," + ",".join(CATEGORIES)]
+        lines += [f"{m}," + ",".join(str(ROWS[m][i % 4] + (i % 3)) for i in range(len(CATEGORIES))) for m in names]
+        f = tmp_path / f"{stem}.csv"
+        f.write_text("\n".join(lines) + "\n")
+        p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={f}", "strategy=soce_selected",
+                                    f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / stem}"),
+                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert json.loads((tmp_path / stem / "result.json").read_text())["benchmark"] == "bfcl_v3"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    exps = [e.name for e in mlflow.search_experiments()]
+    assert "soce-bfcl_v3" in exps and not [e for e in exps if "leaderboard" in e], exps
+    assert len(mlflow.search_runs(experiment_names=["soce-bfcl_v3"])) == 2

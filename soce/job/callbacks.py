@@ -111,15 +111,18 @@ class MlflowSweepCallback(Callback):
 
 def sweep_experiment(config: DictConfig) -> str:
     """The experiment the sweep's jobs log to, so that the parent run lives beside them: ``tracking.experiment``,
-    or for a score table that lacks the benchmark's categories, ``soce-<CSV stem>`` (soce.job.inputs' rule)."""
+    or for a score table that lacks the benchmark's categories, ``soce-<the benchmark in conf/ with its columns,
+    else the CSV stem>`` (soce.job.inputs' rule)."""
     name = str(config.tracking.experiment)
     pool, bench = config.pool, config.benchmark
     if pool.source != "csv" or not pool.csv or name != f"soce-{bench.name}":
         return name
     from soce.benchmarks.scores import read_score_csv
+    from soce.job.inputs import known_benchmark
 
-    if not set(bench.categories) <= set(read_score_csv(str(pool.csv), scale=pool.get("scale"))[0].columns):
-        return f"soce-{Path(str(pool.csv)).stem}"
+    columns = list(read_score_csv(str(pool.csv), scale=pool.get("scale"))[0].columns)
+    if not set(bench.categories) <= set(columns):
+        return f"soce-{known_benchmark(columns) or Path(str(pool.csv)).stem}"
     return name
 
 

@@ -117,7 +117,22 @@ def table_benchmark(benchmark: BenchmarkConfig, columns: list[str], csv: str) ->
         missing = [c for c in benchmark.categories if c not in columns]
         raise ConfigError(f"pool.csv {csv}: no column for benchmark category {missing[0]!r} (the table has: "
                           f"{', '.join(columns)}); set benchmark.categories to the columns you mean")
-    return dataclasses.replace(benchmark, name=Path(csv).stem, categories=list(columns), families={})
+    name = known_benchmark(columns) or Path(csv).stem
+    return dataclasses.replace(benchmark, name=name, categories=list(columns), families={})
+
+
+def known_benchmark(columns: list[str]) -> str | None:
+    """The name of the benchmark in ``conf/benchmark/`` whose categories are exactly ``columns`` (so that every
+    score table of one benchmark files its runs in that benchmark's experiment), else None."""
+    import yaml
+
+    from soce.config import CONF_DIR
+
+    for f in sorted(Path(CONF_DIR, "benchmark").glob("*.yaml")):
+        spec = yaml.safe_load(f.read_text()) or {}
+        if isinstance(spec.get("categories"), list) and set(map(str, spec["categories"])) == set(columns):
+            return str(spec.get("name", f.stem))
+    return None
 
 
 def _from_score_table(config: Config) -> Inputs:

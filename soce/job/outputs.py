@@ -136,10 +136,14 @@ def write_final_soup(config: Config, inputs: Inputs, plan: Plan, out_dir: Path) 
     paths = {n: inputs.candidates.get(n, "") for n in ingredients}
     if not config.save_soup or not all(paths.values()):
         return None
+    from soce.job.preflight import HUB_ID
     from soce.soup import write_soup
 
     rec = {**recipe(config, inputs, plan), "split": inputs.benchmark.select_split,
            "objective": inputs.benchmark.objective}
+    hub_ids = {n: p for n, p in paths.items() if HUB_ID.match(p) and not Path(p).exists()}
+    if hub_ids:  # the model card's base_model (local paths stay in the recipe)
+        rec["hub_ids"] = hub_ids
     if inputs.soups is not None:  # where it was chosen: its selection-split score (cached by the search)
         rec["score"] = round(float(inputs.soups.scores(ingredients, inputs.benchmark.select_split)["overall"]), 6)
     return write_soup(paths, ingredients, out_dir / "soup", overwrite=True, recipe=rec,

@@ -141,8 +141,8 @@ def make_result(config: Config, inputs: Inputs, selection: Selection, plan: Plan
                 tracker: JobTracker) -> JobResult:
     """The job's result: the final soup scored on every split (cached), candidates' scores, what it cost."""
     bench, soups = inputs.benchmark, inputs.soups
-    weights = {n: float(plan.weights.get(n, 0.0)) for n in inputs.candidates}
-    ingredients = {n: w for n, w in weights.items() if w > 0}
+    ingredients = {n: float(w) for n, w in plan.weights.items() if w > 0}  # as searched: the cache keys match
+    weights = {n: round(ingredients.get(n, 0.0), 9) for n in inputs.candidates}  # as shown: no 0.15000000000000002
     splits = bench.splits if config.report else [bench.select_split]
     scores = {} if soups is None else {s: _summary(soups.scores(ingredients, s)) for s in splits}
     have = list(inputs.candidate_scores)
