@@ -257,7 +257,7 @@ def job_params(config: Config, inputs: Inputs, selection: Selection, result: Job
     """The job's MLflow params: what was configured and what was selected."""
     sel = config.selection
     chosen = {"tau": sel.tau, "tie_break": sel.tie_break, "selection_method": sel.method,
-              "max_experts": sel.max_experts, "experts": ",".join(result.experts),
+              "max_experts": sel.max_experts, "experts": ",".join(m for m in result.experts if result.weights.get(m)),
               "weak_set": ",".join(result.weak_set), **({"dropped": ",".join(dict.fromkeys(result.dropped.values()))}
                                                         if result.dropped else {})}
     return {"strategy": result.strategy, "pool": result.pool, "benchmark": result.benchmark,

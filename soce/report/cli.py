@@ -90,16 +90,13 @@ def _table(args: dict[str, str]) -> tuple[pd.DataFrame, str, list[str], dict[str
 
 
 def swept_key(by: str, varying: list[str]) -> str:
-    """The swept override ``by=`` names, by its full key or the short name run names use (``tau`` for
-    ``selection.tau``); LookupError for the strategy (it names the rows) or a key the sweep did not vary."""
+    """The override ``by=`` names: a swept key by the short name run names use (``tau`` for ``selection.tau``),
+    else ``by`` as given (a full key); LookupError for the strategy, which names the rows already."""
     short = short_keys(varying)
-    key = by if by in short else next((k for k, s in short.items() if s == by), None)
+    key = next((k for k, s in short.items() if s == by), by)
     if key == "strategy":
         raise LookupError("by=strategy: the strategy names the rows already; by= takes another swept override "
                           f"({', '.join(s for k, s in short.items() if k != 'strategy') or 'none was swept'})")
-    if key is None:
-        raise LookupError(f"by={by}: not an override the sweep varied (it varied: "
-                          f"{', '.join(f'{s} ({k})' if s != k else k for k, s in short.items()) or 'none'})")
     return key
 
 
@@ -119,9 +116,9 @@ def print_urls(args: dict[str, str]) -> None:
     view = c.get_run(parent).data.tags.get("soce.view")
     print(f"jobs of sweep {parent}: " + ui_url(base, exp_id, view, None if view else sweep_filter(parent)))
     print(f"  experiment {args['experiment']} (all its job runs): " + ui_url(base, exp_id, search_filter="")
-          + f"\n  experiments: {root_url(base)}\n  (MLflow opens its GenAI screens unless told otherwise: these "
-          "addresses say workflowType=machine_learning; click 'Model training' at the top once and this browser "
-          "keeps it, for the root page too)")
+          + f"\n  experiments: {root_url(base)}\n  (MLflow 3.17 opens its GenAI screens unless told otherwise: these "
+          f"addresses say workflowType=machine_learning; for the plain root, open {base.rstrip('/')}/ and click "
+          "'Model training' at the top once: this browser then keeps it)")
     for lab, (_, job) in zip(run_labels(jobs), jobs.iterrows(), strict=True):
         if isinstance(job.get("tags.soce.view"), str) and job.get("tags.soce.distinct") != "false":
             print(f"  search points of {lab} (parallel coordinates): "

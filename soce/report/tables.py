@@ -154,13 +154,13 @@ def label_results(results: list[dict], varying: list[str] | None = None) -> list
 
 
 def distinct_soups(results: list[dict]) -> list[dict]:
-    """One result per distinct soup (same strategy, same weights to 6 decimals), in job order: a group of jobs
+    """One result per distinct soup (same strategy, weights to 6 decimals and scores), in job order: a group of jobs
     whose overrides could not change their soup (tau for uniform) keeps its first job, labelled with the values
     it stands for (:func:`soce.tracking.naming.merged_label`) and ``same_soup`` listing the jobs' labels."""
     groups: dict[tuple, list[dict]] = {}
-    for r in results:
+    for r in results:  # same weights and same scores on every split: one soup (a swept limit or dtype is not)
         soup = tuple(sorted((m, round(float(w), 6)) for m, w in r["weights"].items() if w > 0))
-        groups.setdefault((r["strategy"], soup), []).append(r)
+        groups.setdefault((r["strategy"], soup, json.dumps(r.get("scores"), sort_keys=True)), []).append(r)
     out = []
     for members in groups.values():
         first = dict(members[0])
@@ -395,7 +395,12 @@ def selection_text(result: dict) -> str:
         return "no selection"
     pairs = lambda d: ", ".join(f"{c} -> {m}" for c, m in d.items()) or "(none)"  # noqa: E731
     weak = ", ".join(result.get("weak_set") or []) or "(empty)"
-    text = f"L = {weak}; experts: {pairs(result.get('expert_of') or {})}"
+    weights = result.get("weights") or {}
+    of = result.get("expert_of") or {}
+    zero = {c: m for c, m in of.items() if weights and not weights.get(m)}  # the search gave them weight 0
+    text = f"L = {weak}; experts: {pairs({c: m for c, m in of.items() if c not in zero})}"
+    if zero:
+        text += f"; searched to weight 0: {pairs(zero)}"
     if result.get("dropped"):
         text += f"; dropped by selection.max_experts={result.get('max_experts')}: {pairs(result['dropped'])}"
     return text
