@@ -136,4 +136,5 @@ def test_score_tables_of_one_benchmark_share_its_experiment(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     exps = [e.name for e in mlflow.search_experiments()]
     assert "soce-bfcl_v3" in exps and not [e for e in exps if "leaderboard" in e], exps
-    assert len(mlflow.search_runs(experiment_names=["soce-bfcl_v3"])) == 2
+    jobs = mlflow.search_runs(experiment_names=["soce-bfcl_v3"], filter_string="tags.`soce.kind` = 'job'")
+    assert len(jobs) == 2  # both tables' jobs, in the one experiment
