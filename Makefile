@@ -21,8 +21,19 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 
-test: $(STAMP) $(BFCL_STAMP)  ## run the test suite (CPU; real lm-eval, MLflow, safetensors, bfcl-eval)
+test: $(STAMP) $(BFCL_STAMP) browser  ## run the test suite (CPU; real lm-eval, MLflow, safetensors, bfcl-eval, Chromium)
 	$(PY) -m pytest -q
+
+# The MLflow UI browser test (tests/test_ui_browser.py): Playwright (requirements.txt) drives Debian's Chromium
+# (never a downloaded browser). Installed here when missing and apt-get can (root, or sudo); else the test skips,
+# except in CI (.ci/run sets SOCE_REQUIRE_BROWSER=1: it fails).
+CHROMIUM ?= /usr/bin/chromium
+.PHONY: browser
+browser:  ## install Debian's Chromium for the browser test, when missing and possible
+	@test -x $(CHROMIUM) || { command -v apt-get >/dev/null && \
+	  { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; } || \
+	  echo "make browser: cannot install chromium here; tests/test_ui_browser.py will skip"; }
 
 # BFCL v3 backend (benchmark=bfcl_v3): bfcl-eval 2025.6.15 without its pins (numpy 1, every vendor SDK) and the
 # few modules its checker imports; soce.benchmarks.bfcl_sdk stands in for the SDKs (see requirements-bfcl.txt)
@@ -42,6 +53,7 @@ smoke: $(STAMP)  ## the same sweep on the fast demo zoo (debug=fast): under 2 mi
 
 UI_PORT ?= 5000
 ui: $(STAMP)  ## MLflow UI on the project's store; prints the addresses that open the latest sweep's views
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)/ (click 'Model training' at the top once: MLflow 3.17 opens its GenAI screens by default)"
 	@$(PY) -m soce.report url root=$(CURDIR) base=http://127.0.0.1:$(UI_PORT) || true
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --host 127.0.0.1 \
 		--port $(UI_PORT) --workers 1

@@ -37,6 +37,7 @@ DTYPES = ("bfloat16", "float16", "float32", "float64")  # dtype: what soups are 
 OBJECTIVES = ("mean", "official")  # benchmark.objective
 TIE_BREAKS = ("overall", "first")  # selection.tie_break
 POOL_SOURCES = ("paths", "demo", "csv")  # pool.source
+SCALES = (None, "percent", "fraction")  # pool.scale: unit of the score tables (None: auto)
 PROPOSALS = ("grid", "tpe", "gp")  # search.proposal (race)
 SAMPLERS = ("tpe", "gp")  # search.sampler (optuna)
 EXPERT_PLACEMENTS = (None, "with_shard", "host", "auto")  # parallel.expert_placement
@@ -131,6 +132,9 @@ class BenchmarkConfig:
                   f"benchmark.task {self.task!r} must contain {{category}}"),
                  _one_of("benchmark.objective", self.objective, OBJECTIVES),
                  (self.limit is not None and self.limit < 1, f"benchmark.limit must be >= 1 or null, got {self.limit}"),
+                 (self.objective == "official" and self.limit is not None,
+                  f"benchmark.objective=official with benchmark.limit={self.limit}: the official overall weighs "
+                  f"categories by their items, and a limit changes those counts (use objective=mean with a limit)"),
                  (self.batch_size < 1, f"benchmark.batch_size must be >= 1, got {self.batch_size}"),
                  (self.max_new_tokens is not None and self.max_new_tokens < 1,
                   f"benchmark.max_new_tokens must be >= 1 or null, got {self.max_new_tokens}"),
@@ -170,9 +174,13 @@ class PoolConfig:
     candidates: dict[str, str] = field(default_factory=dict)
     population: dict[str, str] = field(default_factory=dict)
     csv: str | None = None  # source=csv: the candidates' score table
+    # unit of the score tables read (pool.csv and selection.population_csv): percent | fraction; null: auto
+    # (fractions when every cell is <= 1, else percent; a column all <= 1 in a percent table is refused)
+    scale: str | None = None
 
     def validate(self) -> None:
         _refuse([_one_of("pool.source", self.source, POOL_SOURCES),
+                 _one_of("pool.scale", self.scale, SCALES),
                  (self.source == "csv" and self.csv is None, "pool.source=csv needs pool.csv=<score table>"),
                  (self.source == "paths" and not self.candidates, f"pool {self.name!r} lists no candidates")])
 
@@ -243,6 +251,18 @@ class SearchConfig:
             weight_grid(1, self.step, self.min_weight)
         except SelectionError as e:
             raise ConfigError(str(e)) from None
+
+    def most_experts(self) -> int:
+        """The most ingredients that can each get ``min_weight`` with weights summing to 1 (grid: rounded up
+        to its ``step``)."""
+        import math
+
+        if self.min_weight <= 0:
+            return 10**9
+        if self.name == "grid":
+            units = round(1 / self.step)
+            return units // max(1, math.ceil(round(self.min_weight / self.step, 9)))
+        return math.floor(1 / self.min_weight + 1e-9)
 
 
 def _race_checks(c: SearchConfig) -> list[tuple[bool, str]]:
@@ -336,9 +356,26 @@ class Config:
         _refuse([(self.dtype is not None and self.dtype not in DTYPES,
                   f"dtype must be one of {', '.join(DTYPES)} or null, got {self.dtype!r}"),
                  (not DEVICE.fullmatch(self.device), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
+                 *self.weight_checks(None),
                  (self.search.name == "race" and self.benchmark.objective != "mean",
                   f"search=race races the mean of category means; benchmark.objective={self.benchmark.objective} "
                   f"is not linear in the categories' items yet")])
+
+
+    def weight_checks(self, n_candidates: int | None) -> list[tuple[bool, str]]:
+        """soce_weighted: the largest selection (``selection.max_experts``, the categories, ``n_candidates`` or
+        the paths pool's candidates) must fit ``search.min_weight``; else one line naming the keys. The demo
+        pool's candidates are counted by the preflight (its zoo's recipes), so here it is skipped."""
+        sel, s = self.selection, self.search
+        if self.strategy.name != "soce_weighted" or (n_candidates is None and self.pool.source == "demo"):
+            return []
+        n = n_candidates if n_candidates is not None else (len(self.pool.candidates) or None)
+        bounds = [k for k in (sel.max_experts, len(self.benchmark.categories), n) if k]
+        k, fit = min(bounds), s.most_experts()
+        hint = ("lower search.min_weight or selection.max_experts" if sel.max_experts
+                else f"lower search.min_weight or set selection.max_experts<={fit}")
+        return [(k > fit, f"search.min_weight={s.min_weight} ({s.name}) fits at most {fit} experts, but the "
+                 f"selection can return {k} (k x min_weight > 1): {hint}")]
 
 
 _LAUNCH_ID = secrets.token_hex(3)  # one per driver process; cached in the config, so jobs see the same value

@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         kw = parse_args(argv)
+        if kw.get("normalize", True) and (total := sum(kw["weights"].values())) > 0 and abs(total - 1) > 1e-6:
+            print(f"soce.merge: warning: weights sum to {total:g}, not 1: each is divided by that sum "
+                  "(normalize=false refuses instead)", file=sys.stderr)
         out = write_soup(**kw)
     except (UsageError, SoupError) as e:
         print(f"soce.merge: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from soce.tracking.numbers import percent
-from soce.tracking.views import sweep_filter
+from soce.tracking.views import sweep_filter, view_state
 
 from .conftest import ROOT, soce_cmd
 from .test_tracking import LEADERBOARD, free_port
@@ -64,27 +64,48 @@ def demo_sweep(tmp_path_factory, tiny_demo_root):
 LABELS = ["uniform tau=0.1", "uniform tau=0.5", "soce_selected tau=0.1", "soce_selected tau=0.5"]
 
 
+def distinct_labels(results: list[dict]) -> list[str]:
+    """The rows a report shows: uniform once for both taus (its soup does not depend on tau); soce_selected
+    once per distinct expert set."""
+    sel = [r for r in results if r["strategy"] == "soce_selected"]
+    same = {k: v for k, v in sel[0]["weights"].items() if v} == {k: v for k, v in sel[1]["weights"].items() if v}
+    return ["uniform tau=0.1,0.5", *(["soce_selected tau=0.1,0.5"] if same else LABELS[2:])]
+
+
 @pytest.mark.slow
-def test_sweep_reports_one_row_per_job(demo_sweep):
+def test_sweep_reports_one_row_per_distinct_soup(demo_sweep):
     sweep = demo_sweep / "sweep"
     dirs = sorted((d for d in sweep.iterdir() if (d / "result.json").is_file()),
                   key=lambda d: int(d.name.split("_")[0]))
     results = [json.loads((d / "result.json").read_text()) for d in dirs]
-    assert len(results) == 4
+    assert len(results) == 4 and [r["label"] for r in results] == LABELS
+    rows = distinct_labels(results)
     csv = pd.read_csv(sweep / "comparison.csv", index_col=0)
-    assert list(csv.index[:4]) == LABELS and csv.index[4].startswith("best single (")
-    for r, label in zip(results, LABELS, strict=True):
-        assert csv.loc[label, "overall"] == percent(r["scores"]["test"]["overall"]), label
+    assert list(csv.index[:-1]) == rows and csv.index[-1].startswith("best single (")
+    for r in results:
+        row = next(lab for lab in rows if lab.split(" ")[0] == r["label"].split(" ")[0]
+                   and r["label"].split("=")[1] in lab.split("=")[1].split(","))
+        assert csv.loc[row, "overall"] == percent(r["scores"]["test"]["overall"]), row
     md = (sweep / "report.md").read_text()
     assert "overrides that varied: `strategy`, `selection.tau`" in md
-    assert all(f"| {lab} |" in md for lab in LABELS)
+    assert all(f"| {lab} |" in md for lab in rows) and "`uniform tau=0.1,0.5` stands for" in md
+    assert "`uniform tau=0.1,0.5`: no selection; weights:" in md  # uniform uses no selection: none printed
     p = subprocess.run([*soce_cmd()[:2], "soce.report", f"root={demo_sweep}"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    rows = [ln for ln in p.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| |")]
-    assert [r.split(" | ")[0][2:] for r in rows[:4]] == LABELS
+    printed = [r for r in p.stdout.splitlines() if r.startswith("| ") and not r.startswith("| |")]
+    assert [r.split(" | ")[0][2:] for r in printed[:-1]] == rows
     jobs = runs(store(demo_sweep))
     jobs = jobs[jobs["tags.soce.kind"] == "job"]
-    assert sorted(jobs["tags.mlflow.runName"]) == sorted(LABELS) == sorted(jobs["tags.soce.label"])
+    shown = jobs[jobs["tags.soce.distinct"] == "true"]
+    assert sorted(shown["tags.mlflow.runName"]) == sorted(rows) == sorted(shown["tags.soce.label"])
+    uniform = jobs[jobs["params.strategy"] == "uniform"]
+    assert uniform["params.experts"].isna().all() and uniform["params.tau"].isna().all()  # no selection params
+    p = subprocess.run([*soce_cmd()[:2], "soce.report", f"root={demo_sweep}", "by=tau"], capture_output=True,
+                       text=True)
+    assert p.returncode == 0 and "| uniform | " in p.stdout and "tau=0.1 | tau=0.5" in p.stdout, p.stderr
+    p = subprocess.run([*soce_cmd()[:2], "soce.report", f"root={demo_sweep}", "by=strategy"], capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and "by=strategy: the strategy names the rows already" in p.stderr
 
 
 @pytest.mark.slow
@@ -103,11 +124,13 @@ def test_sweep_leaves_baseline_runs_and_a_ui_view_of_its_jobs(demo_sweep):
     assert url.startswith("http://127.0.0.1:5000/#/experiments/")
     query = parse_qs(url.split("?", 1)[1])
     exp = mlflow.get_experiment_by_name("soce-demo")
-    state = json.loads(exp.tags["mlflow.sharedViewState." + query["viewStateShareKey"][0]])
-    assert state["searchFilter"] == sweep_filter(parent["run_id"])
+    state = view_state(exp.tags["mlflow.sharedViewState." + query["viewStateShareKey"][0]])
+    assert state["searchFilter"] == sweep_filter(parent["run_id"]) + " and tags.`soce.distinct` = 'true'"
     found = mlflow.search_runs([exp.experiment_id], filter_string=state["searchFilter"])
-    assert sorted(found["run_id"]) == sorted(all_runs[all_runs["tags.soce.kind"] == "job"]["run_id"])
-    assert "metrics.`test.overall`" in state["selectedColumns"]
+    jobs = all_runs[all_runs["tags.soce.kind"] == "job"]
+    assert sorted(found["run_id"]) == sorted(jobs[jobs["tags.soce.distinct"] == "true"]["run_id"])
+    assert state["selectedColumns"][:4] == ["params.`strategy`", "params.`tau`", "metrics.`test.overall`",
+                                            "metrics.`dev.overall`"]  # the swept params and overall first
 
 
 @pytest.mark.slow

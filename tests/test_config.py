@@ -99,6 +99,9 @@ def test_config_error_is_a_value_error():
     ("benchmark.holdout.split=test benchmark.report_split=dev", "select_split and report_split"),  # consistency
     ("benchmark.limit=0", "benchmark.limit"),
     ("pool.source=s3", "pool.source"),
+    ("pool.scale=kelvin", "pool.scale"),
+    ("benchmark.objective=official benchmark.limit=5", "benchmark.objective=official with benchmark.limit=5"),
+    ("pool=example_local search.min_weight=0.6 selection.max_experts=2", "search.min_weight=0.6"),
     ("selection.tau=1.5", "selection.tau"),
     ("selection.tie_break=random", "selection.tie_break"),
     ("strategy=fixed", "strategy.ingredients"),

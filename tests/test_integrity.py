@@ -310,7 +310,11 @@ def test_model_card_front_matter(pool, tmp_path, capsys):
     text = (out / "README.md").read_text()
     assert text.startswith("---\n")
     front = yaml.safe_load(text.split("---\n")[1])
-    assert front["base_model"] == ["meta-llama/Llama-3.1-8B", str(pool["b"])]
+    assert front["base_model"] == ["meta-llama/Llama-3.1-8B"]  # b has no hub id: its local path is no base_model ...
+    assert f"`{pool['b']}`" in text  # ... it stays in the card's table (and the recipe)
+    out = write_soup(pool, {"a": 0.7, "b": 0.3}, tmp_path / "h", recipe={"hub_ids": {"b": "org/b-model"}})
+    card_front = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert card_front["base_model"] == ["meta-llama/Llama-3.1-8B", "org/b-model"]  # the pool's hub id wins
     assert front["library_name"] == "transformers" and {"merge", "soce"} <= set(front["tags"])
     assert "# Model soup: soce_weighted, 2 ingredient(s)" in text
     assert "- split: dev" in text and "- objective: mean" in text and "- score: 0.6125" in text

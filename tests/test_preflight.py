@@ -68,3 +68,47 @@ def test_new_fields_are_checked(override, needle):
         cfg["benchmark"]["report_split"] = cfg["benchmark"]["select_split"]
     with pytest.raises(ConfigError, match=needle):
         validate(cfg)
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["benchmark.objective=official", "benchmark.limit=5"], "benchmark.objective=official with benchmark.limit=5"),
+    (["search.min_weight=0.6", "selection.max_experts=2"],
+     "fits at most 1 experts, but the selection can return 2 .*: lower search.min_weight or selection.max_experts$"),
+    (["search.min_weight=0.2"], "fits at most 5 experts, but the selection can return 7 .*max_experts<=5$"),
+    (["search=optuna", "search.min_weight=0.3", "demo.preset=fast"], "fits at most 3 experts, but .* return 6"),
+    (["benchmark.task='nope_{category}_{split}'"], "lm-eval has no task 'nope_half_dev'"),
+])
+def test_values_that_cannot_mean_what_they_say_are_refused_up_front(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        validate(to_plain(composed(*overrides)))
+
+
+def test_feasible_weights_and_demo_tasks_pass():
+    validate(to_plain(composed("search.min_weight=0.2", "selection.max_experts=5")))
+    validate(to_plain(composed("search.min_weight=0.6", "strategy=soce_selected")))  # no weight search
+
+
+def test_infeasible_weights_on_the_command_line_write_nothing(tmp_path):
+    import subprocess
+
+    from .conftest import soce_cmd
+
+    p = subprocess.run(soce_cmd("search.min_weight=0.6", "selection.max_experts=2", f"paths.root_dir={tmp_path}",
+                                f"hydra.run.dir={tmp_path / 'run'}"), capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "search.min_weight=0.6" in lines[0], p.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_candidates_of_another_architecture_are_refused_before_anything_is_written(tmp_path):
+    import json
+
+    for name, heads in (("a", 4), ("b", 4), ("c", 8)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": heads,
+                                                                 "eos_token_id": heads}))
+    cfg = to_plain(composed("pool=example_local"))
+    cfg["pool"].update(candidates={n: str(tmp_path / n) for n in "abc"}, population={})
+    with pytest.raises(ConfigError, match="differ in 'num_attention_heads', which defines the architecture"):
+        validate(cfg)

@@ -11,10 +11,12 @@ from soce.report.cli import main
 from soce.report.tables import (
     comparison_from_results,
     comparison_table,
+    distinct_soups,
     format_answer,
     load_results,
     orderings,
     pivot,
+    selection_text,
     sweep_report,
     unscored_jobs,
     write_sweep_report,
@@ -210,3 +212,43 @@ def test_sweep_report_text_mentions_selection_per_job(tmp_path):
     results = load_results(fake_sweep(tmp_path))
     md = sweep_report(results, "test")
     assert md.count("- `") >= 4 and "4 jobs" in md
+
+
+def test_jobs_that_made_one_soup_are_one_row(tmp_path):
+    """uniform's soup does not depend on tau: same weights, same scores -> one row, labelled with both values."""
+    sweep = fake_sweep(tmp_path)
+    r1 = json.loads((sweep / "1_uniform" / "result.json").read_text())
+    r1["scores"] = json.loads((sweep / "0_uniform" / "result.json").read_text())["scores"]
+    (sweep / "1_uniform" / "result.json").write_text(json.dumps(r1))
+    kept = distinct_soups(load_results(sweep))
+    assert [r["label"] for r in kept] == ["uniform tau=0.1,0.5", "soce_selected tau=0.1", "soce_selected tau=0.5"]
+    assert kept[0]["same_soup"] == ["uniform tau=0.1", "uniform tau=0.5"]
+    write_sweep_report(sweep)
+    md = (sweep / "report.md").read_text()
+    assert "| uniform tau=0.1,0.5 |" in md and "| uniform tau=0.1 |" not in md
+    assert "`uniform tau=0.1,0.5` stands for `uniform tau=0.1`, `uniform tau=0.5`" in md
+    assert list(pd.read_csv(sweep / "comparison.csv", index_col=0).index)[0] == "uniform tau=0.1,0.5"
+    assert "![scores by job](scores.png)" in md.splitlines() and "correlation.png" not in md  # none here
+    html = (sweep / "report.html").read_text()
+    assert html.count("<img") == 2 and 'src="data:image/png;base64,' in html and "<table>" in html
+    p = pivot(comparison_from_results(kept, "test"), {}, "selection.tau")
+    assert p.loc["uniform", "tau=0.1"] == p.loc["uniform", "tau=0.5"]  # one soup, both columns
+
+
+def test_selection_text_names_only_experts_with_weight():
+    r = fake_result("uniform", 0.1, 0.4) | {"selects": False}
+    assert selection_text(r) == "no selection"
+    r = fake_result("soce_weighted", 0.1, 0.4) | {
+        "weak_set": ["a", "b", "c"], "expert_of": {"a": "m1", "b": "m2"}, "weights": {"m1": 1.0, "m2": 0.0},
+        "dropped": {"c": "m3"}, "max_experts": 2}
+    assert selection_text(r) == ("L = a, b, c; experts: a -> m1; searched to weight 0: b -> m2; "
+                                 "dropped by selection.max_experts=2: c -> m3")
+
+
+def test_by_takes_short_names_and_refuses_the_strategy(tmp_path, capsys):
+    sweep = fake_sweep(tmp_path / "sweep")
+    assert main([f"dir={sweep}", "by=tau"]) == 0
+    assert "| soce_selected | 45.00 | 10.98 |" in capsys.readouterr().out
+    assert main([f"dir={sweep}", "by=strategy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "by=strategy: the strategy names the rows already" in err and "(tau)" in err

@@ -27,16 +27,58 @@ def _csv(tmp_path, text: str):
     return f
 
 
-def test_scale_is_decided_per_column(tmp_path):
-    t, _ = read_score_csv(_csv(tmp_path, "model,a,b,c\nm1,0.8,80,50%\nm2,0.2,30,0.5%\nm3,0,0,0\n"))
-    assert t["a"].tolist() == pytest.approx([0.8, 0.2, 0.0])  # fractions: kept (not divided by 100 ...)
-    assert t["b"].tolist() == pytest.approx([0.8, 0.3, 0.0])  # ... because another column is in percent)
-    assert t["c"].tolist() == pytest.approx([0.5, 0.005, 0.0])  # '%' marks percent, even below 1
+def test_one_unit_per_table(tmp_path):
+    t, _ = read_score_csv(_csv(tmp_path, "model,a,b,c\nm1,45,80,50%\nm2,0.5,30,0.5%\nm3,0,0,0\n"))
+    assert t["a"].tolist() == pytest.approx([0.45, 0.005, 0.0])  # a percent table: 0.5 is a low score (0.5%) ...
+    assert t["b"].tolist() == pytest.approx([0.8, 0.3, 0.0])
+    assert t["c"].tolist() == pytest.approx([0.5, 0.005, 0.0])  # ... and '%' marks percent, even below 1
+    t, _ = read_score_csv(_csv(tmp_path, "model,a,b\nm1,0.8,1\nm2,0.2,0.5\n"))
+    assert t["a"].tolist() == pytest.approx([0.8, 0.2])  # every cell <= 1: fractions
+
+
+def leaderboard(n: int = 24) -> str:
+    """The shape of the public BFCL v3 leaderboard: percent columns; weak models score 0.0 and 0.5 on multi-turn."""
+    import random
+
+    rng = random.Random(0)
+    cats = ["simple", "multiple", "live_simple", "irrelevance", "multi_turn_base", "multi_turn_long_context"]
+    rows = ["model," + ",".join(cats)]
+    for i in range(n):
+        skill = (i + 1) / n
+        cells = [f"{rng.uniform(40, 95) * (0.5 + skill / 2):.2f}" for _ in cats[:4]]
+        weak = i < n // 3
+        cells += [rng.choice(["0.0", "0.5"]) if weak else f"{rng.uniform(2, 60) * skill:.2f}" for _ in cats[4:]]
+        rows.append(f"Model-{i} (Prompt)," + ",".join(cells))
+    return "\n".join(rows) + "\n"
+
+
+def test_a_real_leaderboard_shape_is_read_in_percent(tmp_path):
+    t, _ = read_score_csv(_csv(tmp_path, leaderboard()))
+    assert t.loc["Model-0 (Prompt)", "multi_turn_base"] in (0.0, 0.005)  # 0.5 is half a percent, not 50%
+    assert float(t.max().max()) <= 0.95 and float(t["multi_turn_base"].max()) > 0.01
+
+
+@pytest.mark.parametrize(("text", "needle"), [  # a percent table whose column is all <= 1: refused, naming it
+    ("model,a,b,c\nm1,0.3,0.5,55\nm2,0.7,0.4,70\nm3,0.5,0.6,60\n", r"column 'a' holds only values <= 1 \(0.3 to 0.7\)"),
+    ("model,a,b\nm1,0.5,80\nm2,0.0,40\nm3,0.5,30\n", r"column 'a' .* \(model 'm1' has 80 in 'b'\)"),
+])
+def test_a_column_in_another_unit_is_refused(tmp_path, text, needle):
+    with pytest.raises(ConfigError, match=needle) as e:
+        read_score_csv(_csv(tmp_path, text))
+    assert "\n" not in str(e.value) and "pool.scale=percent" in str(e.value)
+
+
+def test_a_stated_unit_wins(tmp_path):
+    f = _csv(tmp_path, "model,a,b\nm1,0.5,80\nm2,0.0,40\nm3,0.5,30\n")
+    t, _ = read_score_csv(f, scale="percent")
+    assert t["a"].tolist() == pytest.approx([0.005, 0.0, 0.005])
+    with pytest.raises(ConfigError, match="pool.scale=fraction but model 'm1' has 80 in 'b'"):
+        read_score_csv(f, scale="fraction")
+    t, _ = read_score_csv(_csv(tmp_path, "model,a\nm1,0.5\nm2,1\n"), scale="percent")
+    assert t["a"].tolist() == pytest.approx([0.005, 0.01])
 
 
 @pytest.mark.parametrize(("text", "needle"), [
-    ("model,a,b\nm1,0.8,0.7\nm2,60,0.5\n", "category 'a' mixes scales: model 'm1' has 0.8 .* model 'm2' has 60"),
-    ("model,a\nm1,80%\nm2,0.75\n", "category 'a' mixes scales: model 'm2' has 0.75"),
     ("model,a,b\nm1,0.1,nan\nm2,0.2,0.3\n", "non-finite score 'nan' for model 'm1', category 'b'"),
     ("model,a,b\nm1,0.1,0.2\nm2,NaN,0.3\n", "non-finite score 'NaN' for model 'm2', category 'a'"),
     ("model,a,b\nm1,0.1,inf\nm2,0.2,0.3\n", "non-finite score 'inf' for model 'm1', category 'b'"),
@@ -69,6 +111,8 @@ GOOD = {"x": 0.5, "y": 1.0, "overall": 0.75, "samples": {"x": [0.0, 1.0], "y": [
     ({"x": 0.5, "y": 0.5, "overall": "high"}, "overall"),
     ({**GOOD, "samples": [1, 0]}, "samples is not a dict of lists"),
     ({**GOOD, "samples": {"x": [0.5, None]}}, "samples holds"),
+    ({**GOOD, "overall": 0.99}, "overall = 0.99 is not its categories' mean (0.75)"),  # only overall wrong
+    ({**GOOD, "overall_mean": 0.6}, "overall_mean = 0.6 is not its categories' mean"),
 ])
 def test_invalid_cache_entries_are_recomputed_with_a_warning(tmp_path, caplog, entry, why):
     c = ScoreCache(tmp_path)
@@ -91,6 +135,8 @@ def test_valid_entries_served_and_invalid_computations_refused(tmp_path):
     with pytest.raises(ValueError, match="invalid .*'x' = 1.5"):
         c.get_or_compute("q" * 32, lambda: {"x": 1.5, "y": 0.5, "overall": 1.0}, categories=CATS)
     assert not (tmp_path / "qq").exists()
+    official = {**GOOD, "overall": 0.7, "overall_official": 0.7, "overall_mean": 0.75}  # bfcl objective=official
+    assert scores.entry_problem(official, CATS) is None
 
 
 # ------------------------------------------------------------------------------ 4. fingerprints at real sizes

@@ -83,3 +83,58 @@ def test_population_csv_drives_the_correlation(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads((tmp_path / "run" / "result.json").read_text())
     assert r["experts"] == ["alpha", "beta"]
+
+
+def test_a_leaderboard_in_percent_selects_and_finishes(tmp_path):
+    """The public BFCL v3 leaderboard's shape (percent; weak models at 0.0 and 0.5) selects experts end to end."""
+    from .test_scores import leaderboard
+
+    f = tmp_path / "lb.csv"
+    f.write_text(leaderboard())
+    p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={f}", "strategy=soce_selected",
+                                f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"),
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert r["experts"] and max(r["candidate_scores"]["Model-0 (Prompt)"]["dev"].values()) < 1
+
+
+@pytest.mark.parametrize(("text", "args", "needle"), [
+    ("model,a,b,c\nm1,0.3,0.5,55\nm2,0.7,0.4,70\nm3,0.5,0.6,60\n", [], "column 'a' holds only values <= 1"),
+    ("model,half,quad\nm1,0.3,0.5\nm2,0.7,0.4\nm3,0.5,0.6\n", ["benchmark.categories=[half,quad,tri]"],
+     "no column for benchmark category 'tri'"),
+])
+def test_a_table_that_cannot_mean_what_it_says_is_refused_before_anything_is_written(tmp_path, text, args, needle):
+    f = tmp_path / "t.csv"
+    f.write_text(text)
+    p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={f}", "strategy=soce_selected", *args,
+                                f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"),
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], p.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_score_tables_of_one_benchmark_share_its_experiment(tmp_path):
+    """A table whose columns are a known benchmark's categories (conf/benchmark) is that benchmark, whatever the
+    file is called: its runs go to that benchmark's experiment, not one experiment per file."""
+    import mlflow
+
+    from soce.benchmarks.bfcl import CATEGORIES
+
+    names = list(ROWS)
+    for stem in ("leaderboard_may", "leaderboard_june"):
+        lines = ["model," + ",".join(CATEGORIES)]
+        lines += [f"{m}," + ",".join(str(ROWS[m][i % 4] + (i % 3)) for i in range(len(CATEGORIES))) for m in names]
+        f = tmp_path / f"{stem}.csv"
+        f.write_text("\n".join(lines) + "\n")
+        p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={f}", "strategy=soce_selected",
+                                    f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / stem}"),
+                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert json.loads((tmp_path / stem / "result.json").read_text())["benchmark"] == "bfcl_v3"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    exps = [e.name for e in mlflow.search_experiments()]
+    assert "soce-bfcl_v3" in exps and not [e for e in exps if "leaderboard" in e], exps
+    jobs = mlflow.search_runs(experiment_names=["soce-bfcl_v3"], filter_string="tags.`soce.kind` = 'job'")
+    assert len(jobs) == 2  # both tables' jobs, in the one experiment

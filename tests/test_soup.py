@@ -442,3 +442,42 @@ def test_remixer_fused_equals_unfused_and_disk(zoo, tmp_path, monkeypatch):
         # every averaged tensor goes through the fused kernel when on, none when off
         assert len(calls) == (len(rmx.targets) if flag == "1" else 0), (flag, len(calls))
         calls.clear()
+
+
+def _variant(src: Path, dst: Path, **changes) -> Path:
+    """A copy of checkpoint ``src`` whose config.json has ``changes`` (same tensors: shapes cannot tell)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return dst
+
+
+@pytest.mark.parametrize(("changes", "key"), [
+    ({"num_attention_heads": 8, "head_dim": 8}, "head_dim"),  # same shapes, other attention
+    ({"rope_theta": 500000.0}, "rope_theta"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1.0}}, "rope_parameters"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rms_norm_eps": 1e-5}, "rms_norm_eps"),
+])
+def test_candidates_differing_in_the_architecture_are_refused_naming_the_key(zoo, tmp_path, changes, key):
+    v = _variant(zoo["a"], tmp_path / "v", **changes)
+    msg = _one_line_error(lambda: check_models({"a": zoo["a"], "v": v}), f"differ in '{key}', which defines")
+    assert "a: " in msg and "v: " in msg
+    with pytest.raises(SoupError, match=key):
+        write_soup({"a": zoo["a"], "v": v}, {"a": 0.5, "v": 0.5}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_config_differences_warn_once_and_keep_the_donors(zoo, tmp_path, caplog):
+    import logging
+
+    v = _variant(zoo["a"], tmp_path / "v", eos_token_id=7, max_position_embeddings=128, transformers_version="9.9")
+    with caplog.at_level(logging.WARNING, logger="soce.soup.checks"):
+        write_soup({"a": zoo["a"], "v": v}, {"a": 0.5, "v": 0.5}, tmp_path / "out")
+    warnings = [r.getMessage() for r in caplog.records if "config.json differ" in r.getMessage()]
+    assert len(warnings) == 1 and all(k in warnings[0] for k in ("eos_token_id", "max_position_embeddings",
+                                                                  "transformers_version", "donor's values are kept"))
+    kept = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert kept["max_position_embeddings"] == 64 and kept.get("eos_token_id") != 7

@@ -23,7 +23,7 @@ from soce.tracking.runs import (
     start_run,
 )
 from soce.tracking.store import check_tracking_uri, ensure_experiment, mlflow_key, mlflow_keys
-from soce.tracking.views import save_view, sweep_filter, ui_url
+from soce.tracking.views import save_view, sweep_filter, ui_url, view_state
 
 from .test_scale import free_port, mlflow_server  # noqa: F401  (fixture: a real server on 127.0.0.1)
 
@@ -211,8 +211,11 @@ def test_saved_view_selects_exactly_the_sweeps_job_runs(tmp_path):
     key = save_view(uri, exp, f"soce-{parents[0]}", sweep_filter(parents[0]), ["metrics.`test.overall`"],
                     parallel=(["w.a"], ["dev.overall"]))
     url = ui_url("http://127.0.0.1:5000", exp, key)
-    assert url == f"http://127.0.0.1:5000/#/experiments/{exp}/runs?viewStateShareKey={key}&compareRunsMode=TABLE"
-    state = json.loads(mlflow.MlflowClient(uri).get_experiment(exp).tags[f"mlflow.sharedViewState.{key}"])
+    assert url == (f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
+                   f"&viewStateShareKey={key}&compareRunsMode=TABLE")  # the training view, not MLflow's GenAI one
+    tag = json.loads(mlflow.MlflowClient(uri).get_experiment(exp).tags[f"mlflow.sharedViewState.{key}"])
+    assert tag["name"] == key and isinstance(tag["createdAt"], int)  # the envelope the "Views" menu lists
+    state = view_state(json.dumps(tag))
     assert state["compareRunCharts"][0]["type"] == "PARALLEL"
     mlflow.set_tracking_uri(uri)
     found = mlflow.search_runs([exp], filter_string=state["searchFilter"])

@@ -105,7 +105,8 @@ def entry_problem(value: Any, categories: list[str] | None = None) -> str | None
     """None when ``value`` is a valid evaluation (the Evaluator contract in :mod:`soce.benchmarks`), else
     the first problem, one line. Schema: a dict; every category in ``categories`` present (and then
     ``overall`` too); every key but ``overall``/``samples``/``item_ids`` a finite number in [0, 1];
-    ``overall`` a finite number; ``samples`` a dict of lists of finite numbers; ``item_ids`` a dict of lists."""
+    ``overall`` a finite number and, with ``categories``, their mean (or the backend's ``overall_official``);
+    ``samples`` a dict of lists of finite numbers; ``item_ids`` a dict of lists."""
     if not isinstance(value, dict):
         return f"a {type(value).__name__}, not a dict of scores"
     need = [*(categories or []), *(["overall"] if categories else [])]
@@ -123,6 +124,18 @@ def entry_problem(value: Any, categories: list[str] | None = None) -> str | None
             return f"{k} is not a dict of lists"
     if not all(_number(x) for xs in value.get("samples", {}).values() for x in xs):
         return "samples holds a value that is not a finite number"
+    return _overall_problem(value, categories) if categories else None
+
+
+def _overall_problem(value: dict[str, Any], categories: list[str]) -> str | None:
+    """``overall`` must be the categories' mean (or the entry's ``overall_official``, for backends that
+    score an official formula); ``overall_mean``, when present, must be that mean."""
+    mean = sum(value[c] for c in categories) / len(categories)
+    if "overall_mean" in value and not math.isclose(value["overall_mean"], mean, abs_tol=1e-6):
+        return f"overall_mean = {value['overall_mean']!r} is not its categories' mean ({mean:.6g})"
+    allowed = [mean, *([value["overall_official"]] if _number(value.get("overall_official")) else [])]
+    if not any(math.isclose(value["overall"], a, abs_tol=1e-6) for a in allowed):
+        return f"overall = {value['overall']!r} is not its categories' mean ({mean:.6g})"
     return None
 
 
@@ -130,7 +143,8 @@ def entry_problem(value: Any, categories: list[str] | None = None) -> str | None
 class ScoreCache:
     """On-disk cache of evaluations: one JSON file per key, written atomically (safe across processes).
     Entries are checked against the evaluation schema (:func:`entry_problem`) when read: a bad one (wrong
-    type, a score outside [0, 1], a category missing) is evaluated again, with a warning."""
+    type, a score outside [0, 1], a category missing, an overall that is not its categories' mean) is evaluated
+    again, with a warning."""
 
     root: Path
     evaluated: int = 0  # evaluations actually run through this cache object
@@ -180,15 +194,22 @@ def score_table(results: Mapping[str, Mapping[str, float]], categories: list[str
     return table
 
 
-def read_score_csv(path: str | Path, categories: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+SCALES = ("percent", "fraction")  # the units a score table may be stated in (pool.scale)
+
+
+def read_score_csv(path: str | Path, categories: list[str] | None = None,
+                   scale: str | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
     """(scores, paths) from a CSV: first column = model name, then one numeric column per category,
     optional ``path`` column. Scores come back as fractions in [0, 1].
 
-    Scale, decided per column: a column is in percent when one of its cells ends in ``%`` or exceeds 1;
-    it is then divided by 100, and a bare cell in (0, 1] in it is refused as a mixed scale (write ``0.5%``
-    for half a percent); otherwise it is in fractions. One clear error (naming model and category) per
-    problem: duplicate models, missing, non-numeric, NaN/inf, negative or > 100 cells, mixed scales, missing
-    categories."""
+    One unit per table. ``scale=None`` (auto): the table is in fractions when every cell is <= 1 and none
+    ends in ``%``, else in percent, and then a low cell (0.5) is a low score (0.5%), not a fraction; a
+    column whose every cell is <= 1 (none marked ``%``) in a percent table is refused, naming it: it is
+    either in another unit or needs the unit stated. ``scale="percent"|"fraction"``: the stated unit (a
+    fraction table with a cell > 1 or a ``%`` is refused). One clear error (naming model and category) per
+    problem: duplicate models, missing, non-numeric, NaN/inf, negative or > 100 cells, missing categories."""
+    if scale not in (None, *SCALES):
+        raise ConfigError(f"score table scale must be percent, fraction or null (auto), got {scale!r}")
     try:
         raw = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
     except Exception as e:  # noqa: BLE001 - pandas raises many types; the user needs one line
@@ -203,15 +224,24 @@ def read_score_csv(path: str | Path, categories: list[str] | None = None) -> tup
     cats = categories or list(raw.columns)
     missing = [c for c in cats if c not in raw.columns]
     if missing:
-        raise ConfigError(f"{path}: no column for category {missing[0]!r}")
-    table = pd.DataFrame({c: _score_column(path, c, raw[c]) for c in cats}, index=raw.index, dtype=float)
+        raise ConfigError(f"{path}: no column for category {missing[0]!r} (it has: {', '.join(raw.columns)})")
+    cells = {c: _parse_column(path, c, raw[c]) for c in raw.columns}
+    unit = scale or _table_unit(path, cells)
+    over = next(((c, cell) for c, col in cells.items() for cell in col if cell[3] or cell[2] > 1), None)
+    if unit == "fraction" and over is not None:
+        raise ConfigError(f"{path}: pool.scale=fraction but model {over[1][0]!r} has {over[1][1]} in {over[0]!r}")
+    table = pd.DataFrame({c: [v / 100 if unit == "percent" else v for _, _, v, _ in cells[c]] for c in cats},
+                         index=raw.index, dtype=float)
     table.index.name = "model"
     return table, paths
 
 
-def _score_column(path: str | Path, category: str, cells: pd.Series) -> list[float]:
-    """One CSV column as fractions (the scale rule of :func:`read_score_csv`)."""
-    parsed: list[tuple[str, str, float, bool]] = []  # (model, cell, value, marked with %)
+Cell = tuple[str, str, float, bool]  # (model, cell text, value, marked with %)
+
+
+def _parse_column(path: str | Path, category: str, cells: pd.Series) -> list[Cell]:
+    """One CSV column's cells as numbers in [0, 100]; one line naming model and category per bad cell."""
+    parsed: list[Cell] = []
     for m, text in cells.items():
         cell = text.strip()
         where = f"for model {m!r}, category {category!r}"
@@ -227,21 +257,34 @@ def _score_column(path: str | Path, category: str, cells: pd.Series) -> list[flo
             raise ConfigError(f"{path}: non-finite score {cell!r} {where} (scores are numbers in [0, 1] or percent)")
         if v < 0 or v > 100:
             raise ConfigError(f"{path}: score {cell!r} {where} is out of range (scores in [0, 1] or in percent)")
-        parsed.append((m, cell, v, cell.endswith("%")))
-    pct = next(((m, c) for m, c, v, marked in parsed if marked or v > 1), None)
-    if pct is None:
-        return [v for _, _, v, _ in parsed]
-    for m, cell, v, marked in parsed:
-        if not marked and 0 < v <= 1:
-            raise ConfigError(f"{path}: category {category!r} mixes scales: model {m!r} has {cell} (a fraction?)"
-                              f" but model {pct[0]!r} has {pct[1]} (percent); use one scale per column"
-                              f" (write {cell}% if it is a percentage)")
-    return [v / 100 for _, _, v, _ in parsed]
+        parsed.append((str(m), cell, v, cell.endswith("%")))
+    return parsed
 
 
-def with_population_csv(population: pd.DataFrame, path: str | None, categories: list[str]) -> pd.DataFrame:
-    """``population`` plus the models of the score table at ``path`` (selection.population_csv) it lacks."""
+def _table_unit(path: str | Path, cells: dict[str, list[Cell]]) -> str:
+    """``fraction`` when no cell of the table is > 1 or marked ``%``, else ``percent``; in a percent table a
+    column with no such cell is refused (its unit is not the table's, or must be stated)."""
+    def percent_cell(col: list[Cell]) -> Cell | None:
+        return next((c for c in col if c[3] or c[2] > 1), None)
+
+    witness = next(((cat, hit) for cat, col in cells.items() if (hit := percent_cell(col))), None)
+    if witness is None:
+        return "fraction"
+    for cat, col in cells.items():
+        if percent_cell(col) is None:
+            lo, hi = min(v for _, _, v, _ in col), max(v for _, _, v, _ in col)
+            raise ConfigError(
+                f"{path}: column {cat!r} holds only values <= 1 ({lo:g} to {hi:g}) but the table is in percent "
+                f"(model {witness[1][0]!r} has {witness[1][1]} in {witness[0]!r}): one unit per table; state it "
+                f"with pool.scale=percent if {cat!r} is in percent too, else convert the file")
+    return "percent"
+
+
+def with_population_csv(population: pd.DataFrame, path: str | None, categories: list[str],
+                        scale: str | None = None) -> pd.DataFrame:
+    """``population`` plus the models of the score table at ``path`` (selection.population_csv) it lacks;
+    ``scale``: the table's stated unit (pool.scale), None: auto (:func:`read_score_csv`)."""
     if not path:
         return population
-    extra = read_score_csv(path, categories)[0]
+    extra = read_score_csv(path, categories, scale)[0]
     return pd.concat([population, extra.loc[~extra.index.isin(population.index)]])

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from soce import __version__
 from soce.files import write_json_atomic
-from soce.tracking.naming import job_name, sweep_key, varying_keys
+from soce.tracking.naming import job_name, short_keys, sweep_key, varying_keys
 from soce.tracking.runs import (
     PARENT_FILE,
     Heartbeat,
@@ -111,15 +111,18 @@ class MlflowSweepCallback(Callback):
 
 def sweep_experiment(config: DictConfig) -> str:
     """The experiment the sweep's jobs log to, so that the parent run lives beside them: ``tracking.experiment``,
-    or for a score table whose categories are not the benchmark's, ``soce-<CSV stem>`` (soce.job.inputs' rule)."""
+    or for a score table that lacks the benchmark's categories, ``soce-<the benchmark in conf/ with its columns,
+    else the CSV stem>`` (soce.job.inputs' rule)."""
     name = str(config.tracking.experiment)
     pool, bench = config.pool, config.benchmark
     if pool.source != "csv" or not pool.csv or name != f"soce-{bench.name}":
         return name
     from soce.benchmarks.scores import read_score_csv
+    from soce.job.inputs import known_benchmark
 
-    if set(read_score_csv(str(pool.csv))[0].columns) != set(bench.categories):
-        return f"soce-{Path(str(pool.csv)).stem}"
+    columns = list(read_score_csv(str(pool.csv), scale=pool.get("scale"))[0].columns)
+    if not set(bench.categories) <= set(columns):
+        return f"soce-{known_benchmark(columns) or Path(str(pool.csv)).stem}"
     return name
 
 
@@ -138,6 +141,18 @@ def label_job_run(config: DictConfig, uri: str, varying: list[str]) -> None:
     for k, v in {"mlflow.runName": name.label[:240], "soce.label": name.label[:5000],
                  "soce.overrides": json.dumps(name.overrides)[:5000]}.items():
         c.set_tag(run_id, k, v)
+    log_swept_params(c, run_id, name.overrides, varying)
+
+
+def log_swept_params(c: Any, run_id: str, overrides: dict[str, str], varying: list[str]) -> None:
+    """Each swept override as a param named by its short key (the name in run names: ``tau``), so the jobs view
+    can show it as a column; skipped where the job logged that param itself, and for ``selection.*`` keys of a
+    job that uses no selection (its soup does not depend on them)."""
+    params = c.get_run(run_id).data.params
+    uses_selection = "experts" in params
+    for key, short in short_keys(varying).items():
+        if key in overrides and short not in params and (uses_selection or not key.startswith("selection.")):
+            c.log_param(run_id, short, overrides[key])
 
 
 def finish_sweep(sweep_dir: Path, parent: Any) -> None:
@@ -147,7 +162,7 @@ def finish_sweep(sweep_dir: Path, parent: Any) -> None:
     report = write_sweep_report(sweep_dir)
     c = client(parent.uri)
     if report is not None:
-        for name in ("report.md", "comparison.csv", "correlation.png", "scores.png", "weights.png"):
+        for name in ("report.md", "report.html", "comparison.csv", "correlation.png", "scores.png", "weights.png"):
             if (sweep_dir / name).exists():
                 c.log_artifact(parent.run_id, str(sweep_dir / name))
     results = load_results(sweep_dir)

@@ -65,7 +65,8 @@ def gather(config: Config) -> Inputs:
     cand = {s: {n: soups.scores({n: 1.0}, s) for n in candidates} for s in benchmark.splits}
     pop = {n: soups.scores({n: 1.0}, sel) for n in _progress(everyone, config.progress, "scoring models")}
     cats = benchmark.categories
-    population_table = with_population_csv(score_table(pop, cats)[cats], config.selection.population_csv, cats)
+    population_table = with_population_csv(score_table(pop, cats)[cats], config.selection.population_csv, cats,
+                                           config.pool.scale)
     return Inputs(benchmark, candidates, cand, population_table, soups, config.tracking.experiment, items, metrics)
 
 
@@ -137,22 +138,49 @@ def _absolute(paths: dict[str, str]) -> dict[str, str]:
     return {n: str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p for n, p in paths.items()}
 
 
+def table_benchmark(benchmark: BenchmarkConfig, columns: list[str], csv: str) -> BenchmarkConfig:
+    """The benchmark a score table is read as: the configured one when the table has all of its categories
+    (extra columns are ignored); the table's own (named after the file, all its columns) when it has none of
+    them; a table with some but not all is refused naming the first missing category."""
+    have = [c for c in benchmark.categories if c in columns]
+    if len(have) == len(benchmark.categories):
+        return benchmark
+    if have:
+        missing = [c for c in benchmark.categories if c not in columns]
+        raise ConfigError(f"pool.csv {csv}: no column for benchmark category {missing[0]!r} (the table has: "
+                          f"{', '.join(columns)}); set benchmark.categories to the columns you mean")
+    name = known_benchmark(columns) or Path(csv).stem
+    return dataclasses.replace(benchmark, name=name, categories=list(columns), families={})
+
+
+def known_benchmark(columns: list[str]) -> str | None:
+    """The name of the benchmark in ``conf/benchmark/`` whose categories are exactly ``columns`` (so that every
+    score table of one benchmark files its runs in that benchmark's experiment), else None."""
+    import yaml
+
+    from soce.config import CONF_DIR
+
+    for f in sorted(Path(CONF_DIR, "benchmark").glob("*.yaml")):
+        spec = yaml.safe_load(f.read_text()) or {}
+        if isinstance(spec.get("categories"), list) and set(map(str, spec["categories"])) == set(columns):
+            return str(spec.get("name", f.stem))
+    return None
+
+
 def _from_score_table(config: Config) -> Inputs:
     """Scores only: the candidates' table (and paths) from ``pool.csv``; no model is loaded."""
-    table, paths = read_score_csv(config.pool.csv)
-    benchmark = config.benchmark
+    table, paths = read_score_csv(config.pool.csv, scale=config.pool.scale)
+    benchmark = table_benchmark(config.benchmark, list(table.columns), str(config.pool.csv))
     experiment = config.tracking.experiment
-    if set(table.columns) != set(benchmark.categories):
-        name = Path(config.pool.csv).stem
+    if benchmark is not config.benchmark:
         log.warning("pool.csv's categories are not benchmark %r's: the benchmark is the table's own (%r, %d "
-                    "categories)", benchmark.name, name, len(table.columns))
-        if experiment == f"soce-{benchmark.name}":
-            experiment = f"soce-{name}"
-        benchmark = dataclasses.replace(benchmark, name=name, categories=list(table.columns), families={})
+                    "categories)", config.benchmark.name, benchmark.name, len(benchmark.categories))
+        if experiment == f"soce-{config.benchmark.name}":
+            experiment = f"soce-{benchmark.name}"
     cats = benchmark.categories
     table = table[cats]
     scores = {m: {**table.loc[m].to_dict(), "overall": float(table.loc[m].mean())} for m in table.index}
-    population = with_population_csv(table, config.selection.population_csv, cats)
+    population = with_population_csv(table, config.selection.population_csv, cats, config.pool.scale)
     candidates = {m: paths.get(m, "") for m in table.index}
     return Inputs(benchmark, candidates, {benchmark.select_split: scores}, population, None, experiment)
 

@@ -20,6 +20,7 @@ from soce.benchmarks.scores import score_table
 from soce.config import Config
 from soce.files import write_json_atomic
 from soce.job.inputs import Inputs
+from soce.job.strategies import STRATEGIES
 from soce.report import plots
 from soce.report.analyses import consistency, emergent_by_category, emergent_solves, shapley_values
 from soce.tracking.naming import JobName
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from soce.search.selections import Selection
 
 log = logging.getLogger(__name__)
+FLOATS = "%.6g"  # floats in CSV artifacts: 6 significant digits (0.15000000000000002 -> 0.15)
 
 
 @dataclass
@@ -40,9 +42,9 @@ class JobResult:
     strategy: str
     benchmark: str
     pool: str
-    experts: list[str]  # the distinct experts (soup ingredients of soce_*), candidate order
-    weak_set: list[str]  # L
-    expert_of: dict[str, str]  # category in L -> expert
+    experts: list[str]  # the distinct experts (soup ingredients of soce_*), candidate order; [] without selection
+    weak_set: list[str]  # L ([] for strategies that use no selection: uniform, best_single, greedy_soup, fixed)
+    expert_of: dict[str, str]  # category in L -> expert, for the experts in the soup
     categories: list[str]
     families: dict[str, str]
     select_split: str
@@ -64,6 +66,9 @@ class JobResult:
     seconds: float = 0.0
     metrics: dict[str, str] = field(default_factory=dict)  # category -> the metric it is scored by (fraction)
     items: dict[str, Any] = field(default_factory=dict)  # which items selection and report used (splits.SplitCheck)
+    dropped: dict[str, str] = field(default_factory=dict)  # category in L -> expert left out by max_experts
+    max_experts: int | None = None  # selection.max_experts
+    selects: bool = True  # the soup is made of the selection's experts (soce_selected, soce_weighted)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,10 +138,14 @@ def write_final_soup(config: Config, inputs: Inputs, plan: Plan, out_dir: Path) 
     paths = {n: inputs.candidates.get(n, "") for n in ingredients}
     if not config.save_soup or not all(paths.values()):
         return None
+    from soce.job.preflight import HUB_ID
     from soce.soup import write_soup
 
     rec = {**recipe(config, inputs, plan), "split": inputs.benchmark.select_split,
            "objective": inputs.benchmark.objective}
+    hub_ids = {n: p for n, p in paths.items() if HUB_ID.match(p) and not Path(p).exists()}
+    if hub_ids:  # the model card's base_model (local paths stay in the recipe)
+        rec["hub_ids"] = hub_ids
     if inputs.soups is not None:  # where it was chosen: its selection-split score (cached by the search)
         rec["score"] = round(float(inputs.soups.scores(ingredients, inputs.benchmark.select_split)["overall"]), 6)
     return write_soup(paths, ingredients, out_dir / "soup", overwrite=True, recipe=rec,
@@ -172,7 +181,7 @@ def _shapley(config: Config, inputs: Inputs, art: Path, metrics: dict, summary: 
         return float(inputs.soups.scores({n: 1.0 / len(coalition) for n in coalition}, sel)["overall"])
 
     res = shapley_values(list(inputs.candidates), value, 0.0, a.shapley_exact_max, a.shapley_permutations, a.seed)
-    res.to_frame().to_csv(art / "shapley.csv")
+    res.to_frame().to_csv(art / "shapley.csv", float_format=FLOATS)
     plots.shapley_figure(res, art / "shapley.png")
     metrics.update({f"shapley.{k}": v for k, v in res.values.items()})
     summary["shapley"] = {"values": res.values, "method": res.method, "evaluations": res.evaluations, "split": sel}
@@ -189,7 +198,7 @@ def _consistency(inputs: Inputs, plan: Plan, art: Path, metrics: dict, summary: 
     plots.consistency_figure(res, art / "consistency.png")
     pd.DataFrame({"mean_r": [res.mean_r_candidates, res.mean_r_soups],
                   "mean_abs_r": [res.mean_abs_r_candidates, res.mean_abs_r_soups]},
-                 index=["population", "soups"]).to_csv(art / "consistency.csv")
+                 index=["population", "soups"]).to_csv(art / "consistency.csv", float_format=FLOATS)
     metrics.update({"consistency.mean_r_population": res.mean_r_candidates,
                     "consistency.mean_r_soups": res.mean_r_soups})
     summary["consistency"] = {"mean_r_population": res.mean_r_candidates, "mean_r_soups": res.mean_r_soups,
@@ -202,7 +211,7 @@ def _emergent(inputs: Inputs, ingredients: dict[str, float], art: Path, metrics:
     soup = inputs.soups.scores(ingredients, split)["samples"]
     per = {n: inputs.soups.scores({n: 1.0}, split)["samples"] for n in ingredients}
     table = emergent_by_category({c: {n: per[n][c] for n in per} for c in cats}, {c: soup[c] for c in cats})
-    table.to_csv(art / "emergent.csv")
+    table.to_csv(art / "emergent.csv", float_format=FLOATS)
     pooled = emergent_solves({n: sum((per[n][c] for c in cats), []) for n in per}, sum((soup[c] for c in cats), []))
     metrics["emergent.share"] = pooled.share_emergent
     metrics.update({f"emergent.kept.{n}": k.share_kept for n, k in pooled.per_ingredient.items()})
@@ -230,16 +239,18 @@ def write_artifacts(config: Config, inputs: Inputs, selection: Selection, plan: 
     art.mkdir(parents=True, exist_ok=True)
     splits = list(inputs.candidate_scores)
     table = pd.concat({s: score_table(inputs.candidate_scores[s], bench.categories) for s in splits}, names=["split"])
-    table.to_csv(art / "candidate_scores.csv")
-    inputs.population.to_csv(art / "population_scores.csv")
-    selection.correlation.to_csv(art / "correlation.csv")
+    table.to_csv(art / "candidate_scores.csv", float_format=FLOATS)
+    inputs.population.to_csv(art / "population_scores.csv", float_format=FLOATS)
+    selection.correlation.to_csv(art / "correlation.csv", float_format=FLOATS)
     correlation_heatmap(selection.correlation, art / "correlation.png",
                         title=f"{bench.name}: category correlation across {len(inputs.population)} models ({sel})")
     if plan.trace is not None:
-        plan.trace.to_csv(art / "search_trace.csv", index=False)
+        plan.trace.to_csv(art / "search_trace.csv", index=False, float_format=FLOATS)
+    chosen = {"experts": selection.kept, "weak_set": selection.weak, "tau": config.selection.tau,
+              **({"dropped": selection.dropped, "max_experts": selection.cap} if selection.dropped else {})}
     (art / "recipe.yaml").write_text(yaml.safe_dump(
-        {**recipe(config, inputs, plan), "experts": selection.experts, "weak_set": selection.weak,
-         "tau": config.selection.tau, "select_split": sel, "candidates": dict(inputs.candidates)}, sort_keys=False))
+        {**recipe(config, inputs, plan), **(chosen if STRATEGIES[config.strategy.name].selects else {}),
+         "select_split": sel, "candidates": dict(inputs.candidates)}, sort_keys=False))
     (art / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     return art
 
@@ -247,14 +258,21 @@ def write_artifacts(config: Config, inputs: Inputs, selection: Selection, plan: 
 def job_params(config: Config, inputs: Inputs, selection: Selection, result: JobResult) -> dict[str, Any]:
     """The job's MLflow params: what was configured and what was selected."""
     sel = config.selection
-    return {"strategy": result.strategy, "pool": result.pool, "benchmark": result.benchmark, "tau": sel.tau,
-            "tie_break": sel.tie_break, "selection_method": sel.method, "max_experts": sel.max_experts,
-            "search": config.search.name, "categories": ",".join(result.categories),
-            "select_split": result.select_split, "report_split": result.report_split,
-            "objective": result.objective, "experts": ",".join(selection.ingredients),
-            "weak_set": ",".join(selection.weak), "best_single": result.best_single,
+    chosen = {"tau": sel.tau, "tie_break": sel.tie_break, "selection_method": sel.method,
+              "max_experts": sel.max_experts, "experts": ",".join(m for m in result.experts if result.weights.get(m)),
+              "weak_set": ",".join(result.weak_set), **({"dropped": ",".join(dict.fromkeys(result.dropped.values()))}
+                                                        if result.dropped else {})}
+    return {"strategy": result.strategy, "pool": result.pool, "benchmark": result.benchmark,
+            **(chosen if result.selects else {}), "search": config.search.name,
+            "categories": ",".join(result.categories), "select_split": result.select_split,
+            "report_split": result.report_split, "objective": result.objective, "best_single": result.best_single,
             "metric": metric_param(result.metrics), "items": result.items.get("mode", "scores"),
-            **{f"w.{n}": w for n, w in result.weights.items()}}
+            **{f"w.{n}": weight(w) for n, w in result.weights.items()}}
+
+
+def weight(w: float) -> float:
+    """A soup weight as logged and written: 6 decimals (0.15000000000000002 -> 0.15)."""
+    return round(float(w), 6)
 
 
 def metric_param(metrics: dict[str, str]) -> str:

@@ -66,11 +66,14 @@ def select_experts(config: Config, inputs: Inputs) -> Selection:
         selection = select(inputs.population, inputs.table(inputs.benchmark.select_split), config.selection)
     except method.SelectionError as e:
         raise ConfigError(str(e)) from None
-    log.info("L = %s; experts = %s", selection.weak, selection.ingredients)
-    if len(selection.ingredients) == 1 and config.strategy.name in ("soce_selected", "soce_weighted"):
-        log.warning("every category in L picks %s: the soup collapses to that one model (no weights to search)",
-                    selection.ingredients[0])
-    check_experts(config, selection.ingredients)
+    if STRATEGIES[config.strategy.name].selects:
+        log.info("selection: %s", selection.describe())
+        if len(selection.ingredients) == 1 and config.strategy.name in ("soce_selected", "soce_weighted"):
+            log.warning("every category in L picks %s: the soup collapses to that one model (no weights to search)",
+                        selection.ingredients[0])
+        check_experts(config, selection.ingredients)
+    else:
+        log.info("strategy %s uses no selection (experts are not its ingredients)", config.strategy.name)
     return selection
 
 
@@ -141,14 +144,17 @@ def make_result(config: Config, inputs: Inputs, selection: Selection, plan: Plan
                 tracker: JobTracker) -> JobResult:
     """The job's result: the final soup scored on every split (cached), candidates' scores, what it cost."""
     bench, soups = inputs.benchmark, inputs.soups
-    weights = {n: float(plan.weights.get(n, 0.0)) for n in inputs.candidates}
-    ingredients = {n: w for n, w in weights.items() if w > 0}
+    ingredients = {n: float(w) for n, w in plan.weights.items() if w > 0}  # as searched: the cache keys match
+    weights = {n: round(ingredients.get(n, 0.0), 9) for n in inputs.candidates}  # as shown: no 0.15000000000000002
     splits = bench.splits if config.report else [bench.select_split]
     scores = {} if soups is None else {s: _summary(soups.scores(ingredients, s)) for s in splits}
     have = list(inputs.candidate_scores)
+    chosen = selection if STRATEGIES[config.strategy.name].selects else None  # a selection the soup is made of
     return JobResult(
         strategy=config.strategy.name, benchmark=bench.name, pool=config.pool.name,
-        experts=selection.ingredients, weak_set=selection.weak, expert_of=selection.experts,
+        experts=chosen.ingredients if chosen else [], weak_set=chosen.weak if chosen else [],
+        expert_of=chosen.kept if chosen else {}, dropped=chosen.dropped if chosen else {},
+        max_experts=config.selection.max_experts, selects=chosen is not None,
         categories=bench.categories, families=bench.families, select_split=bench.select_split,
         report_split=bench.report_split, correlation=outputs.matrix(selection.correlation), weights=weights,
         scores=scores,

@@ -44,16 +44,20 @@ def check_experts(config: Config, experts: list[str]) -> None:
         try:
             method.weight_grid(len(experts), s.step, s.min_weight, s.include_uniform)
         except method.SelectionError as e:
-            raise ConfigError(f"{e} (the selection chose {len(experts)} experts: lower search.min_weight or set "
-                              f"selection.max_experts)") from None
+            cap = "lower selection.max_experts" if config.selection.max_experts else "set selection.max_experts"
+            raise ConfigError(f"{e} (the selection chose {len(experts)} experts: lower search.min_weight or "
+                              f"{cap})") from None
 
 
 def _tasks(config: Config) -> None:
-    """lm-eval must know every task of the benchmark (the demo's tasks exist only once its zoo is built)."""
+    """lm-eval must know every task of the benchmark, for every pool that evaluates: the demo pool's tasks are
+    the ones its zoo writes (known by name before it is built; unless task_dir is set) and lm-eval's own."""
     b = config.benchmark
-    if b.backend != "lm_eval" or config.pool.source != "paths":
+    if b.backend != "lm_eval" or config.pool.source == "csv":
         return
-    known = _task_index(b.task_dir, b.include_default_tasks)
+    known = _demo_tasks() if config.pool.source == "demo" and not b.task_dir else frozenset()
+    if config.pool.source != "demo" or b.task_dir or b.include_default_tasks:
+        known |= _task_index(b.task_dir, b.include_default_tasks)
     split_names = list(dict.fromkeys(b.source_split(s) for s in (b.select_split, b.report_split)))
     missing = [b.task.format(category=c, split=s) for c in b.categories for s in split_names
                if b.task.format(category=c, split=s) not in known]
@@ -61,6 +65,12 @@ def _tasks(config: Config) -> None:
         where = f" in task_dir={b.task_dir}" if b.task_dir else ""
         hint = "" if b.include_default_tasks else " (benchmark.include_default_tasks=true indexes lm-eval's own)"
         raise ConfigError(f"benchmark {b.name!r}: lm-eval has no task {missing[0]!r}{where}{hint}")
+
+
+def _demo_tasks() -> frozenset[str]:
+    from soce.demo.tasks import BY_NAME, SPLITS, TASK_TEMPLATE
+
+    return frozenset(TASK_TEMPLATE.format(category=c, split=s) for c in BY_NAME for s in SPLITS)
 
 
 def _bfcl(config: Config) -> None:
@@ -128,6 +138,15 @@ def _pool(config: Config) -> None:
         _score_table(config)
     else:
         _paths(config)
+    if pool.source != "csv" and sel.population_csv is not None:
+        _population_table(config)
+
+
+def _population_table(config: Config) -> None:
+    """selection.population_csv beside evaluated candidates: readable, in one unit, with every category."""
+    from soce.benchmarks.scores import read_score_csv
+
+    read_score_csv(config.selection.population_csv, config.benchmark.categories, config.pool.scale)
 
 
 def _demo(config: Config) -> None:
@@ -136,6 +155,10 @@ def _demo(config: Config) -> None:
 
     if config.demo.preset not in PRESETS:
         raise ConfigError(f"demo.preset must be one of {', '.join(PRESETS)}, got {config.demo.preset!r}")
+    candidates = sum(r.candidate for r in PRESETS[config.demo.preset].recipes)
+    problem = next((msg for bad, msg in config.weight_checks(candidates) if bad), None)
+    if problem:
+        raise ConfigError(problem)
     unknown = [c for c in config.benchmark.categories if c not in BY_NAME]
     if unknown:
         raise ConfigError(f"benchmark category {unknown[0]!r} is not in the demo zoo (it has: {', '.join(BY_NAME)})")
@@ -150,8 +173,11 @@ def _score_table(config: Config) -> None:
         no_eval = [n for n, st in STRATEGIES.items() if not st.evaluates]
         raise ConfigError(f"strategy {s.name!r} evaluates soups and needs checkpoints; with pool.source=csv "
                           f"use one of {', '.join(no_eval)}")
-    table = read_score_csv(pool.csv)[0]
-    extra = read_score_csv(sel.population_csv, list(table.columns))[0] if sel.population_csv else None
+    from soce.job.inputs import table_benchmark
+
+    table = read_score_csv(pool.csv, scale=pool.scale)[0]
+    cats = table_benchmark(config.benchmark, list(table.columns), str(pool.csv)).categories
+    extra = read_score_csv(sel.population_csv, cats, pool.scale)[0] if sel.population_csv else None
     size = len(table) + (0 if extra is None else int((~extra.index.isin(table.index)).sum()))
     _population_size(size)
 
@@ -170,6 +196,19 @@ def _paths(config: Config) -> None:
                               f"{os.getcwd()}), not in the local hub cache, and HF_HUB_OFFLINE=1 forbids a download")
     if config.selection.population_csv is None:
         _population_size(len({**pool.population, **pool.candidates}))
+    _candidate_configs(pool.candidates)
+
+
+def _candidate_configs(candidates: Mapping[str, str]) -> None:
+    """Local candidates whose config.json differ in an architecture key cannot be souped (soce.soup.checks)."""
+    from soce.soup import SoupError
+    from soce.soup.checks import check_configs
+
+    local = {n: Path(str(p)).expanduser() for n, p in candidates.items() if Path(str(p)).expanduser().is_dir()}
+    try:
+        check_configs(local, warn=False)
+    except SoupError as e:
+        raise ConfigError(f"pool: {e}") from None
 
 
 def _in_hub_cache(repo_id: str) -> bool:

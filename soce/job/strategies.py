@@ -48,21 +48,24 @@ class Plan:
 
 @dataclass(frozen=True)
 class Strategy:
-    """A registered strategy; ``evaluates``: it evaluates soups, so it needs checkpoints (not a score table)."""
+    """A registered strategy; ``evaluates``: it evaluates soups, so it needs checkpoints (not a score table);
+    ``selects``: its soup is made of the selection's experts (others neither use nor report a selection)."""
 
     name: str
     plan: Callable[[Context], Plan]
     evaluates: bool = False
+    selects: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def strategy(name: str, evaluates: bool = False) -> Callable[[Callable[[Context], Plan]], Callable[[Context], Plan]]:
+def strategy(name: str, evaluates: bool = False,
+             selects: bool = False) -> Callable[[Callable[[Context], Plan]], Callable[[Context], Plan]]:
     """Register ``fn(ctx) -> Plan`` as the strategy ``name`` (``conf/strategy/<name>.yaml`` selects it)."""
 
     def register(fn: Callable[[Context], Plan]) -> Callable[[Context], Plan]:
-        STRATEGIES[name] = Strategy(name, fn, evaluates)
+        STRATEGIES[name] = Strategy(name, fn, evaluates, selects)
         return fn
 
     return register
@@ -78,13 +81,13 @@ def uniform(ctx: Context) -> Plan:
     return Plan(equal(list(ctx.candidates.index)))
 
 
-@strategy("soce_selected")
+@strategy("soce_selected", selects=True)
 def soce_selected(ctx: Context) -> Plan:
     """Baseline (b): the SoCE experts, equal weights."""
     return Plan(equal(ctx.selection.ingredients))
 
 
-@strategy("soce_weighted", evaluates=True)
+@strategy("soce_weighted", evaluates=True, selects=True)
 def soce_weighted(ctx: Context) -> Plan:
     """SoCE: the experts, weights searched on the selection split (``search`` group; objective: overall)."""
     result = SEARCHES[ctx.search.name].run(ctx.search_context())

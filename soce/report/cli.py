@@ -4,7 +4,7 @@
     python -m soce.report experiment=soce-demo parent=<run id> split=test out=DIR
     python -m soce.report dir=outputs/multirun/<date>   # from a multirun directory's result.json files
 
-    python -m soce.report by=selection.tau       # overall, one column per value of a swept override
+    python -m soce.report by=tau                 # overall, one column per value of a swept override
     python -m soce.report url                    # the MLflow UI addresses of the latest sweep (make ui)
 """
 
@@ -49,6 +49,7 @@ def _table(args: dict[str, str]) -> tuple[pd.DataFrame, str, list[str], dict[str
         baseline_runs,
         comparison_from_results,
         comparison_table,
+        distinct_soups,
         load_results,
         run_labels,
         sweep_runs,
@@ -59,9 +60,12 @@ def _table(args: dict[str, str]) -> tuple[pd.DataFrame, str, list[str], dict[str
     split, by = args["split"], args.get("by")
     if "dir" in args:
         results = load_results(args["dir"])
+        varying = results[0]["varying"] if results else []
+        by = swept_key(by, varying) if by else None
+        results = distinct_soups(results)
         table = comparison_from_results(results, split)
         values = {r["label"]: v for r in results for k, v in map(parse_override, r["overrides"]) if k == by}
-        return table, args["dir"], results[0]["varying"] if results else [], values
+        return table, args["dir"], varying, values
     import mlflow
 
     which = _experiment(args)
@@ -73,7 +77,10 @@ def _table(args: dict[str, str]) -> tuple[pd.DataFrame, str, list[str], dict[str
         names = ", ".join(f"{r.get('tags.mlflow.runName', r['run_id'])} ({r['status']})" for _, r in left.iterrows())
         print(f"soce.report: left out, no {split} scores yet: {names}", file=sys.stderr)
     varying = json.loads(mlflow.MlflowClient(args["uri"]).get_run(parent).data.tags.get("soce.varying", "[]"))
+    by = swept_key(by, varying) if by else None
     scored = jobs[~jobs.index.isin(left.index)].sort_values("start_time")
+    if "tags.soce.distinct" in scored.columns:
+        scored = scored[scored["tags.soce.distinct"] != "false"]
     values = {}
     for lab, (_, job) in zip(run_labels(scored), scored.iterrows(), strict=True):
         tag = job.get("tags.soce.overrides")
@@ -94,13 +101,26 @@ def _experiment(args: dict[str, str]) -> str:
     return "" if args.get("parent") else " (the most recent sweep of any experiment; experiment= picks another)"
 
 
+def swept_key(by: str, varying: list[str]) -> str:
+    """The override ``by=`` names: a swept key by the short name run names use (``tau`` for ``selection.tau``),
+    else ``by`` as given (a full key); LookupError for the strategy, which names the rows already."""
+    from soce.tracking.naming import short_keys
+
+    short = short_keys(varying)
+    key = next((k for k, s in short.items() if s == by), by)
+    if key == "strategy":
+        raise LookupError("by=strategy: the strategy names the rows already; by= takes another swept override "
+                          f"({', '.join(s for k, s in short.items() if k != 'strategy') or 'none was swept'})")
+    return key
+
+
 def print_urls(args: dict[str, str]) -> None:
     """The MLflow UI addresses of the latest sweep (or ``parent=``): its job runs, and per job with search
     points its parallel-coordinates view; the plain job filter if the sweep has no saved view."""
     import mlflow
 
     from soce.report.tables import run_labels, sweep_runs
-    from soce.tracking.views import sweep_filter, ui_url
+    from soce.tracking.views import root_url, sweep_filter, ui_url
 
     base = args.get("base", "http://127.0.0.1:5000")
     c = mlflow.MlflowClient(args["uri"])
@@ -113,8 +133,12 @@ def print_urls(args: dict[str, str]) -> None:
     exp_id = str(jobs["experiment_id"].iloc[0])
     view = c.get_run(parent).data.tags.get("soce.view")
     print(f"jobs of sweep {parent}: " + ui_url(base, exp_id, view, None if view else sweep_filter(parent)))
+    print(f"  experiment {args['experiment']} (all its job runs): " + ui_url(base, exp_id, search_filter="")
+          + f"\n  experiments: {root_url(base)}\n  (MLflow 3.17 opens its GenAI screens unless told otherwise: these "
+          f"addresses say workflowType=machine_learning; for the plain root, open {base.rstrip('/')}/ and click "
+          "'Model training' at the top once: this browser then keeps it)")
     for lab, (_, job) in zip(run_labels(jobs), jobs.iterrows(), strict=True):
-        if isinstance(job.get("tags.soce.view"), str):
+        if isinstance(job.get("tags.soce.view"), str) and job.get("tags.soce.distinct") != "false":
             print(f"  search points of {lab} (parallel coordinates): "
                   + ui_url(base, exp_id, job["tags.soce.view"], mode="CHART"))
 

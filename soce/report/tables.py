@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from soce.tracking.naming import job_name, parse_override
+from soce.tracking.naming import job_name, merged_label, parse_override, short_keys
 from soce.tracking.numbers import fmt_pct, percent
 from soce.tracking.runs import ParentInfo, log_baselines, read_parent
 from soce.tracking.store import client, find_runs, metric_name, mlflow_key
@@ -97,6 +97,8 @@ def comparison_table(jobs: pd.DataFrame, split: str, baselines: pd.DataFrame | N
     if jobs.empty:
         raise LookupError("the sweep has no job runs")
     jobs = jobs[~jobs.index.isin(unscored_jobs(jobs, split).index)]
+    if "tags.soce.distinct" in jobs.columns:  # one row per distinct soup (soce.report.tables.distinct_soups)
+        jobs = jobs[jobs["tags.soce.distinct"] != "false"]
     if jobs.empty:
         raise LookupError(f"no job of the sweep has scores on split {split!r} yet")
     prefix = f"metrics.{split}."
@@ -166,6 +168,25 @@ def label_results(results: list[dict], varying: list[str] | None = None) -> list
     return varying
 
 
+def distinct_soups(results: list[dict]) -> list[dict]:
+    """One result per distinct soup (same strategy, weights to 6 decimals and scores), in job order: a group of jobs
+    whose overrides could not change their soup (tau for uniform) keeps its first job, labelled with the values
+    it stands for (:func:`soce.tracking.naming.merged_label`) and ``same_soup`` listing the jobs' labels."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:  # same weights and same scores on every split: one soup (a swept limit or dtype is not)
+        soup = tuple(sorted((m, round(float(w), 6)) for m, w in r["weights"].items() if w > 0))
+        groups.setdefault((r["strategy"], soup, json.dumps(r.get("scores"), sort_keys=True)), []).append(r)
+    out = []
+    for members in groups.values():
+        first = dict(members[0])
+        if len(members) > 1:
+            varying = first.get("varying") or []
+            first["label"] = merged_label([m.get("overrides", []) for m in members], varying, _strategy_label(first))
+            first["same_soup"] = [_label(m) for m in members]
+        out.append(first)
+    return out
+
+
 def _strategy_label(result: dict) -> str:
     if result["strategy"] != "fixed":
         return result["strategy"]
@@ -207,14 +228,16 @@ def comparison_from_results(results: list[dict], split: str) -> pd.DataFrame:
 
 def pivot(table: pd.DataFrame, values: dict[str, str], by: str, column: str = "overall") -> pd.DataFrame:
     """``table[column]`` (rows: job labels) pivoted by one override: rows = the rest of each label, columns =
-    ``<short key>=<value>``. ``values``: {label: that job's value of ``by``}; rows without one are dropped."""
+    ``<short key>=<value>``. ``values``: {label: that job's value of ``by``}; a label that names several values
+    (one soup for several jobs, 'uniform tau=0.3,0.6') fills each of their columns; rows without one are dropped."""
     short = by.rsplit(".", 1)[-1]
     cells: dict[str, dict[str, float]] = {}
-    for lab, v in values.items():
-        if lab not in table.index:
-            continue
-        rest = " ".join(p for p in lab.split(" ") if not p.startswith(f"{short}=")) or "all"
-        cells.setdefault(rest, {})[f"{short}={v}"] = table.at[lab, column]
+    for lab in table.index:
+        named = [p.split("=", 1)[1] for p in str(lab).split(" ") if p.startswith(f"{short}=")]
+        vals = named[0].split(",") if named and "," in named[0] else ([values[lab]] if lab in values else [])
+        rest = " ".join(p for p in str(lab).split(" ") if not p.startswith(f"{short}=")) or "all"
+        for v in vals:
+            cells.setdefault(rest, {})[f"{short}={v}"] = table.at[lab, column]
     if not cells:
         raise LookupError(f"no job of the sweep sets {by!r} (by= takes a swept override key)")
     return pd.DataFrame.from_dict(cells, orient="index")
@@ -232,6 +255,9 @@ def family_correlation(corr: pd.DataFrame, families: dict[str, str]) -> tuple[fl
     mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")  # noqa: E731
     return mean(within), mean(across)
 
+
+FIGURES = (("scores.png", "scores by job"), ("weights.png", "soup weights"),
+           ("correlation.png", "category correlation"))  # (file, alt text) of report.md's figures
 
 ORDERINGS = (  # (claim, larger row, smaller row, strict)
     ("soce_weighted > best single", "soce_weighted", "best", True),
@@ -265,7 +291,8 @@ def orderings(table: pd.DataFrame, strategies: dict[str, str] | None = None) -> 
     return out
 
 
-def sweep_report(results: list[dict], split: str | None = None) -> str:
+def sweep_report(results: list[dict], split: str | None = None,
+                 figures: list[tuple[str, str]] | tuple = FIGURES) -> str:
     """A short markdown report of one sweep: the overrides that varied, one row per job, heatmap, experts and
     weights per job, families, orderings."""
     first = results[0]
@@ -287,17 +314,20 @@ def sweep_report(results: list[dict], split: str | None = None) -> str:
     lines += ["", "## Selection", ""]
     for r in results:
         ws = ", ".join(f"{m} {w:.2f}" for m, w in r["weights"].items() if w > 0)
-        experts = ", ".join(f"{c} -> {m}" for c, m in r.get("expert_of", {}).items())
-        lines.append(f"- `{_label(r)}`: L = {', '.join(r['weak_set']) or '(empty)'}; experts: {experts}; "
-                     f"weights: {ws}{collapse_note(r)}")
+        lines.append(f"- `{_label(r)}`: {selection_text(r)}; weights: {ws}{collapse_note(r)}")
     fam = first.get("families") or {}
     if fam:
         w, a = family_correlation(corr, fam)
         lines += ["", f"Mean |correlation| within families {w:.2f}, across families {a:.2f} "
                       f"(families: {', '.join(sorted(set(fam.values())))})."]
-    lines += ["", "![scores by job](scores.png)", "", "![soup weights](weights.png)", "",
-              "![category correlation](correlation.png)", ""]
-    return "\n".join(lines)
+    same = [r for r in results if r.get("same_soup")]
+    if same:
+        lines += ["", "Jobs that made the same soup are shown once: "
+                  + "; ".join(f"`{r['label']}` stands for {', '.join(f'`{x}`' for x in r['same_soup'])}" for r in same)
+                  + "."]
+    for file, alt in figures:
+        lines += ["", f"![{alt}]({file})"]
+    return "\n".join([*lines, ""])
 
 
 def collapse_note(result: dict) -> str:
@@ -320,10 +350,11 @@ def _items_lines(result: dict) -> list[str]:
 
 
 def write_sweep_report(sweep_dir: str | Path) -> Path | None:
-    """Write report.md, comparison.csv (one row per job) and the figures into the sweep dir; None if no job
-    finished."""
+    """Write report.md (figures as Markdown images beside it), report.html (the same, figures embedded: what
+    the MLflow UI shows, its Markdown viewer prints images as text), comparison.csv (one row per distinct
+    soup) and the figures into the sweep dir; None if no job finished."""
     sweep_dir = Path(sweep_dir)
-    results = load_results(sweep_dir)
+    results = distinct_soups(load_results(sweep_dir))
     if not results:
         return None
     split = results[0].get("report_split", "test")
@@ -342,8 +373,30 @@ def write_sweep_report(sweep_dir: str | Path) -> Path | None:
     if heat.exists():
         shutil.copyfile(heat, sweep_dir / "correlation.png")
     out = sweep_dir / "report.md"
-    out.write_text(sweep_report(results, split))
+    md = sweep_report(results, split, [f for f in FIGURES if (sweep_dir / f[0]).exists()])
+    out.write_text(md)
+    (sweep_dir / "report.html").write_text(markdown_html(md, sweep_dir))
     return out
+
+
+def markdown_html(md: str, folder: Path) -> str:
+    """A standalone HTML page of the Markdown ``md`` (tables included), its images read from ``folder`` and
+    embedded as data URIs (so the page shows its figures wherever it is opened, the MLflow UI included)."""
+    import base64
+    import re
+
+    from markdown_it import MarkdownIt
+
+    def embed(m: re.Match) -> str:
+        f = folder / m.group(2)
+        if not f.is_file():
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(f.read_bytes()).decode()})"
+
+    body = MarkdownIt("commonmark").enable("table").render(re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", embed, md))
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:1em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{body}</body></html>"
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -359,16 +412,32 @@ def format_answer(result: dict, path: str | Path | None = None) -> str:
     where result.json is, e.g. 'soce_selected: L = x1, y1; experts: x1 -> alpha, y1 -> beta; weights: alpha
     0.50, beta 0.50; result: /out/result.json'."""
     parts = [f"{s} overall {fmt_pct(v['overall'])}%" for s, v in result.get("scores", {}).items()]
-    parts.append(f"L = {', '.join(result.get('weak_set') or []) or '(empty)'}")
-    experts = result.get("expert_of") or {}
-    if experts:
-        parts.append("experts: " + ", ".join(f"{c} -> {m}" for c, m in experts.items()))
+    parts.append(selection_text(result))
     ws = ", ".join(f"{m} {w:.2f}" for m, w in result.get("weights", {}).items() if w > 0)
     parts.append(f"weights: {ws or '(none)'}{collapse_note(result)}")
     where = path or (Path(result["job_dir"]) / "result.json" if result.get("job_dir") else None)
     if where:
         parts.append(f"result: {where}")
     return f"{result.get('label') or result['strategy']}: " + "; ".join(parts)
+
+
+def selection_text(result: dict) -> str:
+    """What the job's soup was selected from: 'no selection' for strategies that use none (uniform,
+    best_single, greedy_soup, fixed); else L, the experts in the soup, and the experts that
+    ``selection.max_experts`` dropped, named with the cap."""
+    if not result.get("selects", True):
+        return "no selection"
+    pairs = lambda d: ", ".join(f"{c} -> {m}" for c, m in d.items()) or "(none)"  # noqa: E731
+    weak = ", ".join(result.get("weak_set") or []) or "(empty)"
+    weights = result.get("weights") or {}
+    of = result.get("expert_of") or {}
+    zero = {c: m for c, m in of.items() if weights and not weights.get(m)}  # the search gave them weight 0
+    text = f"L = {weak}; experts: {pairs({c: m for c, m in of.items() if c not in zero})}"
+    if zero:
+        text += f"; searched to weight 0: {pairs(zero)}"
+    if result.get("dropped"):
+        text += f"; dropped by selection.max_experts={result.get('max_experts')}: {pairs(result['dropped'])}"
+    return text
 
 
 def log_sweep_baselines(parent: ParentInfo, results: list[dict]) -> list[str]:
@@ -380,23 +449,28 @@ def log_sweep_baselines(parent: ParentInfo, results: list[dict]) -> list[str]:
 
 
 def save_sweep_views(parent: ParentInfo, results: list[dict]) -> dict[str, str]:
-    """Saved MLflow UI views: the sweep's job runs (label, overall scores, strategy, tau, experts, report-split
-    categories; best first), and for each job with search points a chart view with one parallel-coordinates
-    chart of its experts' weights against the selection-split overall. Keys are left as tags
-    ``soce.view`` on the parent and the job runs. Returns {'jobs': key, <job label>: key, ...}."""
+    """Saved MLflow UI views, listed in the experiment's "Views" menu: the sweep's job runs, one per distinct
+    soup (:func:`distinct_soups`; the others are tagged ``soce.distinct=false`` and the kept one is relabelled),
+    best first, showing the swept overrides (as params named by their short keys) and the overall scores
+    first, then the experts; and for each job with search points a chart view with one parallel-coordinates
+    chart of its experts' weights against the selection-split overall. Keys are left as tags ``soce.view`` on
+    the parent and the job runs. Returns {'jobs': key, <job label>: key, ...}."""
     first = results[0]
     sel = first.get("select_split") or next(iter(next(iter(first["candidate_scores"].values()), {})), "dev")
     rep = first.get("report_split", "test")
     main_split = rep if any(rep in r["scores"] for r in results) else sel
-    cats = [metric_name(c) for c in first.get("categories", [])]
-    cols = [column("tags", "soce.label"), column("metrics", f"{main_split}.overall"),
-            column("metrics", f"{sel}.overall"), column("params", "strategy"), column("params", "tau"),
-            column("params", "experts"), *[column("metrics", f"{main_split}.{c}") for c in cats]]
+    kept = distinct_soups(results)
     c = client(parent.uri)
-    keys = {"jobs": save_view(parent.uri, parent.experiment_id, f"soce-{parent.run_id}", sweep_filter(parent.run_id),
-                              list(dict.fromkeys(cols)), order_by=column("metrics", f"{main_split}.overall"))}
+    _tag_distinct(c, results, kept)
+    swept = list(short_keys(first.get("varying") or []).values())
+    cols = [*(column("params", k) for k in swept), column("metrics", f"{main_split}.overall"),
+            column("metrics", f"{sel}.overall"), column("params", "experts")]
+    flt = sweep_filter(parent.run_id) + " and tags.`soce.distinct` = 'true'"
+    keys = {"jobs": save_view(parent.uri, parent.experiment_id, f"soce-{parent.run_id}", flt,
+                              list(dict.fromkeys(cols)), order_by=column("metrics", f"{main_split}.overall"),
+                              name=f"soce sweep {parent.run_id[:8]}: jobs, best first (scores 0-1)")}
     c.set_tag(parent.run_id, "soce.view", keys["jobs"])
-    for r in results:
+    for r in kept:
         run_id = r.get("mlflow_run_id")
         if not run_id or not find_runs(parent.uri, parent.experiment_id,
                                        {"mlflow.parentRunId": run_id, "soce.kind": "search_point"}):
@@ -406,6 +480,22 @@ def save_sweep_views(parent: ParentInfo, results: list[dict]) -> dict[str, str]:
         keys[_label(r)] = save_view(parent.uri, parent.experiment_id, f"soce-points-{run_id}",
                                     sweep_filter(run_id, "search_point"),
                                     [column("params", w) for w in ws] + [column("metrics", metric)],
-                                    order_by=column("metrics", metric), parallel=(ws, [metric]))
+                                    order_by=column("metrics", metric), parallel=(ws, [metric]),
+                                    name=f"soce {_label(r)}: weight search points (scores 0-1)")
         c.set_tag(run_id, "soce.view", keys[_label(r)])
     return keys
+
+
+def _tag_distinct(c, results: list[dict], kept: list[dict]) -> None:
+    """Tag each job run ``soce.distinct`` (true: the run a distinct soup is shown by) and relabel a kept run
+    that stands for several jobs (its run name then lists the values, e.g. 'uniform tau=0.3,0.6')."""
+    shown = {r.get("mlflow_run_id"): r for r in kept}
+    for r in results:
+        run_id = r.get("mlflow_run_id")
+        if not run_id:
+            continue
+        c.set_tag(run_id, "soce.distinct", "true" if run_id in shown else "false")
+        if run_id in shown and shown[run_id].get("same_soup"):
+            label = shown[run_id]["label"]
+            c.set_tag(run_id, "mlflow.runName", label[:240])
+            c.set_tag(run_id, "soce.label", label[:5000])

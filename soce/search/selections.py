@@ -22,7 +22,29 @@ class Selection:
     correlation: pd.DataFrame
     weak: list[str]
     experts: dict[str, str]  # category in L (or category group) -> its expert
-    ingredients: list[str]  # distinct experts, candidate order
+    ingredients: list[str]  # distinct experts, candidate order, at most ``cap``
+    cap: int | None = None  # selection.max_experts
+
+    @property
+    def kept(self) -> dict[str, str]:
+        """category -> expert, for the experts that are ingredients."""
+        return {c: m for c, m in self.experts.items() if m in self.ingredients}
+
+    @property
+    def dropped(self) -> dict[str, str]:
+        """category -> expert, for the experts that ``cap`` left out of the soup."""
+        return {c: m for c, m in self.experts.items() if m not in self.ingredients}
+
+    def describe(self) -> str:
+        """One line: L, the kept experts, and those dropped by the cap (named with it)."""
+        line = f"L = {', '.join(self.weak) or '(empty)'}; experts: {_pairs(self.kept)}"
+        if self.dropped:
+            line += f"; dropped by selection.max_experts={self.cap}: {_pairs(self.dropped)}"
+        return line
+
+
+def _pairs(experts: dict[str, str]) -> str:
+    return ", ".join(f"{c} -> {m}" for c, m in experts.items()) or "(none)"
 
 
 SelectFn = Callable[[pd.DataFrame, pd.DataFrame, SelectionConfig], tuple[list[str], dict[str, str]]]
@@ -61,4 +83,5 @@ def select(population: pd.DataFrame, candidates: pd.DataFrame, cfg: SelectionCon
         raise method.SelectionError(f"unknown selection.method {cfg.method!r}; available: {', '.join(SELECTIONS)}")
     corr = method.category_correlation(population)
     weak, experts = SELECTIONS[cfg.method](corr, candidates, cfg)
-    return Selection(corr, weak, experts, method.distinct_experts(experts, candidates, cfg.max_experts))
+    return Selection(corr, weak, experts, method.distinct_experts(experts, candidates, cfg.max_experts),
+                     cfg.max_experts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 import torch
 
 from soce.soup.io import AVERAGED, DTYPE_NAMES, ST_DTYPES, Checkpoint, SoupError, _Maps, _one_line, open_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def nonfinite_error(key: str, index: int, sources: list[tuple[Path, torch.Tensor]], dtype: torch.dtype,
@@ -161,16 +164,63 @@ def _check(ckpts: list[Checkpoint], mixed_ok: bool = False) -> None:
             del first
         finally:
             maps.close()
-    cfgs = {}
-    for c in ckpts:
-        cfg = c.path / "config.json"
-        if cfg.is_file():
+    check_configs({c.name: c.path for c in ckpts})
+
+
+# config.json keys (at any depth, e.g. text_config.rope_theta) that define what the weights compute: a soup
+# of candidates differing in one is refused. Any other difference (eos ids, max_position_embeddings, versions)
+# is listed in one warning, and the donor's value is kept.
+ARCHITECTURE_KEYS = frozenset({
+    "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "hidden_activation", "activation_function",
+    "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta", "rope_scaling",
+    "rope_parameters", "rope_type", "partial_rotary_factor", "rotary_pct", "rotary_emb_base", "tie_word_embeddings",
+    "attention_bias", "mlp_bias", "qkv_bias", "sliding_window", "use_sliding_window", "layer_types",
+    "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "attn_logit_softcapping",
+    "final_logit_softcapping", "query_pre_attn_scalar", "parallel_residual", "position_embedding_type",
+    "use_qk_norm", "qk_layernorm", "embedding_multiplier", "logits_scaling", "residual_multiplier",
+    "attention_multiplier"})
+_IGNORED_KEYS = frozenset({"_name_or_path"})  # where the file came from, not what it is
+
+
+def _flat(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if isinstance(v, Mapping) and k not in ARCHITECTURE_KEYS:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_configs(paths: Mapping[str, Path], warn: bool = True) -> list[str]:
+    """Compare the candidates' ``config.json`` (those that have one) with the first one's. A difference in an
+    :data:`ARCHITECTURE_KEYS` key raises SoupError naming the key and both values; other differences are
+    logged in one warning when ``warn`` (the donor's value is kept) and returned as ``key (name: value, ...)``."""
+    flat: dict[str, dict[str, Any]] = {}
+    for name, path in paths.items():
+        cfg = Path(path) / "config.json"
+        if Path(path).is_dir() and cfg.is_file():
             try:
-                cfgs[c.name] = json.loads(cfg.read_text()).get("model_type")
+                flat[name] = _flat(json.loads(cfg.read_text()))
             except (OSError, ValueError, AttributeError) as e:
                 raise SoupError(f"{cfg}: unreadable config ({_one_line(e)})") from e
-    if len(set(cfgs.values())) > 1:
-        raise SoupError(f"config.json: model_type differs across candidates ({cfgs})")
+    if len(flat) < 2:
+        return []
+    keys = sorted({k for f in flat.values() for k in f} - _IGNORED_KEYS)
+    diffs = {k: {n: f.get(k) for n, f in flat.items()} for k in keys}
+    diffs = {k: v for k, v in diffs.items() if len({json.dumps(x, sort_keys=True) for x in v.values()}) > 1}
+    arch = [k for k in diffs if k.rsplit(".", 1)[-1] in ARCHITECTURE_KEYS]
+    if arch:
+        first = arch[0]
+        a, *rest = diffs[first].items()
+        other = next(x for x in rest if json.dumps(x[1], sort_keys=True) != json.dumps(a[1], sort_keys=True))
+        raise SoupError(f"config.json: candidates differ in {first!r}, which defines the architecture "
+                        f"({a[0]}: {a[1]!r}, {other[0]}: {other[1]!r}); they cannot be souped")
+    notes = [f"{k} ({', '.join(f'{n}: {v!r}' for n, v in vs.items())})" for k, vs in diffs.items()]
+    if notes and warn:
+        log.warning("candidates' config.json differ in %s: the donor's values are kept", "; ".join(notes))
+    return notes
 
 
 def _open_all(models: Mapping[str, Path], mixed_ok: bool = False) -> list[Checkpoint]:

@@ -212,16 +212,17 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 CHOSEN_KEYS = ("benchmark", "split", "objective", "score")  # recipe keys shown as "where it was chosen"
 
 
-def _base_model(path: str) -> str:
-    """A candidate as the hub's ``base_model``: its config's ``_name_or_path`` when that is a hub id
-    (``org/name``, not a local path), else its local path."""
+def _base_model(path: str, hub_id: str | None = None) -> str | None:
+    """A candidate as the hub's ``base_model``: ``hub_id`` (the recipe's ``hub_ids``: how the pool named it),
+    else its config's ``_name_or_path`` when that is a hub id (``org/name``, not a local path), else None (a
+    local path is no hub id: it stays in the card's table and the recipe)."""
     try:
-        name = json.loads((Path(path) / "config.json").read_text()).get("_name_or_path")
+        name = hub_id or json.loads((Path(path) / "config.json").read_text()).get("_name_or_path")
     except (OSError, ValueError, AttributeError):
         name = None
     if isinstance(name, str) and _HUB_ID.match(name) and ".." not in name and not Path(name).exists():
         return name
-    return path
+    return None
 
 
 def _model_card(rec: dict, shards: list[_Shard], copied: list[str]) -> str:
@@ -230,7 +231,8 @@ def _model_card(rec: dict, shards: list[_Shard], copied: list[str]) -> str:
     import yaml
 
     used = [c for c in rec["candidates"] if c["weight"] > 0]
-    front = {"base_model": [_base_model(c["path"]) for c in used], "library_name": "transformers",
+    hub = [_base_model(c["path"], (rec.get("hub_ids") or {}).get(c["name"])) for c in used]
+    front = {**({"base_model": [h for h in hub if h]} if any(hub) else {}), "library_name": "transformers",
              "tags": ["merge", "soce"]}
     rows = "\n".join(f"| {c['name']} | `{c['path']}` | {c['weight']:.6g} |" for c in rec["candidates"])
     chosen = "\n".join(f"- {k}: {rec[k]}" for k in CHOSEN_KEYS if rec.get(k) is not None)

@@ -80,3 +80,17 @@ def job_label(task_overrides: list[str], varying_keys: list[str], strategy: str 
     parts = [strategy] if strategy else []
     parts += [f"{short[k]}={values[k]}" for k in short if k in values]
     return " ".join(parts) or "job"
+
+
+def merged_label(task_overrides: list[list[str]], varying_keys: list[str], strategy: str | None = None) -> str:
+    """The label of several jobs that made one soup: :func:`job_label`, each varying override listing the
+    values it took among them, e.g. 'uniform tau=0.3,0.6' (uniform's soup does not depend on tau)."""
+    values = [dict(parse_override(o) for o in ov) for ov in task_overrides]
+    strategy = strategy or values[0].get("strategy")
+    short = short_keys([k for k in varying_keys if k != "strategy"])
+    parts = [strategy] if strategy else []
+    for k in short:
+        seen = list(dict.fromkeys(v[k] for v in values if k in v))
+        if seen:
+            parts.append(f"{short[k]}={','.join(seen)}")
+    return " ".join(parts) or "job"

@@ -238,13 +238,14 @@ class JobTracker:
 
     def log_point(self, index: int, weights: Mapping[str, float], scores: Mapping[str, float],
                   split: str) -> None:
-        """One weight-search point as a nested run: params w.<name>, metrics <split>.<category> (rounded)."""
+        """One weight-search point as a nested run: params w.<name> (6 decimals), metrics <split>.<category>
+        (rounded as every score, :func:`soce.tracking.numbers.score`)."""
         if index in self.points_done:
             return
         point = start_run(self.uri, self.experiment_id, f"point-{index:03d}", self.run_id,
                           {"soce.kind": "search_point", "soce.point": str(index)})
-        self.names.update(log_values(self.uri, point, {"point": index, **{f"w.{k}": v for k, v in weights.items()}},
-                                     {f"{split}.{k}": score(v) for k, v in scores.items()}))
+        params = {"point": index, **{f"w.{k}": round(float(v), 6) for k, v in weights.items()}}
+        self.names.update(log_values(self.uri, point, params, {f"{split}.{k}": score(v) for k, v in scores.items()}))
         end_run(self.uri, point)
         self.points_done[index] = point
 
