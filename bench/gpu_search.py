@@ -43,11 +43,11 @@ def main() -> None:
 
     from soce import method
     from soce.benchmarks.lmeval import quiet_lm_eval
+    from soce.benchmarks.scores import ScoreCache
     from soce.config import SelectionConfig
     from soce.demo.zoo import DemoConfig, build_demo
-    from soce.scores import ScoreCache
-    from soce.selections import select
-    from soce.soup_eval import SoupEvaluator
+    from soce.search.evaluator import SoupEvaluator
+    from soce.search.selections import select
 
     quiet_lm_eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -3,9 +3,9 @@
     python bench/search_cost.py [--seeds 0 1 2] [--preset cpu] [--budget 0.2] [--max-experts N] [--out DIR]
                                 [--replay DIR] [Hydra overrides, e.g. demo.device=cuda]
 
-For each demo seed: builds the zoo, selects the experts as a job does (``soce.pipeline.prepare``), then
+For each demo seed: builds the zoo, selects the experts as a job does (``soce.job.pipeline.prepare``), then
 evaluates EVERY grid point once on every selection-split and report-split item (real lm-eval evaluations of
-in-memory soups, kept per item in an :class:`soce.items.ItemCache` under ``--out``). Each search then runs
+in-memory soups, kept per item in an :class:`soce.search.items.ItemCache` under ``--out``). Each search then runs
 against those stored outcomes (replayed real evaluations; a point off the grid, e.g. a TPE proposal, is
 evaluated for real the first time it is asked for), on the selection split only, and is charged for the items
 it asks for as a fresh run would be. The report split is read after the search, for the chosen soup only.
@@ -96,12 +96,12 @@ def load_world(path: Path) -> World:
 
 
 def build_world(seed: int, preset: str, out: Path, max_experts: int | None, extra: list[str]) -> World:
-    """Build the zoo and select the experts as a job does (``soce.inputs.gather``, ``select_experts``); the
-    per-item outcomes come from the job's own :class:`soce.soup_eval.SoupEvaluator` and its item cache."""
+    """Build the zoo and select the experts as a job does (``soce.job.inputs.gather``, ``select_experts``); the
+    per-item outcomes come from the job's own :class:`soce.search.evaluator.SoupEvaluator` and its item cache."""
     from soce import method
-    from soce.inputs import gather
-    from soce.pipeline import select_experts
-    from soce.preflight import compose_config
+    from soce.job.inputs import gather
+    from soce.job.pipeline import select_experts
+    from soce.job.preflight import compose_config
 
     overrides = [f"demo.seed={seed}", f"demo.preset={preset}", f"paths.root_dir={out}", "progress=false",
                  f"demo.root={out / 'demo'}"]
@@ -119,7 +119,7 @@ def build_world(seed: int, preset: str, out: Path, max_experts: int | None, extr
 
     def outcomes(weights: dict[str, float], split: str) -> dict[str, dict[str, float]]:
         """Every item of ``split``: evaluated once for real (in memory), then read from the item cache."""
-        from soce.searches import item_table
+        from soce.search.searches import item_table
 
         key = point_key(experts, weights)
         if key not in seen[split]:
@@ -194,7 +194,7 @@ def paired_se(world: World, a: dict, b: dict) -> float:
 
 def run_seed(world: World, budget: float) -> list[dict]:
     """Every search on one seed: its spend and what it found (selection and report split)."""
-    from soce.searches import SEARCHES, SearchContext
+    from soce.search.searches import SEARCHES, SearchContext
 
     rows, grid_y = [], None
     full = sum(len(v) for v in world.item_ids[world.select_split].values())
@@ -222,7 +222,7 @@ def run_seed(world: World, budget: float) -> list[dict]:
 def race_spread(world: World, budget: float, n_orders: int) -> dict:
     """The race (grid points) under ``n_orders`` item orders (race seeds 0..n-1): how its test gap to the grid
     varies with which items it happens to draw first; replayed, so free."""
-    from soce.searches import SEARCHES, SearchContext
+    from soce.search.searches import SEARCHES, SearchContext
 
     g = report(world, grid_pick(world))
     gaps, ratios = [], []

@@ -15,7 +15,7 @@ Sections (``--sections``, default all):
   node: each GPU re-mixes its shard concurrently). Same figures as ``single``.
 * ``parallel``: ``--workers`` workers, worker i on device ``i % visible GPUs`` (or the CPU), each with its own
   Remixer + live model; ``--points`` points evaluated serially (worker 0), then by all workers as threads and
-  as spawned processes (:mod:`soce.parallel`); wall times, speed-up, results identical to serial. With one GPU,
+  as spawned processes (:mod:`soce.search.parallel`); wall times, speed-up, results identical to serial. With one GPU,
   workers share it: that is NOT a multi-GPU speed-up measurement, only what one GPU gives.
 
 Evaluation proxy: one forward pass over a fixed random batch (``--batch`` x ``--seq`` tokens), plus
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from gpu_remix import build, config  # noqa: E402
 from merge_bench import llama_shapes  # noqa: E402
 
-from soce import parallel  # noqa: E402
+from soce.search import parallel  # noqa: E402
 from soce.soup import Remixer, SoupError, reference_soup  # noqa: E402
 from soce.soup.placement import live_tensors  # noqa: E402
 

@@ -1,6 +1,6 @@
-"""``python -m soce``: the Hydra entry point. Composes the config and calls ``soce.pipeline.run``.
+"""``python -m soce``: the Hydra entry point. Composes the config and calls ``soce.job.pipeline.run``.
 
-Before Hydra starts any job, every job's config is composed and validated (``soce.preflight``; for a
+Before Hydra starts any job, every job's config is composed and validated (``soce.job.preflight``; for a
 sweep, every value of every swept key), so a bad input fails with one line and nothing is written.
 ``--dry-run`` lists the jobs a multirun would launch without running them.
 """
@@ -17,8 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from soce.config import register_configs, typed
-from soce.preflight import CONF_DIR, job_overrides, preflight
+from soce.config import CONF_DIR, register_configs, typed
+from soce.job.preflight import job_overrides, preflight
 
 register_configs()
 log = logging.getLogger("soce")
@@ -30,20 +30,19 @@ _NO_PREFLIGHT = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    from soce.callbacks import sweep_key
-    from soce.pipeline import run
-    from soce.report import format_answer
-    from soce.tracking import end_run, job_label, read_parent
+    from soce.job.pipeline import run
+    from soce.report.tables import format_answer
+    from soce.tracking.naming import job_name
+    from soce.tracking.runs import end_run, read_parent
 
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
     info = read_parent(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
     parent = info.run_id if info else None
-    job_key = sweep_key([info.sweep_key, *overrides]) if info else None
-    label = job_label(overrides, info.varying if info else [], cfg.strategy.name)
+    name = job_name(overrides, info.varying if info else [], cfg.strategy.name, info.sweep_key if info else None)
     out_dir = Path(hc.runtime.output_dir)
     try:
-        result = run(typed(cfg), out_dir, parent, job_key, label=label, overrides=overrides)
+        result = run(typed(cfg), out_dir, parent, name)
     except ValueError as e:  # ConfigError, SoupError, score-table problems: bad input found inside the job
         if not _is_input_error(e) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

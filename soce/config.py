@@ -7,16 +7,51 @@ is checked: an unknown key or a wrong type fails at compose time, before anythin
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
+def _conf_dir() -> str:
+    """The config tree: ``soce/conf`` in an installed wheel (pyproject maps ``conf/`` there), else the
+    source tree's ``conf/`` (editable installs, CI)."""
+    here = Path(__file__).resolve().parent
+    return str(here / "conf" if (here / "conf" / "config.yaml").is_file() else here.parent / "conf")
+
+
+CONF_DIR = _conf_dir()
+
+
 class ConfigError(ValueError):
     """A config (or an input it names) that composes but cannot run; ``str(e)`` is one line naming the problem."""
+
+
+# The values a key may take, declared once (the registries of strategies, searches, selections and backends
+# are checked by soce.job.preflight, which knows what is installed).
+DTYPES = ("bfloat16", "float16", "float32", "float64")  # dtype: what soups are evaluated and written in
+OBJECTIVES = ("mean", "official")  # benchmark.objective
+TIE_BREAKS = ("overall", "first")  # selection.tie_break
+POOL_SOURCES = ("paths", "demo", "csv")  # pool.source
+PROPOSALS = ("grid", "tpe", "gp")  # search.proposal (race)
+SAMPLERS = ("tpe", "gp")  # search.sampler (optuna)
+EXPERT_PLACEMENTS = (None, "with_shard", "host", "auto")  # parallel.expert_placement
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # device
+
+
+def _refuse(checks: list[tuple[bool, str]]) -> None:
+    """Raise ConfigError with the message of the first check that failed (``(bad, one line naming the key)``)."""
+    for bad, message in checks:
+        if bad:
+            raise ConfigError(message)
+
+
+def _one_of(key: str, value: Any, options: tuple) -> tuple[bool, str]:
+    return value not in options, f"{key} must be one of {', '.join(map(str, options))}, got {value!r}"
 
 
 @dataclass
@@ -78,6 +113,20 @@ class BenchmarkConfig:
         """The data split that ``split`` reads (the carved split when a holdout is set)."""
         return self.holdout.split if self.holdout.split else split
 
+    def validate(self) -> None:
+        h = self.holdout
+        _refuse([(not self.categories, f"benchmark {self.name!r} lists no categories"),
+                 (len(set(self.categories)) != len(self.categories), f"benchmark {self.name!r} lists a category twice"),
+                 (self.backend == "lm_eval" and "{category}" not in self.task,
+                  f"benchmark.task {self.task!r} must contain {{category}}"),
+                 _one_of("benchmark.objective", self.objective, OBJECTIVES),
+                 (self.limit is not None and self.limit < 1, f"benchmark.limit must be >= 1 or null, got {self.limit}"),
+                 (self.batch_size < 1, f"benchmark.batch_size must be >= 1, got {self.batch_size}"),
+                 (h.split is not None and not 0 < h.select_fraction < 1,
+                  f"benchmark.holdout.select_fraction must be in (0, 1), got {h.select_fraction}"),
+                 (h.split is not None and self.select_split == self.report_split,
+                  "benchmark.holdout carves two halves: select_split and report_split must differ")])
+
 
 @dataclass
 class PoolConfig:
@@ -95,6 +144,11 @@ class PoolConfig:
     population: dict[str, str] = field(default_factory=dict)
     csv: str | None = None  # source=csv: the candidates' score table
 
+    def validate(self) -> None:
+        _refuse([_one_of("pool.source", self.source, POOL_SOURCES),
+                 (self.source == "csv" and self.csv is None, "pool.source=csv needs pool.csv=<score table>"),
+                 (self.source == "paths" and not self.candidates, f"pool {self.name!r} lists no candidates")])
+
 
 @dataclass
 class SelectionConfig:
@@ -106,21 +160,33 @@ class SelectionConfig:
     max_experts: int | None = None  # keep the best-overall experts if more are selected
     population_csv: str | None = None  # score table of a larger population for the correlation (rows: models)
 
+    def validate(self) -> None:
+        _refuse([_one_of("selection.tie_break", self.tie_break, TIE_BREAKS),
+                 (not 0 <= self.tau <= 1, f"selection.tau must be in [0, 1], got {self.tau}"),
+                 (self.max_experts is not None and self.max_experts < 1,
+                  f"selection.max_experts must be >= 1, got {self.max_experts}")])
+
 
 @dataclass
 class StrategyConfig:
-    """A merge strategy, by its registered name (see soce.strategies.STRATEGIES)."""
+    """A merge strategy, by its registered name (see soce.job.strategies.STRATEGIES)."""
 
     name: str = MISSING
     ingredients: list[str] = field(default_factory=list)  # strategy=fixed: the candidates to soup ...
     weights: list[float] = field(default_factory=list)  # ... and their weights (normalised to sum 1)
+
+    def validate(self) -> None:
+        names, ws = list(self.ingredients), list(self.weights)
+        _refuse([(self.name == "fixed" and (not names or len(names) != len(ws) or min(ws) < 0 or sum(ws) <= 0),
+                  f"strategy=fixed needs strategy.ingredients=[...] and as many non-negative "
+                  f"strategy.weights=[...] (not all 0); got {names} / {ws}")])
 
 
 @dataclass
 class SearchConfig:
     """Weight search for strategies that search (soce_weighted)."""
 
-    name: str = "grid"  # grid (the paper) | optuna (TPE/GP with a budget) | race (soce/race.py)
+    name: str = "grid"  # grid (the paper) | optuna (TPE/GP with a budget) | race (soce/search/race.py)
     step: float = 0.1  # grid: spacing of each weight
     min_weight: float = 0.1  # smallest weight of an ingredient (the paper: 0.1)
     include_uniform: bool = True  # grid: also try the equal-weight point (the paper does)
@@ -130,12 +196,36 @@ class SearchConfig:
     sampler: str = "tpe"  # optuna: tpe | gp
     budget: float | None = None  # most full selection-split evaluations a search may spend (null: no cap)
     proposal: str = "grid"  # race: the points raced: grid | tpe | gp (optuna on the race's first items)
-    # race: the racing rule's knobs; null keeps soce.race.RaceSettings' default (declared there, with its meaning)
+    # race: the racing rule's knobs; null keeps search.race.RaceSettings' default (declared there, with its meaning)
     race_delta: float | None = None  # chance the bound drops the selection split's best point (Bonferroni)
     race_start: float | None = None  # first subset, fraction of each category's items
     race_growth: float | None = None  # subset growth per round
     race_keep: float | None = None  # share of survivors kept per round (halving); 1: the bound alone
     race_finalists: int | None = None  # points scored on the whole selection split
+
+    def validate(self) -> None:
+        from soce.method import SelectionError, weight_grid
+
+        _refuse([(self.n_trials < 1, f"search.n_trials must be >= 1, got {self.n_trials}"),
+                 (not 0 <= self.min_weight < 1, f"search.min_weight must be in [0, 1), got {self.min_weight}"),
+                 (self.budget is not None and not self.budget > 0,
+                  f"search.budget must be > 0 (full selection-split evaluations), got {self.budget}"),
+                 _one_of("search.sampler", self.sampler, SAMPLERS),
+                 _one_of("search.proposal", self.proposal, PROPOSALS), *_race_checks(self)])
+        try:
+            weight_grid(1, self.step, self.min_weight)
+        except SelectionError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _race_checks(c: SearchConfig) -> list[tuple[bool, str]]:
+    """Ranges of the racing rule's knobs (null: the rule's default, always valid)."""
+    given = [("race_delta", c.race_delta, lambda v: 0 < v < 1, "in (0, 1)"),
+             ("race_start", c.race_start, lambda v: 0 < v <= 1, "in (0, 1]"),
+             ("race_growth", c.race_growth, lambda v: v > 1, "> 1"),
+             ("race_keep", c.race_keep, lambda v: 0 < v <= 1, "in (0, 1]"),
+             ("race_finalists", c.race_finalists, lambda v: v >= 1, ">= 1")]
+    return [(v is not None and not ok(v), f"search.{k} must be {rng}, got {v}") for k, v, ok, rng in given]
 
 
 @dataclass
@@ -184,6 +274,11 @@ class ParallelConfig:
     gpus_per_worker: int = 1  # >1: each worker's live model is sharded over its GPUs (transformers device_map)
     expert_placement: str | None = None  # sharded workers: with_shard | host | auto (None: the Remixer's default)
 
+    def validate(self) -> None:
+        _refuse([(self.workers < 1 or self.gpus_per_worker < 1, f"parallel.workers and parallel.gpus_per_worker "
+                  f"must be >= 1, got {self.workers} / {self.gpus_per_worker}"),
+                 _one_of("parallel.expert_placement", self.expert_placement, EXPERT_PLACEMENTS)])
+
 
 @dataclass
 class Config:
@@ -205,6 +300,18 @@ class Config:
     allow_nonfinite: bool = False  # let NaN/inf weights into soups (default: refused, naming tensor and file)
     report: bool = True  # also score the final soup on the report split (sweep-mode points skip it)
     progress: bool = True  # progress bars (zoo build, scoring, searches)
+
+    def validate(self) -> None:
+        """Every value's range and its consistency with other values; raises ConfigError (one line naming the
+        key). What lies outside the config (files, servers, GPUs, installed backends) is soce.job.preflight's."""
+        for part in (self.benchmark, self.pool, self.selection, self.strategy, self.search, self.parallel):
+            part.validate()
+        _refuse([(self.dtype is not None and self.dtype not in DTYPES,
+                  f"dtype must be one of {', '.join(DTYPES)} or null, got {self.dtype!r}"),
+                 (not DEVICE.fullmatch(self.device), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
+                 (self.search.name == "race" and self.benchmark.objective != "mean",
+                  f"search=race races the mean of category means; benchmark.objective={self.benchmark.objective} "
+                  f"is not linear in the categories' items yet")])
 
 
 _LAUNCH_ID = secrets.token_hex(3)  # one per driver process; cached in the config, so jobs see the same value
@@ -239,11 +346,13 @@ def unknown_keys(cfg: Any, schema: type = Config, prefix: str = "") -> list[str]
 
 def typed(cfg: Any) -> Config:
     """A composed config (DictConfig or plain dicts) as the typed :class:`Config` (nested dataclasses),
-    checked against the schema: the one conversion at the top of a job."""
+    checked against the schema and validated (:meth:`Config.validate`): the one conversion at the top of a job."""
     from omegaconf import OmegaConf
 
     node = OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in dict(cfg).items() if k != "hydra"})
-    return OmegaConf.to_object(node)  # type: ignore[return-value]
+    config: Config = OmegaConf.to_object(node)  # type: ignore[assignment]
+    config.validate()
+    return config
 
 
 def to_plain(cfg: Any) -> dict:

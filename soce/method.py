@@ -21,9 +21,10 @@ from typing import Any
 
 import pandas as pd
 
+from soce.config import TIE_BREAKS
+
 log = logging.getLogger(__name__)
 
-TIE_BREAKS = ("overall", "first")
 
 
 class SelectionError(ValueError):

@@ -54,9 +54,9 @@ def collect(sweep_dir: Path, overrides: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from soce.inputs import gather
-    from soce.pipeline import select_experts
-    from soce.preflight import compose_config, preflight
+    from soce.job.inputs import gather
+    from soce.job.pipeline import select_experts
+    from soce.job.preflight import compose_config, preflight
 
     args = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in args if not a.startswith("-")]

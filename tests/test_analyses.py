@@ -1,4 +1,4 @@
-"""soce.analyses: Shapley values, consistency, emergent solves (model-free, fast)."""
+"""soce.report.analyses: Shapley values, consistency, emergent solves (model-free, fast)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from soce.analyses import (
-    consistency,
-    emergent_by_category,
-    emergent_solves,
-    shapley_values,
-)
+from soce.report.analyses import consistency, emergent_by_category, emergent_solves, shapley_values
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

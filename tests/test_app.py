@@ -11,8 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from soce.config import register_configs, to_plain
-from soce.preflight import validate
-from soce.tracking import score
+from soce.job.preflight import validate
+from soce.tracking.numbers import score
 
 from .conftest import ROOT, soce_cmd
 
@@ -25,7 +25,7 @@ def composed(*overrides: str):
 
 
 def test_every_job_of_a_sweep_is_checked():
-    from soce.preflight import job_overrides
+    from soce.job.preflight import job_overrides
 
     jobs = job_overrides(["a=1,2", "b=x,y", "c=3"])
     assert sorted(map(tuple, jobs)) == [("a=1", "b=x", "c=3"), ("a=1", "b=y", "c=3"),

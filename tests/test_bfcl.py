@@ -288,7 +288,7 @@ def test_batched_generation_matches_one_by_one(tiny_llama):
 
 def test_paper_bfcl_8b_composes_into_a_bfcl_job(monkeypatch):
     """The preset passes the job's preflight where the hub is reachable, and gives a carved BFCL evaluator."""
-    from soce.preflight import compose_config, validate
+    from soce.job.preflight import compose_config, validate
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the checkpoints are hub ids (nothing is downloaded here)
     config = compose_config(["experiment=paper_bfcl_8b", "paths.root_dir=/tmp/soce"])

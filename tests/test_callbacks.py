@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from soce.tracking import percent, sweep_filter
+from soce.tracking.numbers import percent
+from soce.tracking.views import sweep_filter
 
 from .conftest import ROOT, soce_cmd
 from .test_tracking import LEADERBOARD, free_port
@@ -157,8 +158,9 @@ def test_two_sweeps_in_the_same_second_each_keep_their_jobs(tmp_path):
 
 HOLDER = """
 import sys, time
-from soce.callbacks import sweep_key
-from soce.tracking import ensure_experiment, resume_or_start
+from soce.tracking.naming import sweep_key
+from soce.tracking.store import ensure_experiment
+from soce.tracking.runs import resume_or_start
 uri, overrides = sys.argv[1], sys.argv[2:]
 exp = ensure_experiment(uri, "soce-s")
 run_id, _ = resume_or_start(uri, exp, "sweep held", "soce.sweep_key", sweep_key(overrides), tags={"soce.kind": "sweep"})

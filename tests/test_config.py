@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from soce.config import Config, ConfigError, typed
-from soce.preflight import CONF_DIR, compose_config
+from soce.config import CONF_DIR, Config, ConfigError, typed
+from soce.job.preflight import compose_config
 
 CONF = Path(CONF_DIR)
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # presets for pools the user fills in (the paper's checkpoints are not all public): candidates to compose with
-FILL = ["pool.candidates={a: org/a, b: org/b, c: org/c}"]
+FILL = ["++pool.candidates={a: org/a, b: org/b, c: org/c}"]
 
 
 def test_presets_are_globbed():
@@ -92,3 +92,36 @@ def test_root_config_restates_no_default():
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("benchmark.objective=median", "benchmark.objective"),
+    ("benchmark.holdout.split=test benchmark.report_split=dev", "select_split and report_split"),  # consistency
+    ("benchmark.limit=0", "benchmark.limit"),
+    ("pool.source=s3", "pool.source"),
+    ("selection.tau=1.5", "selection.tau"),
+    ("selection.tie_break=random", "selection.tie_break"),
+    ("strategy=fixed", "strategy.ingredients"),
+    ("search.min_weight=1.0", "search.min_weight"),
+    ("search.step=0.3", "search.step"),
+    ("search.race_keep=0", "search.race_keep"),
+    ("parallel.workers=0", "parallel.workers"),
+    ("dtype=int8", "dtype"),
+    ("device=tpu", "device"),
+])
+def test_each_group_refuses_a_bad_value_in_one_line_naming_the_key(override, key):
+    """Value ranges and consistency live in the typed config (Config.validate, run by typed()): one line."""
+    with pytest.raises(ConfigError) as e:
+        compose_config(["paths.root_dir=/tmp/soce-x", *override.split()])
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_range_checks_live_in_the_config_not_the_preflight():
+    """The preflight checks the world; a value's range is checked by the config's own dataclasses."""
+    import inspect
+
+    from soce.job import preflight
+
+    src = inspect.getsource(preflight)
+    for phrase in ("selection.tau must", "search.min_weight must", "benchmark.objective must", "dtype must"):
+        assert phrase not in src

@@ -321,8 +321,8 @@ def test_model_card_front_matter(pool, tmp_path, capsys):
 
 
 def test_owner_tag_names_this_host_and_process():
-    from soce import owners
+    from soce import files
 
-    tag = owners.owner_tag()
-    assert tag.split("-")[:2] == [owners.host_id(), str(os.getpid())] and not owners.owner_gone(tag)
-    assert owners.host_id() == hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    tag = files.owner_tag()
+    assert tag.split("-")[:2] == [files.host_id(), str(os.getpid())] and not files.owner_gone(tag)
+    assert files.host_id() == hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from soce.items import ItemCache
+from soce.search.items import ItemCache
 
 
 def scorer(calls):
@@ -72,7 +72,7 @@ def test_resumes_after_kill_9(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         from pathlib import Path
-        from soce.items import ItemCache
+        from soce.search.items import ItemCache
         cache, n = ItemCache(Path({str(tmp_path)!r})), 0
         def compute(missing):
             global n

@@ -128,3 +128,16 @@ def test_fingerprint_follows_data_files_outside_the_task_dir(tmp_path):
     assert benchmark_fingerprint(bench) == before
     data.write_text('{"prompt": "a", "target": "X"}\n')  # same YAML, other gold answer
     assert benchmark_fingerprint(bench) != before
+
+
+def test_task_index_is_built_once_per_process_until_a_task_changes(tmp_path):
+    """The preflight and every evaluator share one lm-eval TaskManager per task folder (indexing is slow);
+    a task YAML added or changed in the folder re-indexes it."""
+    from soce.benchmarks.lmeval import task_manager
+
+    (tmp_path / "a.yaml").write_text("task: soce_idx_a\ndataset_path: json\noutput_type: loglikelihood\n")
+    first = task_manager(str(tmp_path), False)
+    assert task_manager(str(tmp_path), False) is first and "soce_idx_a" in first.all_tasks
+    (tmp_path / "b.yaml").write_text("task: soce_idx_b\ndataset_path: json\noutput_type: loglikelihood\n")
+    again = task_manager(str(tmp_path), False)
+    assert again is not first and "soce_idx_b" in again.all_tasks

@@ -19,7 +19,7 @@ def test_installed_package_runs_the_demo_from_anywhere(tmp_path, tiny_demo_root)
     subprocess.run(pip, check=True, capture_output=True, timeout=600)
     assert (target / "soce" / "conf" / "config.yaml").is_file()
     env = {**os.environ, "PYTHONPATH": str(target)}  # the installed copy, not the source tree
-    code = "import soce, soce.preflight as p; print(soce.__file__); print(p.CONF_DIR)"
+    code = "import soce, soce.config as p; print(soce.__file__); print(p.CONF_DIR)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere, env=env)
     assert out.stdout.splitlines() == [str(target / "soce" / "__init__.py"), str(target / "soce" / "conf")]
     job = [sys.executable, "-m", "soce", "strategy=soce_selected", "debug=fast", f"demo.root={tiny_demo_root}",

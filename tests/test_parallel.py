@@ -1,4 +1,4 @@
-"""Points across devices: soce.parallel gives the serial search's results (same scores, order, best point),
+"""Points across devices: soce.search.parallel gives the serial search's results (same scores, order, best point),
 with workers that each own a Remixer + live model + evaluator, in threads and in spawned processes."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import threading
 import pytest
 import torch
 
-from soce import method, parallel
+from soce import method
+from soce.search import parallel
 from soce.soup import Remixer
 from tests.test_soup import make_model
 
@@ -133,7 +134,7 @@ def test_replay_and_groups():
 
 # ----------------------------------------------------------------- sweep mode: one GPU slot per job process
 
-CLAIM = ("import json, sys, time\nfrom soce.gpu_assign import claim\n"
+CLAIM = ("import json, sys, time\nfrom soce.search.gpu_assign import claim\n"
          "try:\n    got = claim(2, sys.argv[1], poll_s=0.05, timeout_s=float(sys.argv[2]))\n"
          "except TimeoutError as e:\n    got = str(e)\n"
          "print(json.dumps(got), flush=True)\ntime.sleep(float(sys.argv[3]))\n")
@@ -190,7 +191,8 @@ def test_joblib_sweep_jobs_get_distinct_gpus(tmp_path):
     (tmp_path / "config.yaml").write_text(
         f"x: 0\nout: {tmp_path / 'out'}\nhydra:\n  sweep: {{dir: {tmp_path / 'multirun'}}}\n"
         f"  run: {{dir: {tmp_path / 'run'}}}\n  callbacks:\n    gpu_assign:\n"
-        f"      _target_: soce.gpu_assign.GpuAssign\n      gpus_per_job: 1\n      lock_dir: {tmp_path / 'locks'}\n")
+        f"      _target_: soce.search.gpu_assign.GpuAssign\n      gpus_per_job: 1\n"
+        f"      lock_dir: {tmp_path / 'locks'}\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "4,7", "PYTHONPATH": root}
     subprocess.run([sys.executable, str(tmp_path / "app.py"), "-m", "hydra/launcher=joblib",

@@ -1,9 +1,9 @@
-"""soce.plots: every figure is written as a PNG."""
+"""soce.report.plots: every figure is written as a PNG."""
 
 import pandas as pd
 
-from soce.analyses import ShapleyResult, consistency, shapley_values
-from soce.plots import consistency_figure, scores_figure, shapley_figure, weights_figure
+from soce.report.analyses import ShapleyResult, consistency, shapley_values
+from soce.report.plots import consistency_figure, scores_figure, shapley_figure, weights_figure
 from tests.test_analyses import PNG_MAGIC, _populations, interaction_game
 
 

@@ -1,11 +1,11 @@
-"""soce.preflight: every check that can run before work starts, on composed configs."""
+"""soce.job.preflight: every check that can run before work starts, on composed configs."""
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from soce.config import ConfigError, register_configs, to_plain, unknown_keys
-from soce.preflight import validate
+from soce.job.preflight import validate
 
 from .conftest import ROOT
 

@@ -3,8 +3,8 @@
 import pytest
 
 from soce.benchmarks import lmeval as evaluate
-from soce.pipeline import run
-from soce.preflight import compose_config
+from soce.job.pipeline import run
+from soce.job.preflight import compose_config
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The racing rule (soce.race) on synthetic item-score matrices: subsets, bound, elimination, budget, determinism.
+"""The racing rule (soce.search.race) on synthetic item-score matrices: subsets, bound, elimination, budget, seeds.
 
 The stand-in for a benchmark is a fixed matrix of per-item 0/1 outcomes per point, built with common random
 numbers (one latent difficulty per item, shared by every point), so that neighbouring points agree on most
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from soce import method
-from soce import race as R
+from soce.search import race as R
 
 
 def matrix(n_points=85, k=8, n=200, seed=0, spread=0.3):
@@ -201,8 +201,8 @@ RACE_JOB = ["strategy=soce_weighted", "search=race", "debug=fast", "selection.ta
 
 
 def _race_job(tmp_path, tiny_demo_root, name):
-    from soce.pipeline import run
-    from soce.preflight import compose_config
+    from soce.job.pipeline import run
+    from soce.job.preflight import compose_config
 
     cfg = compose_config([*RACE_JOB, f"paths.root_dir={tmp_path / name}", f"demo.root={tiny_demo_root}"])
     return run(cfg, tmp_path / name / "job")

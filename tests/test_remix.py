@@ -216,7 +216,7 @@ def test_tied_keys_without_the_expanded_map(zoo):
 def test_gpu_workers_in_threads_match_serial(zoo):
     """Two Remixers on the GPU mixed from two threads at once (first launches included: the fused kernel's
     first launch per specialisation is serialised) give the serial soups, bit for bit."""
-    from soce import parallel
+    from soce.search import parallel
 
     gpu_mix._READY.clear()
     models = zoo["bf16"]

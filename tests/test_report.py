@@ -7,19 +7,21 @@ import pandas as pd
 import pytest
 import yaml
 
-from soce.report import (
+from soce.report.cli import main
+from soce.report.tables import (
     comparison_from_results,
     comparison_table,
     format_answer,
     load_results,
-    main,
     orderings,
     pivot,
     sweep_report,
     unscored_jobs,
     write_sweep_report,
 )
-from soce.tracking import PARENT_FILE, ensure_experiment, fmt_pct, log_baselines, start_run
+from soce.tracking.numbers import fmt_pct
+from soce.tracking.runs import PARENT_FILE, log_baselines, start_run
+from soce.tracking.store import ensure_experiment
 
 CATS = ["a", "b"]
 
@@ -133,7 +135,7 @@ def test_mlflow_table_keyed_by_label_with_baseline_runs(tmp_path):
     import mlflow
 
     uri, exp, parent = mlflow_sweep(tmp_path)
-    from soce.tracking import log_values
+    from soce.tracking.store import log_values
 
     for i, tau in enumerate(("0.1", "0.5")):
         for strategy in ("uniform", "soce_selected"):
@@ -146,7 +148,7 @@ def test_mlflow_table_keyed_by_label_with_baseline_runs(tmp_path):
     log_baselines(uri, exp, parent, {"m1": {"test": {"a": 0.5, "b": 0.5, "overall": 0.5}}}, "m1")
     mlflow.set_tracking_uri(uri)
     jobs = mlflow.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.`soce.kind` = 'job'")
-    from soce.report import baseline_runs
+    from soce.report.tables import baseline_runs
 
     table = comparison_table(jobs, "test", baseline_runs(uri, exp, parent))
     assert list(table.index) == ["uniform tau=0.1", "soce_selected tau=0.1", "uniform tau=0.5",
@@ -191,7 +193,7 @@ def test_report_cli_rejects_bad_arguments_without_creating_a_store(tmp_path, cap
 
 def test_report_reads_the_latest_sweep_that_has_jobs(tmp_path):
     """A sweep whose jobs never started (it failed first) must not hide the previous one."""
-    from soce.report import sweep_runs
+    from soce.report.tables import sweep_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = ensure_experiment(uri, "soce-test", str(tmp_path / "art"))

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from soce import scores
+from soce.benchmarks import scores
+from soce.benchmarks.scores import ScoreCache, model_fingerprint, read_score_csv
 from soce.config import ConfigError
-from soce.scores import ScoreCache, model_fingerprint, read_score_csv
 from soce.soup import read_header
 
 # ------------------------------------------------------------------------------ 3a. score CSVs
@@ -149,14 +149,14 @@ def test_json_temp_files_of_dead_writers_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from soce import owners
-    from soce.scores import write_json_atomic
+    from soce import files
+    from soce.files import write_json_atomic
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = owners.host_id()
+    host = files.host_id()
     stale = tmp_path / f".r.json.{host}-{dead.pid}-1-aaaaaaaa.tmp"
-    live = tmp_path / f".r.json.{host}-{os.getpid()}-{owners.start_time(os.getpid())}-bbbbbbbb.tmp"
+    live = tmp_path / f".r.json.{host}-{os.getpid()}-{files.start_time(os.getpid())}-bbbbbbbb.tmp"
     other = tmp_path / f".q.json.{host}-{dead.pid}-1-cccccccc.tmp"  # another file's: left for its own writer
     for f in (stale, live, other):
         f.write_text("{")

@@ -6,8 +6,8 @@ import subprocess
 import pandas as pd
 import pytest
 
+from soce.benchmarks.scores import read_score_csv
 from soce.config import ConfigError
-from soce.scores import read_score_csv
 
 from .conftest import soce_cmd
 

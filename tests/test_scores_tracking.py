@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from soce.scores import ScoreCache, model_fingerprint, score_table, write_json_atomic
+from soce.benchmarks.scores import ScoreCache, model_fingerprint, score_table
+from soce.files import write_json_atomic
 
 
 def test_cache_key_normalises_weights_and_ignores_zero(tmp_path):

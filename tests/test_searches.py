@@ -6,9 +6,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from soce import method, searches
-from soce.config import SearchConfig
-from soce.items import ItemCache
+from soce import method
+from soce.config import ConfigError, SearchConfig
+from soce.search import searches
+from soce.search.items import ItemCache
 
 NAMES = ["a", "b", "c"]
 CATS = [f"k{j}" for j in range(6)]
@@ -110,8 +111,8 @@ def test_race_needs_item_evaluations_and_a_known_proposal():
     ctx = dataclasses.replace(b.context(config()), evaluate_items=None)
     with pytest.raises(method.SelectionError, match="search=race needs item-level evaluations"):
         searches.SEARCHES["race"].run(ctx)
-    with pytest.raises(method.SelectionError, match="search.proposal must be one of grid, tpe, gp"):
-        searches.SEARCHES["race"].run(b.context(config(proposal="random")))
+    with pytest.raises(ConfigError, match="search.proposal must be one of grid, tpe, gp"):
+        config(proposal="random").validate()
 
 
 def test_race_resumed_through_the_item_cache_evaluates_nothing_twice(tmp_path):
@@ -136,10 +137,10 @@ def test_race_resumed_through_the_item_cache_evaluates_nothing_twice(tmp_path):
 @pytest.mark.parametrize("kw, message", [({"proposal": "random"}, "search.proposal"),
                                           ({"race_delta": 1.5}, "race_delta"), ({"race_keep": 0.0}, "race_keep"),
                                           ({"budget": 0.0}, "search.budget")])
-def test_check_race_refuses_bad_settings_in_one_line(kw, message):
-    with pytest.raises(method.SelectionError, match=message):
-        searches.check_race(config(**kw))
-    searches.check_race(config())  # the defaults run
+def test_bad_race_settings_are_refused_by_the_config_in_one_line(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        config(**kw).validate()
+    config().validate()  # the defaults run
 
 
 def test_item_table_reads_both_shapes_and_refuses_others():

@@ -1,4 +1,4 @@
-"""soce.selections: the registry of selections (threshold weak set, clusters) over a real correlation."""
+"""soce.search.selections: the registry of selections (threshold weak set, clusters) over a real correlation."""
 
 import numpy as np
 import pandas as pd
@@ -6,7 +6,7 @@ import pytest
 
 from soce import method
 from soce.config import SelectionConfig
-from soce.selections import SELECTIONS, select
+from soce.search.selections import SELECTIONS, select
 
 
 @pytest.fixture

@@ -1,14 +1,14 @@
-"""soce.soup_eval.SoupEvaluator: the in-memory merge evaluator over a real demo zoo, lm-eval and the cache."""
+"""soce.search.evaluator.SoupEvaluator: the in-memory merge evaluator over a real demo zoo, lm-eval and the cache."""
 
 import dataclasses
 
 import pytest
 
 from soce.benchmarks.lmeval import Benchmark, Evaluator
+from soce.benchmarks.scores import ScoreCache
 from soce.config import DemoConfig, HoldoutConfig
 from soce.demo.zoo import build_demo
-from soce.scores import ScoreCache
-from soce.soup_eval import SoupEvaluator
+from soce.search.evaluator import SoupEvaluator
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """SoupEvaluator across workers: a grid of soups scored by 2 workers (threads) equals the serial scores."""
 
-from soce import method, parallel
+from soce import method
 from soce.benchmarks.lmeval import Evaluator
-from soce.soup_eval import on_devices
+from soce.search import parallel
+from soce.search.evaluator import on_devices
 from tests.test_soup_eval import make, zoo  # noqa: F401  (the module fixture)
 
 

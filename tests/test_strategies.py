@@ -1,12 +1,12 @@
-"""soce.strategies: every registered strategy's plan, and what the registry says of it."""
+"""soce.job.strategies: every registered strategy's plan, and what the registry says of it."""
 
 import pandas as pd
 import pytest
 
 from soce import method
 from soce.config import SearchConfig, SelectionConfig, StrategyConfig
-from soce.selections import select
-from soce.strategies import STRATEGIES, Context
+from soce.job.strategies import STRATEGIES, Context
+from soce.search.selections import select
 
 CATS = ["a", "b", "c"]
 CANDS = pd.DataFrame({"a": [0.9, 0.2, 0.3, 0.4], "b": [0.1, 0.8, 0.2, 0.5], "c": [0.5, 0.5, 0.7, 0.1]},

@@ -10,28 +10,20 @@ import time
 import mlflow
 import pytest
 
-from soce.tracking import (
+from soce.tracking.naming import JobName, job_label, job_name, short_keys
+from soce.tracking.numbers import fmt_pct, percent, score
+from soce.tracking.runs import (
     JobTracker,
     RunBusy,
-    check_tracking_uri,
-    ensure_experiment,
-    fmt_pct,
-    job_label,
     log_baselines,
-    mlflow_key,
-    mlflow_keys,
     owner_gone,
-    percent,
     reap_orphans,
     resume_or_start,
-    save_view,
-    score,
-    short_keys,
     split_metrics,
     start_run,
-    sweep_filter,
-    ui_url,
 )
+from soce.tracking.store import check_tracking_uri, ensure_experiment, mlflow_key, mlflow_keys
+from soce.tracking.views import save_view, sweep_filter, ui_url
 
 from .test_scale import free_port, mlflow_server  # noqa: F401  (fixture: a real server on 127.0.0.1)
 
@@ -52,8 +44,9 @@ def test_job_tracker_nested_points(tmp_path):
     assert ensure_experiment(uri, "soce-test") == exp
     assert mlflow.MlflowClient(uri).get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
     parent = start_run(uri, exp, "sweep", tags={"soce.kind": "sweep"})
-    job = JobTracker.start(uri, "soce-test", None, "soce_weighted", parent, {"soce.kind": "job"},
-                           label="soce_weighted tau=0.1", overrides=["strategy=soce_weighted", "selection.tau=0.1"])
+    name = job_name(["strategy=soce_weighted", "selection.tau=0.1"], ["strategy", "selection.tau"])
+    assert name.label == "soce_weighted tau=0.1" and name.key is None
+    job = JobTracker.start(uri, "soce-test", None, name, parent, {"soce.kind": "job"})
     job.log({"strategy": "soce_weighted", "w.m1": 0.7}, {"test.overall": 0.5})
     for i in range(3):
         job.log_point(i, {"m1": 0.1 * (i + 1), "m2": 1 - 0.1 * (i + 1)}, {"a": 0.1 * i, "overall": 0.1 * i}, "dev")
@@ -95,7 +88,8 @@ def test_mlflow_key_is_valid_distinct_and_stable():
 def test_leaderboard_names_through_the_real_store(tmp_path):
     """Any leaderboard name as a param, a metric and a search point: the run FINISHES, names.json maps back."""
     uri = sqlite_uri(tmp_path)
-    job = JobTracker.start(uri, "soce-test", str(tmp_path / "art"), "soce_selected", None, {"soce.kind": "job"})
+    job = JobTracker.start(uri, "soce-test", str(tmp_path / "art"), JobName("soce_selected"), None,
+                           {"soce.kind": "job"})
     weights = {n: 1 / len(LEADERBOARD) for n in LEADERBOARD}
     job.log({f"w.{n}": w for n, w in weights.items()}, {f"dev.{n}": 0.5 for n in LEADERBOARD})
     job.log_point(0, weights, {n: 0.25 for n in LEADERBOARD}, "dev")
@@ -120,7 +114,7 @@ def test_job_label_names_the_varying_overrides():
 
 
 def test_varying_keys_of_a_sweep():
-    from soce.callbacks import varying_keys
+    from soce.tracking.naming import varying_keys
 
     ov = ["strategy=soce_selected,soce_weighted", "selection.tau=0.1,0.5", "debug=fast", "hydra.launcher.n_jobs=2,3",
           "search.step=range(0.1,0.3,0.1)", "pool=demo"]
@@ -169,7 +163,8 @@ def test_orphans_of_a_dead_launch_are_marked_killed(tmp_path):
 
 CONCURRENT = """
 import sys, time
-from soce.tracking import ensure_experiment, start_run
+from soce.tracking.store import ensure_experiment
+from soce.tracking.runs import start_run
 t0 = float(sys.argv[2])
 while time.time() < t0:
     time.sleep(0.001)
@@ -249,7 +244,7 @@ def test_check_tracking_uri_against_a_real_server(mlflow_server):  # noqa: F811
 
 def test_mlflow_gives_up_on_a_dead_server_within_seconds():
     """MLflow's own retries (7, backoff 2: minutes) are cut to a few seconds for soce's processes."""
-    from soce.tracking import client
+    from soce.tracking.store import client
 
     uri = f"http://127.0.0.1:{free_port()}"
     c = client(uri)  # sets MLFLOW_HTTP_REQUEST_MAX_RETRIES/TIMEOUT/BACKOFF_FACTOR unless the user did

@@ -45,7 +45,6 @@ LIVE = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple
         "live_relevance")
 MULTI_TURN = ("multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context")
 CATEGORIES = (*NON_LIVE, *LIVE, *MULTI_TURN)  # the 17 v3 categories
-OBJECTIVES = ("mean", "official")
 # handler option -> (bfcl-eval module, class, a registered model of that format: the AST checker looks up
 # its underscore_to_dot flag when function names contain dots)
 HANDLERS = {"llama": ("llama", "LlamaHandler", "meta-llama/Llama-3.1-8B-Instruct"),
@@ -92,13 +91,8 @@ def check_config(benchmark: BenchmarkConfig) -> None:
     if bad:
         raise ConfigError(f"benchmark {benchmark.name!r}: {bad[0]!r} is not a BFCL v3 category "
                           f"(categories: {', '.join(CATEGORIES)})")
-    if benchmark.objective not in OBJECTIVES:
-        raise ConfigError(f"benchmark.objective must be one of {', '.join(OBJECTIVES)} for backend bfcl, "
-                          f"got {benchmark.objective!r}")
     if benchmark.objective == "official" and set(benchmark.categories) != set(CATEGORIES):
         raise ConfigError("benchmark.objective=official needs all 17 BFCL v3 categories")
-    if benchmark.batch_size < 1:
-        raise ConfigError(f"benchmark.batch_size must be >= 1, got {benchmark.batch_size}")
     options(benchmark)
 
 

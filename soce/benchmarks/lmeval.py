@@ -87,6 +87,27 @@ def lm_eval_version() -> str:
     return version("lm-eval")
 
 
+
+def task_manager(task_dir: str | None, include_defaults: bool) -> Any:
+    """lm-eval's TaskManager over ``task_dir`` (and its ~15k built-in tasks if ``include_defaults``), indexed
+    once per process while the folder's YAML files stay as they are: the preflight's task check and every
+    evaluator share it (indexing the built-in tasks takes ~12 s)."""
+    return _task_manager(task_dir, include_defaults, _yaml_stamp(task_dir))
+
+
+def _yaml_stamp(task_dir: str | None) -> tuple:
+    """(path, size, mtime) of every task YAML under ``task_dir``: a new or changed task re-indexes."""
+    if not task_dir or not Path(task_dir).is_dir():
+        return ()
+    return tuple(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in Path(task_dir).rglob("*.yaml")))
+
+
+@functools.cache
+def _task_manager(task_dir: str | None, include_defaults: bool, stamp: tuple) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[task_dir] if task_dir else None, include_defaults=include_defaults)
+
 @dataclass
 class Evaluator:
     """Scores live models on a benchmark with lm-eval, in process.
@@ -108,13 +129,10 @@ class Evaluator:
         """lm-eval's task dict for ``split`` (built once per data split; carved halves share it)."""
         split = self.benchmark.source_split(split)
         if split not in self._tasks:
-            from lm_eval.tasks import TaskManager, get_task_dict
+            from lm_eval.tasks import get_task_dict
 
             if self._manager is None:
-                include = [self.benchmark.task_dir] if self.benchmark.task_dir else None
-                self._manager = TaskManager(
-                    include_path=include, include_defaults=self.benchmark.include_default_tasks
-                )
+                self._manager = task_manager(self.benchmark.task_dir, self.benchmark.include_default_tasks)
             names = [self.benchmark.task_name(c, split) for c in self.benchmark.categories]
             missing = [n for n in names if n not in self._manager.all_tasks]
             if missing:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 CHUNK_ELEMS = 1 << 18  # elements per arithmetic chunk on CPU: 1 MiB of float32 accumulator, stays in L2
-GPU_CHUNK_ELEMS = 1 << 26  # on GPU without the fused kernel (soce/gpu_mix.py): fewer, larger torch kernels
+GPU_CHUNK_ELEMS = 1 << 26  # on GPU without the fused kernel (soce/soup/kernel.py): fewer, larger torch kernels
 
 
 def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:

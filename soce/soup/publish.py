@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from soce.owners import owner_gone, owner_tag
+from soce.files import owner_gone, owner_tag
 from soce.soup.io import SoupError
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2

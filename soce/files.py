@@ -1,4 +1,5 @@
-"""Who wrote a temporary file: an owner tag in its name, checkable after a crash (imports nothing heavy).
+"""Files that survive a crash: atomic JSON writes, and owner tags naming who wrote a temporary file
+(checkable after a crash; imports nothing heavy). Every layer writes through here.
 
 A tag is ``{host}-{pid}-{start}-{random}``: a hash of the host name, the writer's pid, its start time in clock
 ticks since boot (Linux /proc; 0 elsewhere) and 8 random hex digits. :func:`owner_gone` is True only when
@@ -8,11 +9,14 @@ another time (pid reuse). Siblings of other hosts are never judged dead.
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import json
 import os
 import socket
 import uuid
 from pathlib import Path
+from typing import Any
 
 
 def host_id() -> str:
@@ -62,3 +66,22 @@ def owner_gone(owner: str) -> bool:
         return True
     now = start_time(pid)
     return start not in (None, "0") and now is not None and now != start
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary sibling ``.{name}.{owner}.tmp`` (fsynced) and a rename: readers
+    never see half a file. Temporary siblings left by dead writers of ``path`` are removed first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if owner_gone(old.name[len(path.name) + 2:-4]):
+            old.unlink(missing_ok=True)
+    tmp = path.parent / f".{path.name}.{owner_tag()}.tmp"
+    try:
+        with open(tmp, "x") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

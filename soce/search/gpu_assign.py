@@ -14,7 +14,7 @@ the command line)::
     hydra:
       callbacks:
         gpu_assign:
-          _target_: soce.gpu_assign.GpuAssign
+          _target_: soce.search.gpu_assign.GpuAssign
           gpus_per_job: 1          # 2+ for a model sharded over several GPUs (device_map) per job
 """
 

@@ -16,8 +16,8 @@ from typing import Any
 import pandas as pd
 
 from soce import method
-from soce import race as racing
 from soce.config import SearchConfig
+from soce.search import race as racing
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def grid(ctx: SearchContext) -> method.SearchResult:
             f"over search.budget={c.budget:g}; raise the budget, or use search=race or search=optuna")
     evaluate = ctx.evaluate
     if ctx.evaluate_many is not None:  # every point at once over the workers, then the serial search replayed
-        from soce import parallel
+        from soce.search import parallel
 
         ws = [dict(zip(ctx.ingredients, map(float, p), strict=True)) for p in points]
         evaluate = parallel.replay(ws, ctx.evaluate_many(ws))
@@ -113,9 +113,6 @@ def optuna(ctx: SearchContext) -> method.SearchResult:
     return result
 
 
-PROPOSALS = ("grid", "tpe", "gp")
-
-
 def race_settings(c: SearchConfig) -> racing.RaceSettings:
     """The racing rule's settings from ``search.race_*`` (null: the rule's own default) and seed/budget."""
     given = {"delta": c.race_delta, "start": c.race_start, "growth": c.race_growth, "finalists": c.race_finalists,
@@ -123,23 +120,14 @@ def race_settings(c: SearchConfig) -> racing.RaceSettings:
     return racing.RaceSettings(**{k: v for k, v in given.items() if v is not None}, seed=c.seed, budget=c.budget)
 
 
-def check_race(c: SearchConfig) -> None:
-    """Raise SelectionError (one line) for race settings that cannot run: for preflight, before any work."""
-    race_settings(c).check()
-    proposal = c.proposal
-    if proposal not in PROPOSALS:
-        raise method.SelectionError(f"search.proposal must be one of {', '.join(PROPOSALS)}, got {proposal!r}")
-
-
 @search("race", needs_items=True)
 def race(ctx: SearchContext) -> method.SearchResult:
-    """Race weight points on shared items of the selection split (:mod:`soce.race`): the grid's points or
+    """Race weight points on shared items of the selection split (:mod:`soce.search.race`): the grid's points or
     optuna's proposals (``search.proposal``), dropped on paired confidence bounds, finalists on the whole split."""
     c, names = ctx.config, ctx.ingredients
     if ctx.evaluate_items is None or not ctx.item_ids:
         raise method.SelectionError("search=race needs item-level evaluations of the selection split; this job's "
                                     "evaluator has none (use search=grid or search=optuna)")
-    check_race(c)
     settings = race_settings(c)
     memo = _ItemMemo(ctx)
     points = race_points(ctx, settings, memo)
@@ -165,8 +153,6 @@ def race_points(ctx: SearchContext, settings: racing.RaceSettings, memo: _ItemMe
     first item subset (the same items the race starts on, so the proposals cost nothing twice)."""
     c, names = ctx.config, ctx.ingredients
     proposal = c.proposal
-    if proposal not in PROPOSALS:
-        raise method.SelectionError(f"search.proposal must be one of {', '.join(PROPOSALS)}, got {proposal!r}")
     if proposal == "grid" or len(names) == 1:
         return method.weight_grid(len(names), c.step, c.min_weight, c.include_uniform)
     first = racing.first_subset(ctx.item_ids, settings)

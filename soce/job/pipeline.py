@@ -14,15 +14,18 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from soce import method, outputs
+from soce import method
 from soce.config import Config, ConfigError, typed
-from soce.inputs import Inputs, gather
-from soce.outputs import JobResult
-from soce.preflight import check_experts, validate
-from soce.searches import SEARCHES
-from soce.selections import Selection, select
-from soce.strategies import STRATEGIES, Context, Plan
-from soce.tracking import JobTracker, client
+from soce.job import outputs
+from soce.job.inputs import Inputs, gather
+from soce.job.outputs import JobResult
+from soce.job.preflight import check_experts, validate
+from soce.job.strategies import STRATEGIES, Context, Plan
+from soce.search.searches import SEARCHES
+from soce.search.selections import Selection, select
+from soce.tracking.naming import JobName
+from soce.tracking.runs import JobTracker
+from soce.tracking.store import client
 
 log = logging.getLogger(__name__)
 
@@ -30,29 +33,29 @@ __all__ = ["ConfigError", "JobResult", "run", "validate"]
 
 
 def run(cfg: Config | Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None = None,
-        job_key: str | None = None, label: str | None = None, overrides: list[str] | None = None) -> JobResult:
+        name: JobName | None = None) -> JobResult:
     """Run one job; write ``result.json`` (and the soup) into ``out_dir``.
 
-    ``job_key`` identifies the job within its sweep: an interrupted job with the same key is resumed in
-    MLflow (same run, missing search points only); evaluations are resumed through the score cache.
-    ``label`` names the job by the overrides that vary across its sweep (its MLflow run name and tag);
-    ``overrides`` (the job's own) are logged as a tag."""
+    ``name`` (:func:`soce.tracking.naming.job_name`; default: the strategy's name) is the job's one name: its
+    key identifies the job within its sweep, so an interrupted job with the same key is resumed in MLflow
+    (same run, missing search points only; evaluations resume through the score cache); its label names the
+    MLflow run, the report row and ``result.json``; its overrides are logged as a tag."""
     config = cfg if isinstance(cfg, Config) else typed(cfg)
     validate(config)
     out_dir, t0 = Path(out_dir), time.time()
     inputs = gather(config)  # score tables (cached), Algorithm 1's input
     selection = select_experts(config, inputs)  # steps 1-2: correlation, L, experts
-    label = label or config.strategy.name
-    tracker = outputs.start_tracker(config, inputs, parent_run_id, job_key, label, overrides)
+    name = name or JobName(config.strategy.name)
+    tracker = outputs.start_tracker(config, inputs, parent_run_id, name)
     with finished_or_failed(tracker):
         plan = plan_soup(config, inputs, selection, tracker)  # step 3: the strategy (and its weight search)
         soup_path = outputs.write_final_soup(config, inputs, plan, out_dir)  # step 4: the soup on disk
         result = make_result(config, inputs, selection, plan, soup_path, tracker)
-        result.label = label
+        result.label = name.label
         analysis_metrics, result.analysis = outputs.analyses(config, inputs, plan, result, out_dir)
         result.seconds = round(time.time() - t0, 1)
         outputs.record(tracker, config, inputs, selection, plan, result, out_dir, analysis_metrics)
-        if parent_run_id is None:  # a sweep logs its baselines once, under its parent (soce.callbacks)
+        if parent_run_id is None:  # a sweep logs its baselines once, under its parent (soce.job.callbacks)
             outputs.log_baselines_of(tracker, result)
     return result
 
@@ -111,7 +114,7 @@ def _workers(config: Config, soups: Any) -> list[Any] | None:
     if soups is None or config.parallel.workers <= 1 or not STRATEGIES[config.strategy.name].evaluates:
         return None
     from soce.benchmarks import make_evaluator
-    from soce.soup_eval import on_devices
+    from soce.search.evaluator import on_devices
 
     par = config.parallel
     workers = on_devices(soups, par.workers, lambda d: make_evaluator(soups.evaluator.benchmark, d),

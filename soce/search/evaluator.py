@@ -16,7 +16,7 @@ from typing import Any
 
 from soce.benchmarks import Evaluator, Scores
 from soce.benchmarks.lmeval import lm_eval_version
-from soce.scores import ScoreCache, model_fingerprint
+from soce.benchmarks.scores import ScoreCache, model_fingerprint
 
 CACHE_FORMAT = 2  # bump when the meaning of cached scores changes (old entries are then recomputed)
 
@@ -33,7 +33,7 @@ class SoupEvaluator:
     cache: ScoreCache
     device: str = "cpu"
     dtype: str | None = None
-    item_cache: Any = None  # soce.items.ItemCache (per-item evaluations) or None
+    item_cache: Any = None  # soce.search.items.ItemCache (per-item evaluations) or None
     allow_nonfinite: bool = False  # NaN/inf in a soup: evaluated (True) or refused with SoupError (False)
     timings: list[tuple[float, float]] = field(default_factory=list)
     fingerprints: dict[str, str] = field(default_factory=dict)
@@ -65,7 +65,7 @@ class SoupEvaluator:
         """Per-item scores of the soup on ``items`` of ``split`` ({category: [item id]}), cached per item:
         ``{"samples": {category: [score]}, "item_ids": {category: [id]}, category: mean}``."""
         if self.item_cache is None:
-            raise RuntimeError("item_scores needs an item cache (soce.items.ItemCache)")
+            raise RuntimeError("item_scores needs an item cache (soce.search.items.ItemCache)")
         live = _live(weights)
 
         def compute(missing: dict[str, list[str]]) -> dict[str, dict[str, float]]:
@@ -123,7 +123,7 @@ class SoupEvaluator:
         :func:`on_devices`) when given; results in point order, the same as the serial loop."""
         from functools import partial
 
-        from soce import parallel
+        from soce.search import parallel
 
         return parallel.evaluate_points([partial(w.scores, split=split) for w in workers or [self]], points, on_done)
 
@@ -154,7 +154,7 @@ def on_devices(base: SoupEvaluator, n_workers: int, make_evaluator: Any, gpus_pe
     lm-eval's request copies) and its own Remixer. The first is ``base`` itself where it fits the first slot."""
     import dataclasses
 
-    from soce import parallel
+    from soce.search import parallel
 
     if n_gpus is None:
         import torch

@@ -9,12 +9,10 @@ once per (model, benchmark) and reused by every job of a sweep, by later runs an
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from soce.config import ConfigError
-from soce.owners import owner_gone, owner_tag
+from soce.files import write_json_atomic
 
 _FULL_HASH_LIMIT = 256 * 2**20  # below this total size, hash the files' bytes together (the original formula)
 _FINGERPRINTED = {".safetensors", ".bin", ".json", ".model", ".txt", ".jinja"}  # weights, config, tokenizer
@@ -94,25 +92,6 @@ def file_digest(file: Path, memo_dir: str | Path | None = None) -> str:
     if memo is not None and stable and started - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
         write_json_atomic(memo, {"file": ident, "sha256": digest})
     return digest
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary sibling ``.{name}.{owner}.tmp`` (fsynced) and a rename: readers
-    never see half a file. Temporary siblings left by dead writers of ``path`` are removed first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        if owner_gone(old.name[len(path.name) + 2:-4]):
-            old.unlink(missing_ok=True)
-    tmp = path.parent / f".{path.name}.{owner_tag()}.tmp"
-    try:
-        with open(tmp, "x") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 RESERVED = ("overall", "samples", "item_ids")  # keys of an evaluation that are not category scores

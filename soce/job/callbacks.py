@@ -1,6 +1,6 @@
 """Hydra callbacks: the MLflow parent run of a multirun, created in the driver before any job starts.
 
-- the tracking URI is checked first (one line, exit 2, within seconds: :func:`soce.tracking.check_tracking_uri`);
+- the tracking URI is checked first (one line, exit 2, within seconds: :func:`soce.tracking.store.check_tracking_uri`);
 - the store and experiment are created in the driver under a file lock (no migration race between launches);
 - the parent run is owned by the driver (host, pid, heartbeat): the same sweep launched again while it runs is
   refused with one line; after a crash (owner gone) the same command resumes it;
@@ -13,7 +13,6 @@ The resolver ``${soce.launch:}`` (soce.config.register_configs) makes each launc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -24,52 +23,22 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from soce import __version__
-from soce.scores import write_json_atomic
-from soce.tracking import (
+from soce.files import write_json_atomic
+from soce.tracking.naming import job_name, sweep_key, varying_keys
+from soce.tracking.runs import (
     PARENT_FILE,
     Heartbeat,
     RunBusy,
-    check_tracking_uri,
-    client,
     end_run,
-    ensure_experiment,
-    job_label,
-    parse_override,
     read_parent,
     reap_orphans,
     resume_or_start,
-    store_lock,
     this_owner,
 )
+from soce.tracking.store import check_tracking_uri, client, ensure_experiment, store_lock
 
 log = logging.getLogger(__name__)
 _HEARTBEATS: dict[str, Heartbeat] = {}  # parent run id -> its heartbeat thread (driver only)
-
-
-def sweep_key(overrides: list[str]) -> str:
-    """Identity of a sweep: its command-line overrides, order-free, without hydra.* and launcher settings."""
-    keep = sorted(o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/")))
-    return hashlib.sha256("\n".join(keep).encode()).hexdigest()[:16]
-
-
-def varying_keys(overrides: list[str]) -> list[str]:
-    """The keys of the sweep overrides that take more than one value (choice, range, glob, interval), in
-    command-line order, hydra.* left out: ['strategy', 'selection.tau'] for
-    ``strategy=a,b selection.tau=0.1,0.5 debug=fast``."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    out = []
-    for o in OverridesParser.create().parse_overrides(overrides):
-        key = o.get_key_element().split("@", 1)[0].lstrip("+~")
-        if not o.is_sweep_override() or key.startswith(("hydra.", "hydra/")):
-            continue
-        try:
-            n = len(list(o.sweep_string_iterator()))
-        except Exception:  # interval sweeps (optimising sweepers): always varying
-            n = 2
-        if n > 1:
-            out.append(key)
-    return out
 
 
 def fail(message: str) -> None:
@@ -142,12 +111,12 @@ class MlflowSweepCallback(Callback):
 
 def sweep_experiment(config: DictConfig) -> str:
     """The experiment the sweep's jobs log to, so that the parent run lives beside them: ``tracking.experiment``,
-    or for a score table whose categories are not the benchmark's, ``soce-<CSV stem>`` (soce.inputs' rule)."""
+    or for a score table whose categories are not the benchmark's, ``soce-<CSV stem>`` (soce.job.inputs' rule)."""
     name = str(config.tracking.experiment)
     pool, bench = config.pool, config.benchmark
     if pool.source != "csv" or not pool.csv or name != f"soce-{bench.name}":
         return name
-    from soce.scores import read_score_csv
+    from soce.benchmarks.scores import read_score_csv
 
     if set(read_score_csv(str(pool.csv))[0].columns) != set(bench.categories):
         return f"soce-{Path(str(pool.csv)).stem}"
@@ -164,16 +133,16 @@ def label_job_run(config: DictConfig, uri: str, varying: list[str]) -> None:
     c = client(uri)
     if not run_id or c.get_run(run_id).data.tags.get("soce.label"):
         return
-    overrides = list(OmegaConf.select(config, "hydra.overrides.task") or [])
-    label = job_label(overrides, varying, OmegaConf.select(config, "strategy.name"))
-    for k, v in {"mlflow.runName": label[:240], "soce.label": label[:5000],
-                 "soce.overrides": json.dumps(dict(parse_override(o) for o in overrides))[:5000]}.items():
+    name = job_name(list(OmegaConf.select(config, "hydra.overrides.task") or []), varying,
+                    OmegaConf.select(config, "strategy.name"))
+    for k, v in {"mlflow.runName": name.label[:240], "soce.label": name.label[:5000],
+                 "soce.overrides": json.dumps(name.overrides)[:5000]}.items():
         c.set_tag(run_id, k, v)
 
 
 def finish_sweep(sweep_dir: Path, parent: Any) -> None:
     """The sweep's report (artifacts of the parent), its baseline runs and its UI views."""
-    from soce.report import load_results, log_sweep_baselines, save_sweep_views, write_sweep_report
+    from soce.report.tables import load_results, log_sweep_baselines, save_sweep_views, write_sweep_report
 
     report = write_sweep_report(sweep_dir)
     c = client(parent.uri)

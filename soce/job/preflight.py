@@ -8,7 +8,6 @@ after the selection, before the job's MLflow run is created.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import os
@@ -17,35 +16,28 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from soce.config import Config, ConfigError, typed
+from soce.config import CONF_DIR, Config, ConfigError, typed
 
-DTYPES = ("bfloat16", "float16", "float32", "float64")  # what soups are evaluated and written in (dtype=)
-OBJECTIVES = ("mean", "official")
 MAX_CHECKED_JOBS = 256  # a larger sweep has each swept value checked once (others at their first value)
 
 
-def _conf_dir() -> str:
-    """The config tree: ``soce/conf`` in an installed wheel (pyproject maps ``conf/`` there), else the
-    source tree's ``conf/`` (editable installs, CI)."""
-    here = Path(__file__).resolve().parent
-    return str(here / "conf" if (here / "conf" / "config.yaml").is_file() else here.parent / "conf")
-
-
-CONF_DIR = _conf_dir()
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def validate(cfg: Config | Mapping[str, Any]) -> None:
-    """Checks that need more than types; raises ConfigError (one line) before anything is written."""
+    """The config's own checks (:meth:`soce.config.Config.validate`: ranges, consistency), then the world's:
+    registered options, files, the tracking URI, GPUs, installed backends and their tasks. Raises ConfigError
+    (one line) before anything is written."""
     config = cfg if isinstance(cfg, Config) else typed(cfg)
-    for check in (_benchmark, _selection, _strategy_and_search, _runtime, _pool, _tracking, _tasks, _bfcl):
+    config.validate()
+    for check in (_registered, _runtime, _pool, _tracking, _tasks, _bfcl):
         check(config)
 
 
 def check_experts(config: Config, experts: list[str]) -> None:
     """After the selection, before the job's run: the search must have points for this many experts."""
     from soce import method
-    from soce.strategies import STRATEGIES
+    from soce.job.strategies import STRATEGIES
 
     s = config.search
     if STRATEGIES[config.strategy.name].evaluates and config.strategy.name == "soce_weighted" and s.name == "grid":
@@ -82,96 +74,35 @@ def _bfcl(config: Config) -> None:
         bfcl_sdk.load()  # ConfigError: "benchmark.backend=bfcl needs bfcl-eval: make bfcl"
 
 
-@functools.cache
 def _task_index(task_dir: str | None, include_defaults: bool) -> frozenset[str]:
-    from lm_eval.tasks import TaskManager
+    from soce.benchmarks.lmeval import task_manager
 
     if task_dir and not Path(task_dir).is_dir():
         raise ConfigError(f"benchmark.task_dir: no folder {task_dir}")
-    manager = TaskManager(include_path=[task_dir] if task_dir else None, include_defaults=include_defaults)
-    return frozenset(manager.all_tasks)
+    return frozenset(task_manager(task_dir, include_defaults).all_tasks)
 
 
-def _benchmark(config: Config) -> None:
+def _registered(config: Config) -> None:
+    """Options that name a registered implementation (what this installation has)."""
     from soce.benchmarks import KNOWN_BACKENDS
+    from soce.job.strategies import STRATEGIES
+    from soce.search.searches import SEARCHES
+    from soce.search.selections import SELECTIONS
 
-    b = config.benchmark
-    if not b.categories:
-        raise ConfigError(f"benchmark {b.name!r} lists no categories")
-    if len(set(b.categories)) != len(b.categories):
-        raise ConfigError(f"benchmark {b.name!r} lists a category twice")
+    b, sel, s, search = config.benchmark, config.selection, config.strategy, config.search
     if b.backend not in KNOWN_BACKENDS:
         raise ConfigError(f"unknown benchmark.backend {b.backend!r}; available: {', '.join(KNOWN_BACKENDS)}")
-    if b.backend == "lm_eval" and "{category}" not in b.task:
-        raise ConfigError(f"benchmark.task {b.task!r} must contain {{category}}")
-    if b.objective not in OBJECTIVES:
-        raise ConfigError(f"benchmark.objective must be one of {', '.join(OBJECTIVES)}, got {b.objective!r}")
-    if b.holdout.split is not None:
-        if not 0 < b.holdout.select_fraction < 1:
-            raise ConfigError(f"benchmark.holdout.select_fraction must be in (0, 1), got {b.holdout.select_fraction}")
-        if b.select_split == b.report_split:
-            raise ConfigError("benchmark.holdout carves two halves: select_split and report_split must differ")
-
-
-def _selection(config: Config) -> None:
-    from soce import method
-    from soce.selections import SELECTIONS
-
-    sel = config.selection
-    if sel.tie_break not in method.TIE_BREAKS:
-        raise ConfigError(f"selection.tie_break must be one of {', '.join(method.TIE_BREAKS)}, got {sel.tie_break!r}")
-    if not 0 <= sel.tau <= 1:
-        raise ConfigError(f"selection.tau must be in [0, 1], got {sel.tau}")
     if sel.method not in SELECTIONS:
         raise ConfigError(f"selection.method must be one of {', '.join(SELECTIONS)}, got {sel.method!r}")
-    if sel.max_experts is not None and sel.max_experts < 1:
-        raise ConfigError(f"selection.max_experts must be >= 1, got {sel.max_experts}")
-
-
-def _strategy_and_search(config: Config) -> None:
-    from soce import method
-    from soce.searches import SEARCHES
-    from soce.strategies import STRATEGIES
-
-    s, search = config.strategy, config.search
     if s.name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {s.name!r}; available: {', '.join(sorted(STRATEGIES))}")
     if search.name not in SEARCHES:
         raise ConfigError(f"unknown search {search.name!r}; available: {', '.join(SEARCHES)}")
-    if search.n_trials < 1:
-        raise ConfigError(f"search.n_trials must be >= 1, got {search.n_trials}")
-    if not 0 <= search.min_weight < 1:
-        raise ConfigError(f"search.min_weight must be in [0, 1), got {search.min_weight}")
-    if search.budget is not None and search.budget <= 0:
-        raise ConfigError(f"search.budget must be > 0 (full selection-split evaluations), got {search.budget}")
-    try:
-        method.weight_grid(1, search.step, search.min_weight)
-        if search.name == "race":
-            from soce.searches import check_race
-
-            check_race(search)
-    except method.SelectionError as e:
-        raise ConfigError(str(e)) from None
-    if search.name == "race" and config.benchmark.objective != "mean":
-        raise ConfigError(f"search=race races the mean of category means; benchmark.objective="
-                          f"{config.benchmark.objective} is not linear in the categories' items yet")
-    if s.name == "fixed":
-        names, ws = list(s.ingredients), list(s.weights)
-        if not names or len(names) != len(ws) or min(ws) < 0 or sum(ws) <= 0:
-            raise ConfigError(f"strategy=fixed needs strategy.ingredients=[...] and as many non-negative "
-                              f"strategy.weights=[...] (not all 0); got {names} / {ws}")
 
 
 def _runtime(config: Config) -> None:
-    if config.dtype is not None and config.dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} or null, got {config.dtype!r}")
+    """The GPUs the config asks for exist."""
     par = config.parallel
-    if par.workers < 1 or par.gpus_per_worker < 1:
-        raise ConfigError(f"parallel.workers and parallel.gpus_per_worker must be >= 1, got {par.workers} / "
-                          f"{par.gpus_per_worker}")
-    if par.expert_placement not in (None, "with_shard", "host", "auto"):
-        raise ConfigError(f"parallel.expert_placement must be with_shard, host, auto or null, got "
-                          f"{par.expert_placement!r}")
     if par.workers * par.gpus_per_worker > 1 and config.device != "cpu":
         import torch
 
@@ -179,12 +110,7 @@ def _runtime(config: Config) -> None:
         if n and par.workers * par.gpus_per_worker > n:
             raise ConfigError(f"parallel.workers x gpus_per_worker = {par.workers * par.gpus_per_worker} GPUs, "
                               f"but {n} are visible")
-    if config.device == "auto":
-        return
-    m = re.fullmatch(r"(cpu|cuda)(:\d+)?", config.device)
-    if not m or (m.group(1) == "cpu" and m.group(2)):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
-    if m.group(1) == "cuda":
+    if config.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
@@ -193,8 +119,6 @@ def _runtime(config: Config) -> None:
 
 def _pool(config: Config) -> None:
     pool, sel = config.pool, config.selection
-    if pool.source not in ("paths", "demo", "csv"):
-        raise ConfigError(f"pool.source must be 'paths', 'demo' or 'csv', got {pool.source!r}")
     for key, path in (("pool.csv", pool.csv), ("selection.population_csv", sel.population_csv)):
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{key}: no file {path}")
@@ -218,12 +142,10 @@ def _demo(config: Config) -> None:
 
 
 def _score_table(config: Config) -> None:
-    from soce.scores import read_score_csv
-    from soce.strategies import STRATEGIES
+    from soce.benchmarks.scores import read_score_csv
+    from soce.job.strategies import STRATEGIES
 
     pool, sel, s = config.pool, config.selection, config.strategy
-    if pool.csv is None:
-        raise ConfigError("pool.source=csv needs pool.csv=<score table>")
     if STRATEGIES[s.name].evaluates:
         no_eval = [n for n, st in STRATEGIES.items() if not st.evaluates]
         raise ConfigError(f"strategy {s.name!r} evaluates soups and needs checkpoints; with pool.source=csv "
@@ -236,8 +158,6 @@ def _score_table(config: Config) -> None:
 
 def _paths(config: Config) -> None:
     pool = config.pool
-    if not pool.candidates:
-        raise ConfigError(f"pool {pool.name!r} lists no candidates")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     for name, path in {**pool.candidates, **pool.population}.items():
         p = Path(str(path)).expanduser()
@@ -266,7 +186,7 @@ def _population_size(n: int) -> None:
 
 
 def _tracking(config: Config) -> None:
-    from soce.tracking import check_tracking_uri
+    from soce.tracking.store import check_tracking_uri
 
     problem = check_tracking_uri(config.tracking.uri)  # unknown schemes; a server that does not answer: seconds
     if problem:

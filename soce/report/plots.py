@@ -12,7 +12,7 @@ import pandas as pd
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from soce.analyses import ConsistencyResult, ShapleyResult
+    from soce.report.analyses import ConsistencyResult, ShapleyResult
 
 
 

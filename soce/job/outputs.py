@@ -1,6 +1,6 @@
 """What a job leaves behind: its MLflow run (params, metrics, artifacts), its soup, ``result.json``.
 
-The recipe (:mod:`soce.pipeline`) decides; these functions only write. Every file a job writes appears
+The recipe (:mod:`soce.job.pipeline`) decides; these functions only write. Every file a job writes appears
 atomically (``result.json`` through a rename, the soup through the writer's temporary sibling directory).
 """
 
@@ -15,16 +15,19 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import yaml
 
-from soce import __version__, plots
-from soce.analyses import consistency, emergent_by_category, emergent_solves, shapley_values
+from soce import __version__
+from soce.benchmarks.scores import score_table
 from soce.config import Config
-from soce.inputs import Inputs
-from soce.scores import score_table, write_json_atomic
-from soce.tracking import JobTracker, split_metrics
+from soce.files import write_json_atomic
+from soce.job.inputs import Inputs
+from soce.report import plots
+from soce.report.analyses import consistency, emergent_by_category, emergent_solves, shapley_values
+from soce.tracking.naming import JobName
+from soce.tracking.runs import JobTracker, split_metrics
 
 if TYPE_CHECKING:
-    from soce.selections import Selection
-    from soce.strategies import Plan
+    from soce.job.strategies import Plan
+    from soce.search.selections import Selection
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +67,18 @@ class JobResult:
         return dataclasses.asdict(self)
 
 
-def start_tracker(config: Config, inputs: Inputs, parent_run_id: str | None, job_key: str | None,
-                  label: str | None = None, overrides: list[str] | None = None) -> JobTracker:
-    """The job's MLflow run (resumed when ``job_key`` names an interrupted one), named ``label``."""
+def start_tracker(config: Config, inputs: Inputs, parent_run_id: str | None, name: JobName) -> JobTracker:
+    """The job's MLflow run (resumed when ``name.key`` names an interrupted one), named ``name.label``."""
     tags = {"soce.kind": "job", "soce.version": __version__}
     if inputs.soups is None:
         tags["soce.scores_only"] = "true"
     t = config.tracking
-    return JobTracker.start(t.uri, inputs.experiment, t.artifact_location, name=config.strategy.name,
-                            parent_run_id=parent_run_id, tags=tags, job_key=job_key, label=label, overrides=overrides)
+    return JobTracker.start(t.uri, inputs.experiment, t.artifact_location, name, parent_run_id, tags)
 
 
 def log_baselines_of(tracker: JobTracker, result: JobResult) -> None:
     """A single job's baselines (one run per candidate, nested under the job's run); sweeps log theirs once."""
-    from soce.tracking import log_baselines
+    from soce.tracking.runs import log_baselines
 
     log_baselines(tracker.uri, tracker.experiment_id, tracker.run_id, result.candidate_scores, result.best_single)
 
@@ -221,7 +222,7 @@ def record(tracker: JobTracker, config: Config, inputs: Inputs, selection: Selec
 
 def write_artifacts(config: Config, inputs: Inputs, selection: Selection, plan: Plan, art: Path) -> Path:
     """Score tables, correlation (CSV + heatmap), search trace, recipe and resolved config, in ``art``."""
-    from soce.plots import correlation_heatmap
+    from soce.report.plots import correlation_heatmap
 
     bench, sel = inputs.benchmark, inputs.benchmark.select_split
     art.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ never loads a model:
   and how many of each ingredient's solved items the soup keeps;
 
 Scores are in whatever unit the caller uses (fractions or percent); results keep that unit. Their figures
-are in :mod:`soce.plots`; a job runs them in :func:`soce.outputs.analyses`.
+are in :mod:`soce.report.plots`; a job runs them in :func:`soce.job.outputs.analyses`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ A process killed mid-write (``kill -9``) leaves at most a torn last line, which 
 simply evaluated again. Several processes may share a root (the lock serialises appends).
 
 ``key`` identifies the soup and everything else that changes a score (checkpoint fingerprints, normalised
-weights, benchmark fingerprint, split, settings): build it with :meth:`soce.scores.ScoreCache.key`.
+weights, benchmark fingerprint, split, settings): build it with :meth:`soce.benchmarks.scores.ScoreCache.key`.
 """
 
 from __future__ import annotations

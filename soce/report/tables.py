@@ -1,43 +1,23 @@
-"""Comparison tables and plots, read back from MLflow.
-
-    python -m soce.report                       # latest sweep of the demo experiment, report split
-    python -m soce.report experiment=soce-demo parent=<run id> split=test out=DIR
-    python -m soce.report dir=outputs/multirun/<date>   # from a multirun directory's result.json files
-
-    python -m soce.report by=selection.tau       # overall, one column per value of a swept override
-    python -m soce.report url                    # the MLflow UI addresses of the latest sweep (make ui)
+"""Comparison tables of a sweep, read back from MLflow or from its jobs' ``result.json`` files.
 
 Rows: one per job of the sweep, named by the overrides that vary across it (``soce_weighted tau=0.1``),
 plus the best single candidate (chosen on the selection split); columns: the benchmark's categories and
-``overall``, as percent with 2 decimals (:func:`soce.tracking.percent`, the one rounding of every report).
+``overall``, as percent with 2 decimals (:func:`soce.tracking.numbers.percent`, the one rounding of every report).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
 
-from soce.tracking import (
-    ParentInfo,
-    client,
-    column,
-    find_runs,
-    fmt_pct,
-    job_label,
-    log_baselines,
-    metric_name,
-    mlflow_key,
-    parse_override,
-    percent,
-    read_parent,
-    save_view,
-    sweep_filter,
-    ui_url,
-)
+from soce.tracking.naming import job_name, parse_override
+from soce.tracking.numbers import fmt_pct, percent
+from soce.tracking.runs import ParentInfo, log_baselines, read_parent
+from soce.tracking.store import client, find_runs, metric_name, mlflow_key
+from soce.tracking.views import column, save_view, sweep_filter
 
 
 def sweep_runs(uri: str, experiment: str, parent: str | None = None) -> tuple[str, pd.DataFrame]:
@@ -162,10 +142,10 @@ def varying_from(results: list[dict]) -> list[str]:
 
 
 def label_results(results: list[dict], varying: list[str] | None = None) -> list[str]:
-    """Set each result's ``label`` (:func:`job_label` over ``varying``, default :func:`varying_from`) and
-    ``varying``; labels are unique. Returns the varying keys."""
+    """Set each result's ``label`` (:func:`soce.tracking.naming.job_name` over ``varying``, default
+    :func:`varying_from`) and ``varying``; labels are unique. Returns the varying keys."""
     varying = varying_from(results) if varying is None else varying
-    labels = unique([job_label(r.get("overrides", []), varying, _strategy_label(r)) for r in results])
+    labels = unique([job_name(r.get("overrides", []), varying, _strategy_label(r)).label for r in results])
     for r, lab in zip(results, labels, strict=True):
         r["label"], r["varying"] = lab, varying
     return varying
@@ -319,7 +299,7 @@ def write_sweep_report(sweep_dir: str | Path) -> Path | None:
         return None
     table = comparison_from_results(results, split)
     table.to_csv(sweep_dir / "comparison.csv", float_format="%.2f")
-    from soce.plots import scores_figure, weights_figure
+    from soce.report.plots import scores_figure, weights_figure
 
     scores_figure(table, sweep_dir / "scores.png")
     if len(results) <= 12:  # a sweep of many weight points is read in the MLflow UI instead
@@ -358,7 +338,7 @@ def format_answer(result: dict, path: str | Path | None = None) -> str:
 
 
 def log_sweep_baselines(parent: ParentInfo, results: list[dict]) -> list[str]:
-    """The sweep's candidate baselines, once (see :func:`soce.tracking.log_baselines`)."""
+    """The sweep's candidate baselines, once (see :func:`soce.tracking.runs.log_baselines`)."""
     best = best_candidate(results)
     if best is None:
         return []
@@ -395,111 +375,3 @@ def save_sweep_views(parent: ParentInfo, results: list[dict]) -> dict[str, str]:
                                     order_by=column("metrics", metric), parallel=(ws, [metric]))
         c.set_tag(run_id, "soce.view", keys[_label(r)])
     return keys
-
-
-USAGE = ("usage: python -m soce.report [experiment=soce-demo] [parent=RUN_ID] [dir=MULTIRUN_DIR] [split=test] "
-         "[by=OVERRIDE_KEY] [root=.] [uri=MLFLOW_URI] [out=DIR]\n"
-         "       python -m soce.report url [base=http://127.0.0.1:5000] [experiment=..] [parent=..] [root=.] [uri=..]")
-KEYS = ("experiment", "parent", "dir", "split", "by", "root", "uri", "out", "base")
-
-
-def _args(argv: list[str]) -> dict[str, str] | str:
-    """{key: value} of ``key=value`` arguments (and 'url'), or the error line."""
-    bad = [a for a in argv if a != "url" and ("=" not in a or a.split("=", 1)[0] not in KEYS)]
-    if bad:
-        return f"unknown argument {bad[0]!r} (known: url, {', '.join(KEYS)})"
-    args = dict(a.split("=", 1) for a in argv if a != "url")
-    if "url" in argv:
-        args["url"] = "1"
-    root = Path(args.get("root", ".")).resolve()
-    db = root / "outputs" / "mlflow.db"
-    args.setdefault("uri", f"sqlite:///{db}")
-    args.setdefault("experiment", "soce-demo")
-    args.setdefault("split", "test")
-    if "dir" not in args and args["uri"] == f"sqlite:///{db}" and not db.is_file():
-        return f"no MLflow store at {db} (run `make run` first, or give root=, uri= or dir=)"
-    return args
-
-
-def _table(args: dict[str, str]) -> tuple[pd.DataFrame, str, list[str], dict[str, str]]:
-    """(table, source, varying keys, {label: value of by=}) from a multirun dir or MLflow."""
-    split, by = args["split"], args.get("by")
-    if "dir" in args:
-        results = load_results(args["dir"])
-        table = comparison_from_results(results, split)
-        values = {r["label"]: v for r in results for k, v in map(parse_override, r["overrides"]) if k == by}
-        return table, args["dir"], results[0]["varying"] if results else [], values
-    import mlflow
-
-    parent, jobs = sweep_runs(args["uri"], args["experiment"], args.get("parent"))
-    exp_id = str(jobs["experiment_id"].iloc[0]) if not jobs.empty else ""
-    table = comparison_table(jobs, split, baseline_runs(args["uri"], exp_id, parent) if exp_id else None)
-    left = unscored_jobs(jobs, split)
-    if not left.empty:
-        names = ", ".join(f"{r.get('tags.mlflow.runName', r['run_id'])} ({r['status']})" for _, r in left.iterrows())
-        print(f"soce.report: left out, no {split} scores yet: {names}", file=sys.stderr)
-    varying = json.loads(mlflow.MlflowClient(args["uri"]).get_run(parent).data.tags.get("soce.varying", "[]"))
-    scored = jobs[~jobs.index.isin(left.index)].sort_values("start_time")
-    values = {}
-    for lab, (_, job) in zip(run_labels(scored), scored.iterrows(), strict=True):
-        tag = job.get("tags.soce.overrides")
-        ov = json.loads(tag) if isinstance(tag, str) and tag else {}
-        if by in ov:
-            values[lab] = ov[by]
-    return table, f"MLflow sweep {parent}, experiment {args['experiment']}", varying, values
-
-
-def print_urls(args: dict[str, str]) -> None:
-    """The MLflow UI addresses of the latest sweep (or ``parent=``): its job runs, and per job with search
-    points its parallel-coordinates view; the plain job filter if the sweep has no saved view."""
-    import mlflow
-
-    base = args.get("base", "http://127.0.0.1:5000")
-    c = mlflow.MlflowClient(args["uri"])
-    try:
-        parent, jobs = sweep_runs(args["uri"], args["experiment"], args.get("parent"))
-    except LookupError as e:
-        print(f"MLflow UI: {base} ({e})")
-        return
-    exp_id = str(jobs["experiment_id"].iloc[0])
-    view = c.get_run(parent).data.tags.get("soce.view")
-    print(f"jobs of sweep {parent}: " + ui_url(base, exp_id, view, None if view else sweep_filter(parent)))
-    for lab, (_, job) in zip(run_labels(jobs), jobs.iterrows(), strict=True):
-        if isinstance(job.get("tags.soce.view"), str):
-            print(f"  search points of {lab} (parallel coordinates): "
-                  + ui_url(base, exp_id, job["tags.soce.view"], mode="CHART"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
-    args = _args(argv)
-    if isinstance(args, str):
-        print(f"soce.report: error: {args}", file=sys.stderr)
-        return 2
-    try:
-        if "url" in args:
-            print_urls(args)
-            return 0
-        table, source, varying, values = _table(args)
-        if args.get("by"):
-            table = pivot(table, values, args["by"])
-    except LookupError as e:
-        print(f"soce.report: error: {e}", file=sys.stderr)
-        return 2
-    md = to_markdown(table)
-    what = f"overall by {args['by']}" if args.get("by") else "accuracy %"
-    print(f"\nSoCE comparison on split '{args['split']}' ({what}, {source}); varied: {', '.join(varying) or 'none'}\n")
-    print(md)
-    if "out" in args:
-        out = Path(args["out"])
-        out.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out / "comparison.csv", float_format="%.2f")
-        (out / "comparison.md").write_text(md + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

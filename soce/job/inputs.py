@@ -15,9 +15,9 @@ from typing import Any
 
 import pandas as pd
 
+from soce.benchmarks.scores import ScoreCache, read_score_csv, score_table, with_population_csv
 from soce.config import BenchmarkConfig, Config, ConfigError
-from soce.scores import ScoreCache, read_score_csv, score_table, with_population_csv
-from soce.soup_eval import SoupEvaluator
+from soce.search.evaluator import SoupEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def make_soup_evaluator(config: Config, benchmark: BenchmarkConfig, models: dict
 
 def _item_cache(root: Path) -> Any:
     try:
-        from soce.items import ItemCache
+        from soce.search.items import ItemCache
     except ImportError:  # per-item searches not installed in this tree
         return None
     return ItemCache(root / "items")

@@ -14,8 +14,8 @@ import pandas as pd
 
 from soce import method
 from soce.config import SearchConfig, StrategyConfig
-from soce.searches import SEARCHES, Evaluate, EvaluateItems, OnPoint, SearchContext
-from soce.selections import Selection
+from soce.search.searches import SEARCHES, Evaluate, EvaluateItems, OnPoint, SearchContext
+from soce.search.selections import Selection
 
 
 @dataclass
