@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from soce.soup.io import (
 )
 from soce.soup.operators import MergeSpec
 from soce.soup.operators.task_vectors import Prepared, TaskCoefficients, mix_chunk, prepare
+from soce.soup.prepq import PrepQueue
 
 
 def parse_size(size: int | str) -> int:
@@ -138,7 +140,10 @@ class _TaskTensor:
 
     def prepared(self) -> Prepared:
         """The whole tensor's :class:`Prepared` (waits for its candidates' preparations)."""
-        if self._prep is None:
+        if self._prep is None and not self.futures:  # nothing to prepare (task arithmetic, density 1)
+            n = len(self.co.ws)
+            self._prep = Prepared([None] * n, [None] * n, [None] * n)
+        elif self._prep is None:
             parts = [f.result() for f in self.futures]
             self._prep = Prepared([p.masks[0] for p in parts], [p.salts[0] for p in parts],
                                   [p.scales[0] for p in parts])
@@ -165,62 +170,62 @@ class _Soup:
     overwrite: bool
 
 
-def _jobs(soup: _Soup, keys: list[str], maps: _Maps, prep: ThreadPoolExecutor | None) -> Iterator[_Job]:
-    """The chunks of ``keys`` in order. Task-vector soups: each floating tensor's preparation is submitted
-    to ``prep`` when the previous floating tensor's first chunk is reached (one tensor of look-ahead)."""
+def _jobs(soup: _Soup, keys: list[str], maps: _Maps, preps: dict[str, list[Future]] | None,
+          queue: PrepQueue | None) -> Iterator[_Job]:
+    """The chunks of ``keys`` in order; a task-vector soup's chunks carry their tensor's prep futures
+    (``preps``, submitted to ``queue``, which learns how far the writer got)."""
     ws = [soup.ws[c.name] for c in soup.used]
     acc_of = {k: _acc_dtype(*(ST_DTYPES[c.tensors[k].dtype] for c in soup.used)) for k in keys}
     if soup.base is None:
         coeffs = {dt: Coefficients.make(ws, dt, "cpu", soup.normalize) for dt in (torch.float32, torch.float64)}
     else:
-        for k in keys:
-            acc_of[k] = _acc_dtype(acc_of[k], ST_DTYPES[soup.base.tensors[k].dtype])
+        acc_of = {k: _acc_dtype(a, ST_DTYPES[soup.base.tensors[k].dtype]) for k, a in acc_of.items()}
         tco = {dt: TaskCoefficients.make(soup.spec, ws, dt) for dt in (torch.float32, torch.float64)}
-    floating = [k for k in keys if ST_DTYPES[soup.used[0].tensors[k].dtype] in AVERAGED]
-    tasks: dict[str, _TaskTensor] = {}
     for k in keys:
         infos = [c.tensors[k] for c in soup.used]
-        if k not in floating:
+        if ST_DTYPES[infos[0].dtype] not in AVERAGED:
             if infos[0].numel:
                 yield _Job(infos, 0, infos[0].numel, ST_DTYPES[infos[0].dtype], None)
             continue
         task = None
         if soup.base is not None:
-            for nk in floating[floating.index(k):floating.index(k) + 2]:
-                if nk not in tasks:
-                    tasks[nk] = _TaskTensor(soup.base.tensors[nk], soup.spec, tco[acc_of[nk]],
-                                            _submit_prep(soup, nk, acc_of[nk], maps, prep))
-            task = tasks.pop(k)
+            futs = preps.pop(k, None) if preps is not None else None
+            task = _TaskTensor(soup.base.tensors[k], soup.spec, tco[acc_of[k]], futs or [])
+            if queue is not None and futs:
+                queue.reach(futs[0].soce_pos)
         for s, n in _chunks(infos[0].numel, CHUNK_ELEMS):
             yield _Job(infos, s, n, soup.specs[k][0], None if task else coeffs[acc_of[k]], soup.finite, task)
 
 
-def _submit_prep(soup: _Soup, key: str, acc: torch.dtype, maps: _Maps, pool: ThreadPoolExecutor | None
-                 ) -> list[Future]:
-    """One future per candidate: its :class:`Prepared` for tensor ``key`` (one entry)."""
-    base = soup.base.tensors[key]
+def _submit_preps(soup: _Soup, maps: _Maps, queue: PrepQueue) -> dict[str, list[Future]]:
+    """Every floating tensor's preparation, one future per candidate, in write order."""
+    out: dict[str, list[Future]] = {}
+    pos = 0
+    for k in [k for sh in soup.shards for k in sh.keys]:
+        numel = soup.base.tensors[k].numel
+        if ST_DTYPES[soup.base.tensors[k].dtype] in AVERAGED and numel:
+            acc = _acc_dtype(ST_DTYPES[soup.base.tensors[k].dtype], *(ST_DTYPES[c.tensors[k].dtype] for c in soup.used))
+            cost = numel * 20 if soup.spec.op.sparsify == "magnitude" else min(numel, 1 << 22) * 40
+            out[k] = [queue.submit(functools.partial(_prep_one, soup, k, c, acc, maps), cost, pos)
+                      for c in soup.used]
+            for f in out[k]:
+                f.soce_pos = pos
+        pos += numel
+    return out
 
-    def one(c: Checkpoint) -> Prepared:
-        info = c.tensors[key]
 
-        def read(j: int, start: int, count: int) -> torch.Tensor:
-            return maps.view(info if j >= 0 else base, start, count)
+def _prep_one(soup: _Soup, key: str, c: Checkpoint, acc: torch.dtype, maps: _Maps) -> Prepared:
+    """Candidate ``c``'s :class:`Prepared` (one entry) for tensor ``key``; pages released as it reads."""
+    info, base = c.tensors[key], soup.base.tensors[key]
 
-        def release(j: int, start: int, count: int) -> None:
-            maps.drop(info, start, count)
-            maps.drop(base, start, count)
+    def read(j: int, start: int, count: int) -> torch.Tensor:
+        return maps.view(info if j >= 0 else base, start, count)
 
-        return prepare(soup.spec, key, [c.name], read, info.numel, acc, release=release)
+    def release(j: int, start: int, count: int) -> None:
+        maps.drop(info, start, count)
+        maps.drop(base, start, count)
 
-    futs = []
-    for c in soup.used:
-        if pool is None:
-            f: Future = Future()
-            f.set_result(one(c))
-        else:
-            f = pool.submit(one, c)
-        futs.append(f)
-    return futs
+    return prepare(soup.spec, key, [c.name], read, info.numel, acc, release=release)
 
 
 def _compute(maps: _Maps, job: _Job, slot: _Slot) -> torch.Tensor:
@@ -421,17 +426,30 @@ def _write_shards(tmp: Path, soup: _Soup, workers: int) -> None:
             maps.get(f)  # opened here, once: prep threads share the maps
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over chunks instead: no OpenMP barriers (costly on busy CPUs)
-    prep = ThreadPoolExecutor(workers, thread_name_prefix="soce-prep") if soup.base and workers > 1 else None
+    queue = _prep_queue(soup, workers)
     try:
+        preps = _submit_preps(soup, maps, queue) if queue is not None else None
         for sh in soup.shards:
             with open(tmp / sh.name, "wb", buffering=0) as fh:
                 _write_all(fh, sh.header)
-                _stream(maps, _jobs(soup, sh.keys, maps, prep), fh, workers)
+                _stream(maps, _jobs(soup, sh.keys, maps, preps, queue), fh, workers)
     finally:
-        if prep is not None:
-            prep.shutdown(wait=True, cancel_futures=True)
+        if queue is not None:
+            queue.close()
         torch.set_num_threads(threads)
         maps.close()
+
+
+def _prep_queue(soup: _Soup, workers: int) -> PrepQueue | None:
+    """A :class:`PrepQueue` when the operator prepares tensors: ``workers`` threads; budget 1.25 times the
+    largest task (one embedding's sort at a time, smaller ones beside it); look-ahead of 4 times the
+    largest tensor or 256M elements."""
+    spec = soup.spec
+    if soup.base is None or spec.op.sparsify is None or spec.density >= 1:
+        return None
+    big = max(i.numel for i in soup.base.tensors.values())
+    cost = big * 20 if spec.op.sparsify == "magnitude" else min(big, 1 << 22) * 40
+    return PrepQueue(workers, int(cost * 1.25), max(4 * big, 1 << 28))
 
 
 def _write_extras(tmp: Path, src: Path, out_dt: torch.dtype | None, rec: dict, shards: list[_Shard]) -> None:

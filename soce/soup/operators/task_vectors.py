@@ -116,13 +116,13 @@ def _trim(spec: MergeSpec, read: Reader, j: int, numel: int, acc: torch.dtype, c
         mag[start:start + count].copy_(d)  # float32 as mergekit sorts them (rounded for float64 inputs)
         if release is not None:
             release(j, start, count)
-    mask = ties.trim_mask(mag, spec.density)
+    mask = ties.trim_mask(mag, spec.density)  # sorts mag: its first k entries are the kept magnitudes
     if mask is None:
         return None, None
     if before is None:
         return pack_bits(mask), None
     if acc == torch.float32:
-        after = dare.l1_parts(mag * mask)
+        after = dare.l1_parts(mag[:ties.trim_k(spec.density, numel)])
     else:  # magnitudes in the working dtype, again
         after = sum(dare.l1_parts(_delta(read, j, s, min(chunk, numel - s), acc).abs_()
                                   * mask[s:s + min(chunk, numel - s)]) for s in range(0, numel, chunk))
