@@ -35,6 +35,7 @@ class Inputs:
     population: pd.DataFrame
     soups: SoupEvaluator | None  # None: scores only (no model can be evaluated)
     experiment: str  # the MLflow experiment (follows a score table's benchmark)
+    base: str | None = None  # the candidates' base checkpoint (task-vector merge operators), if known
 
     def table(self, split: str) -> pd.DataFrame:
         """Candidates x categories on ``split`` (categories only, no overall)."""
@@ -46,11 +47,11 @@ def gather(config: Config) -> Inputs:
     """Resolve the pool (building the demo on first use) and score candidates and population (cached)."""
     if config.pool.source == "csv":
         return _from_score_table(config)
-    benchmark, candidates, population = _checkpoints(config)
+    benchmark, candidates, population, base = _checkpoints(config)
     if benchmark.select_split == benchmark.report_split:
         log.warning("select_split == report_split (%s): experts and weights are chosen on the scores "
                     "that are reported (the paper's protocol); reported gains are optimistic", benchmark.select_split)
-    soups = make_soup_evaluator(config, benchmark, {**population, **candidates}, list(candidates))
+    soups = make_soup_evaluator(config, benchmark, {**population, **candidates}, list(candidates), base)
     sel = benchmark.select_split
     everyone = {**population, **candidates}
     log.info("scoring %d checkpoints on %s and %d candidates on %s (cached after the first run)",
@@ -59,12 +60,13 @@ def gather(config: Config) -> Inputs:
     pop = {n: soups.scores({n: 1.0}, sel) for n in _progress(everyone, config.progress, "scoring models")}
     cats = benchmark.categories
     population_table = with_population_csv(score_table(pop, cats)[cats], config.selection.population_csv, cats)
-    return Inputs(benchmark, candidates, cand, population_table, soups, config.tracking.experiment)
+    return Inputs(benchmark, candidates, cand, population_table, soups, config.tracking.experiment, base)
 
 
 def make_soup_evaluator(config: Config, benchmark: BenchmarkConfig, models: dict[str, str],
-                        candidates: list[str]) -> SoupEvaluator:
-    """The in-memory merge evaluator of a job: benchmark backend, device, dtype and caches from the config."""
+                        candidates: list[str], base: str | None = None) -> SoupEvaluator:
+    """The in-memory merge evaluator of a job: benchmark backend, device, dtype, merge operator (with the
+    candidates' ``base``) and caches from the config."""
     from soce.benchmarks import make_evaluator
     from soce.benchmarks.lmeval import pick_device, quiet_lm_eval
 
@@ -72,7 +74,8 @@ def make_soup_evaluator(config: Config, benchmark: BenchmarkConfig, models: dict
     device = pick_device(config.device)
     cache = ScoreCache(Path(config.paths.cache_dir))
     return SoupEvaluator(models, candidates, make_evaluator(benchmark, device), cache, device, config.dtype,
-                         item_cache=_item_cache(Path(config.paths.cache_dir)), allow_nonfinite=config.allow_nonfinite)
+                         item_cache=_item_cache(Path(config.paths.cache_dir)), allow_nonfinite=config.allow_nonfinite,
+                         merge=dict(config.merge), base=base)
 
 
 def _item_cache(root: Path) -> Any:
@@ -83,11 +86,13 @@ def _item_cache(root: Path) -> Any:
     return ItemCache(root / "items")
 
 
-def _checkpoints(config: Config) -> tuple[BenchmarkConfig, dict[str, str], dict[str, str]]:
-    """(benchmark, candidates, population) from the demo zoo or the configured paths."""
+def _checkpoints(config: Config) -> tuple[BenchmarkConfig, dict[str, str], dict[str, str], str | None]:
+    """(benchmark, candidates, population, base) from the demo zoo or the configured paths (the demo names its
+    own base; ``pool.base`` overrides it)."""
     benchmark, pool = config.benchmark, config.pool
+    base = _absolute({"base": pool.base})["base"] if pool.base else None
     if pool.source != "demo":  # local dirs made absolute (a relative one is never taken for a hub id)
-        return benchmark, _absolute(pool.candidates), _absolute(pool.population)
+        return benchmark, _absolute(pool.candidates), _absolute(pool.population), base
     from soce.demo.zoo import build_demo
 
     manifest = build_demo(config.demo, progress=config.progress)
@@ -98,7 +103,7 @@ def _checkpoints(config: Config) -> tuple[BenchmarkConfig, dict[str, str], dict[
     families = {c: f for c, f in manifest["families"].items() if c in benchmark.categories}
     benchmark = dataclasses.replace(benchmark, task_dir=benchmark.task_dir or manifest["task_dir"],
                                     families=benchmark.families or families)
-    return benchmark, dict(manifest["candidates"]), dict(manifest["population"])
+    return benchmark, dict(manifest["candidates"]), dict(manifest["population"]), base or manifest["base"]
 
 
 def _absolute(paths: dict[str, str]) -> dict[str, str]:

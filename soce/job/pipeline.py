@@ -143,6 +143,7 @@ def make_result(config: Config, inputs: Inputs, selection: Selection, plan: Plan
     splits = bench.splits if config.report else [bench.select_split]
     scores = {} if soups is None else {s: _summary(soups.scores(ingredients, s)) for s in splits}
     have = list(inputs.candidate_scores)
+    merge = outputs.merge_params(config)
     return JobResult(
         strategy=config.strategy.name, benchmark=bench.name, pool=config.pool.name,
         experts=selection.ingredients, weak_set=selection.weak, expert_of=selection.experts,
@@ -153,7 +154,8 @@ def make_result(config: Config, inputs: Inputs, selection: Selection, plan: Plan
         best_single=str(method.overall(inputs.table(bench.select_split)).idxmax()),
         soup_path=str(soup_path) if soup_path else None, mlflow_run_id=tracker.run_id,
         evaluated=soups.cache.evaluated if soups else 0, cached=soups.cache.cached if soups else 0,
-        objective=bench.objective, search=dict(plan.notes), timing=soups.timing_summary() if soups else {})
+        objective=bench.objective, search=dict(plan.notes), timing=soups.timing_summary() if soups else {},
+        merge=merge, base=inputs.base if merge["method"] != "linear" else None)
 
 
 @contextlib.contextmanager

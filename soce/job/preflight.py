@@ -170,6 +170,28 @@ def _paths(config: Config) -> None:
                               f"{os.getcwd()}), not in the local hub cache, and HF_HUB_OFFLINE=1 forbids a download")
     if config.selection.population_csv is None:
         _population_size(len({**pool.population, **pool.candidates}))
+    _base(config)
+
+
+def _base(config: Config) -> None:
+    """A task-vector operator's ``pool.base`` exists and matches the local candidates (names, shapes, dtypes:
+    headers only)."""
+    pool = config.pool
+    if config.merge.get("method", "linear") == "linear" or not pool.base:
+        return
+    p = Path(str(pool.base)).expanduser()
+    if not p.exists():
+        if str(pool.base).startswith(("/", ".", "~")) or not HUB_ID.match(str(pool.base)):
+            raise ConfigError(f"pool.base: no checkpoint at {pool.base}")
+        return
+    local = {n: c for n, c in pool.candidates.items() if Path(str(c)).expanduser().exists()}
+    if local:
+        from soce.soup import SoupError, check_models
+
+        try:
+            check_models({**local, "pool.base": str(p)})
+        except SoupError as e:
+            raise ConfigError(f"pool.base: {one_line(e)}") from None
 
 
 def _in_hub_cache(repo_id: str) -> bool:

@@ -93,7 +93,7 @@ def model_card(rec: dict, n_shards: int, copied: list[str]) -> str:
              "tags": ["merge", "soce"] + ([rec["method"]] if rec["method"] != "linear" else [])}
     rows = "\n".join(f"| {c['name']} | `{c['path']}` | {c['weight']:.6g} |" for c in rec["candidates"])
     chosen = "\n".join(f"- {k}: {rec[k]}" for k in CHOSEN_KEYS if rec.get(k) is not None)
-    params = rec.get("merge")
+    params = rec.get("merge") if rec["method"] != "linear" else None
     op = (f"Operator **{rec['method']}** with {', '.join(f'{k}={v}' for k, v in params.items() if k != 'method')}"
           f" over the base `{rec['base']}`.\n\n") if params else ""
     extra = {k: v for k, v in rec.items() if k not in ("candidates",)}
