@@ -183,6 +183,14 @@ def test_spec_checks():
     assert "seed" in MergeSpec("dare_ties", seed=-1).problem()
 
 
+def test_config_schema_lists_the_registry():
+    from soce.config import MERGE_METHODS
+
+    assert MERGE_METHODS == {name: op.params for name, op in OPERATORS.items()}
+    confs = {p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "merge").glob("*.yaml")}
+    assert confs == set(OPERATORS)
+
+
 # ------------------------------------------------------------------------------ engines
 
 
