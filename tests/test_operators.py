@@ -102,6 +102,18 @@ def test_equals_the_published_formulas(case, dtype):
                 assert torch.equal(_bits(got), _bits(ref)), (shape, out_dt, chunk)
 
 
+def test_ties_rescale_and_float64():
+    base, xs = _tensors(5, (120, 70), 3, torch.float32)
+    ws = [0.5, 0.3, 0.2]
+    spec = MergeSpec("ties", density=0.3, rescale=True)
+    ref = reference("ties", base, xs, ws, density=0.3, rescale=True)
+    assert torch.equal(_bits(merge_tensor(spec, "t", list("abc"), base, xs, ws, None, 1000)), _bits(ref))
+    b64, x64 = base.double(), [x.double() for x in xs]  # float64 inputs: float64 arithmetic, any chunking
+    outs = [merge_tensor(spec, "t", list("abc"), b64, x64, ws, None, c) for c in (1 << 18, 999)]
+    assert outs[0].dtype == torch.float64 and torch.equal(_bits(outs[0]), _bits(outs[1]))
+    assert (outs[0] - ref.double()).abs().max() < 1e-6
+
+
 def test_trim_in_place_sort_keeps_argsorts_choice():
     g = torch.Generator().manual_seed(0)
     for n in (1000, 300_001):  # bf16-rounded magnitudes: many ties at the cut

@@ -285,7 +285,7 @@ class Remixer:
         for s, n in _chunks(flat.numel(), chunk):
             dst = flat[s:s + n] if flat.dtype == out_dt else slot.get("out", out_dt, n)
             parts = [x[s:s + n].to(dev, non_blocking=True) for x in srcs]
-            mix_chunk(dst, parts, base[s:s + n].to(dev, non_blocking=True), self.spec, prep, co, s)
+            mix_chunk(dst, parts, base[s:s + n].to(dev, non_blocking=True), self.spec, prep, co, s, slot.get)
             if flat.dtype != out_dt:
                 flat[s:s + n].copy_(dst)
 

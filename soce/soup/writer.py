@@ -238,7 +238,7 @@ def _compute(maps: _Maps, job: _Job, slot: _Slot) -> torch.Tensor:
     if job.task is not None:
         t = job.task
         base = maps.view(t.base, job.start, job.count)
-        mix_chunk(out, srcs, base, t.spec, t.prepared(), t.co, job.start)
+        mix_chunk(out, srcs, base, t.spec, t.prepared(), t.co, job.start, slot.get)
         bad = _first_nonfinite(out) if job.finite else None
         srcs.append(base)
         infos = [*infos, t.base]

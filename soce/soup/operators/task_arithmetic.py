@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 
-def plain_sum(deltas: list[torch.Tensor]) -> torch.Tensor:
-    """``sum_j deltas[j]``: a new tensor, +0 plus each in order (one rounding per addition)."""
-    mixed = torch.zeros_like(deltas[0])
+def plain_sum(deltas: list[torch.Tensor], into: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_j deltas[j]``: +0 plus each in order (one rounding per addition), in ``into`` (default: new)."""
+    mixed = torch.zeros_like(deltas[0]) if into is None else into.zero_()
     for d in deltas:
         mixed.add_(d)
     return mixed

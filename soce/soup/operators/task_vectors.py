@@ -105,7 +105,7 @@ def prepare(spec: MergeSpec, key: str, names: list[str], read: Reader, numel: in
 def _trim(spec: MergeSpec, read: Reader, j: int, numel: int, acc: torch.dtype, chunk: int,
           release: Callable[[int, int, int], None] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """TIES' trim of candidate ``j``: (packed mask or None, rescale factor or None)."""
-    mag = torch.empty(numel, dtype=torch.float32)
+    mag = ties.magnitude_buffer(numel)  # per thread, reused: no fresh pages per task vector
     before = None
     for start in range(0, numel, chunk):
         count = min(chunk, numel - start)
@@ -124,8 +124,8 @@ def _trim(spec: MergeSpec, read: Reader, j: int, numel: int, acc: torch.dtype, c
     if acc == torch.float32:
         after = dare.l1_parts(mag[:ties.trim_k(spec.density, numel)])
     else:  # magnitudes in the working dtype, again
-        after = sum(dare.l1_parts(_delta(read, j, s, min(chunk, numel - s), acc).abs_()
-                                  * mask[s:s + min(chunk, numel - s)]) for s in range(0, numel, chunk))
+        after = sum(dare.l1_parts(d * mask[s:s + d.numel()].to(d.device))
+                    for s in range(0, numel, chunk) for d in [_delta(read, j, s, min(chunk, numel - s), acc).abs_()])
     return pack_bits(mask), _factor(before, after, acc)
 
 
@@ -149,28 +149,36 @@ def _dare_factor(read: Reader, j: int, s: tuple[int, int], density: float, numel
     return _factor(before, after, acc)
 
 
+Scratch = Callable[[str, torch.dtype, int], torch.Tensor]  # (name, dtype, numel) -> a reusable 1-D buffer
+
+
+def _fresh(device: torch.device) -> Scratch:
+    return lambda name, dtype, n: torch.empty(n, dtype=dtype, device=device)
+
+
 def mix_chunk(out: torch.Tensor, srcs: list[torch.Tensor], base: torch.Tensor, spec: MergeSpec,
-              prep: Prepared, co: TaskCoefficients, start: int) -> None:
+              prep: Prepared, co: TaskCoefficients, start: int, scratch: Scratch | None = None) -> None:
     """``out`` <- the soup of elements [start, start+len) of one tensor: ``srcs`` (the candidates that take
     part, in order) and ``base``, 1-D, same device as ``out``; ``prep`` from :func:`prepare` for the same
-    candidates; ``co`` on that device. mergekit 0.1.5's operations, in its order (module docs)."""
-    acc = co.ws[0].dtype
-    b = base.to(acc)
+    candidates; ``co`` on that device. mergekit 0.1.5's operations, in its order (module docs).
+    ``scratch``: where the working buffers come from (named ``tv_*``; default: new tensors)."""
+    acc, n = co.ws[0].dtype, out.numel()
+    get = scratch or _fresh(out.device)
+    b = get("tv_b", acc, n).copy_(base)
     deltas = []
     for j, x in enumerate(srcs):
-        d = x.to(acc) - b
+        d = get(f"tv_d{j}", acc, n).copy_(x).sub_(b)
         if prep.masks[j] is not None:
-            d.mul_(unpack_bits(prep.masks[j], start, d.numel(), d.device))
+            d.mul_(unpack_bits(prep.masks[j], start, n, d.device))
         elif prep.salts[j] is not None:
-            d.mul_(dare.keep_mask(prep.salts[j], spec.density, start, d.numel(), d.device))
+            d.mul_(dare.keep_mask(prep.salts[j], spec.density, start, n, d.device))
         if prep.scales[j] is not None:
             d.mul_(prep.scales[j])
         deltas.append(d.mul_(co.ws[j]))
     if spec.op.consensus:
-        mixed, divisor = ties.elect(deltas, co.ws)
+        mixed, divisor = ties.elect(deltas, co.ws, get)
     else:
-        mixed, divisor = plain_sum(deltas), co.divisor
-    del deltas
+        mixed, divisor = plain_sum(deltas, get("tv_s", acc, n)), co.divisor
     finish(out, b, mixed, divisor if spec.do_normalize else None, spec.lam)
 
 

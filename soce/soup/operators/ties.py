@@ -19,6 +19,9 @@ See :mod:`.task_arithmetic` for the order of the sums (equal to mergekit's for u
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import torch
 
 
@@ -48,25 +51,49 @@ def trim_mask(magnitude: torch.Tensor, density: float) -> torch.Tensor | None:
         return None
     mask = torch.zeros(n, dtype=torch.bool)
     if k:
-        idx = torch.empty(n, dtype=torch.int64)
+        idx = _index_buffer(n)
         torch.sort(magnitude, descending=True, out=(magnitude, idx))
         mask[idx[:k]] = True
     return mask
 
 
-def elect(deltas: list[torch.Tensor], ws: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+_LOCAL = threading.local()
+
+
+def _index_buffer(n: int) -> torch.Tensor:
+    """An int64 buffer of ``n`` elements kept per thread (grown, never shrunk): a sort per task vector would
+    otherwise fault in 8 fresh bytes per element each time."""
+    buf = getattr(_LOCAL, "idx", None)
+    if buf is None or buf.numel() < n:
+        buf = _LOCAL.idx = torch.empty(n, dtype=torch.int64)
+    return buf[:n]
+
+
+def magnitude_buffer(n: int) -> torch.Tensor:
+    """A float32 buffer of ``n`` elements kept per thread (grown, never shrunk), for :func:`trim_mask`."""
+    buf = getattr(_LOCAL, "mag", None)
+    if buf is None or buf.numel() < n:
+        buf = _LOCAL.mag = torch.empty(n, dtype=torch.float32)
+    return buf[:n]
+
+
+def elect(deltas: list[torch.Tensor], ws: list[torch.Tensor],
+          scratch: Callable[[str, torch.dtype, int], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """TIES' sign election and disjoint sum on one chunk: ``deltas`` (weighted task vectors, 1-D, working
-    dtype, same device) and ``ws`` (their weights, one-element tensors) -> (``mixed``, ``divisor``), new
-    tensors. Both sums start at +0 and add in candidate order; a zero divisor becomes 1."""
-    s = torch.zeros_like(deltas[0])
+    dtype, same device) and ``ws`` (their weights, one-element tensors) -> (``mixed``, ``divisor``). Both
+    sums start at +0 and add in candidate order; a zero divisor becomes 1. ``scratch(name, dtype, n)``
+    gives the buffers (default: new tensors)."""
+    dt, n, dev = deltas[0].dtype, deltas[0].numel(), deltas[0].device
+    get = scratch or (lambda name, dtype, k: torch.empty(k, dtype=dtype, device=dev))
+    s = get("tv_s", dt, n).zero_()
     for d in deltas:
         s.add_(d)
-    sign = (s >= 0).to(s.dtype).mul_(2).sub_(1)
-    mixed = s.zero_()
-    divisor = torch.zeros_like(mixed)
+    agree = get("tv_agree", torch.bool, n)
+    sign = get("tv_sign", dt, n).copy_(torch.ge(s, 0, out=agree)).mul_(2).sub_(1)
+    mixed, divisor, t = s.zero_(), get("tv_div", dt, n).zero_(), get("tv_t", dt, n)
     for d, w in zip(deltas, ws, strict=True):
-        agree = torch.sign(d) == sign
-        mixed.add_(d * agree)
-        divisor.add_(w * agree)
-    divisor[divisor == 0] = 1
+        torch.eq(torch.sign(d, out=t), sign, out=agree)
+        mixed.add_(torch.mul(d, agree, out=t))
+        divisor.add_(torch.mul(w, agree, out=t))
+    divisor.masked_fill_(divisor == 0, 1)  # (no host sync on a GPU, unlike divisor[divisor == 0] = 1)
     return mixed, divisor
