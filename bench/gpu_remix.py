@@ -121,6 +121,20 @@ def build(workdir: Path, shape: dict, n: int, distinct: int, shard_bytes: int, d
     return dirs
 
 
+def time_ties(models: dict, base: Path, dev: torch.device, density: float, time_mixes) -> dict:
+    """Re-mix times of a TIES soup of the same experts (``base``: a checkpoint of the same shapes), after
+    the Remixer's one-off preparation (the trim masks, sorted on the CPU: timed apart)."""
+    t0 = time.perf_counter()
+    rmx = Remixer(models, device=str(dev), merge={"method": "ties", "density": density}, base=base)
+    sync(dev)
+    init = round(time.perf_counter() - t0, 1)
+    out = {**time_mixes(rmx), "init_s": init}
+    del rmx
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="8b")
@@ -134,6 +148,8 @@ def main() -> int:
                     help="mergekit-yaml command ('python3 -m mergekit.scripts.run_yaml'): also time it with --cuda")
     ap.add_argument("--chunks", default="", help="GPU chunk sizes (elements, comma separated) to time the re-mix with")
     ap.add_argument("--keep", action="store_true", help="keep the expert checkpoints for a later run")
+    ap.add_argument("--ties", type=float, default=None, metavar="DENSITY",
+                    help="also time a TIES re-mix (base: the first expert; its task vector is 0) against linear")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     dev = torch.device(a.device)
@@ -203,6 +219,10 @@ def main() -> int:
     del rmx
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+    if a.ties is not None:
+        res["remix_ties_s"] = time_ties(models, dirs[0], dev, a.ties, time_mixes)
+        res["ties_over_linear"] = round(res["remix_ties_s"]["median"] / res["remix_s"]["median"], 2)
+        print(f"TIES re-mix (density {a.ties}): {res['remix_ties_s']}, {res['ties_over_linear']}x linear", flush=True)
 
     if not a.no_write:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),

@@ -42,6 +42,12 @@ PROPOSALS = ("grid", "tpe", "gp")  # search.proposal (race)
 SAMPLERS = ("tpe", "gp")  # search.sampler (optuna)
 EXPERT_PLACEMENTS = (None, "with_shard", "host", "auto")  # parallel.expert_placement
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # device
+# merge.method -> the parameters it takes (soce.soup.operators.OPERATORS; a test keeps the two equal)
+_TV = ("density", "lambda", "normalize", "rescale")
+MERGE_METHODS: dict[str, tuple[str, ...]] = {
+    "linear": ("normalize",), "task_arithmetic": ("lambda", "normalize"), "ties": _TV,
+    "dare_linear": (*_TV, "seed"), "dare_ties": (*_TV, "seed"),
+}
 
 
 def _refuse(checks: list[tuple[bool, str]]) -> None:
@@ -177,12 +183,34 @@ class PoolConfig:
     # unit of the score tables read (pool.csv and selection.population_csv): percent | fraction; null: auto
     # (fractions when every cell is <= 1, else percent; a column all <= 1 in a percent table is refused)
     scale: str | None = None
+    base: str | None = None  # the checkpoint the candidates were fine-tuned from (task-vector merges); demo: its own
 
     def validate(self) -> None:
         _refuse([_one_of("pool.source", self.source, POOL_SOURCES),
                  _one_of("pool.scale", self.scale, SCALES),
                  (self.source == "csv" and self.csv is None, "pool.source=csv needs pool.csv=<score table>"),
                  (self.source == "paths" and not self.candidates, f"pool {self.name!r} lists no candidates")])
+
+
+def merge_problems(merge: dict[str, Any], pool: PoolConfig) -> list[tuple[bool, str]]:
+    """Checks of the ``merge`` group (operator and mergekit-named parameters) and that a task-vector operator
+    has a base (``pool.base``; the demo pool names its own)."""
+    method = merge.get("method", "linear")
+    if method not in MERGE_METHODS:
+        return [(True, f"merge.method must be one of {', '.join(MERGE_METHODS)}, got {method!r}")]
+    extra = [k for k, v in merge.items() if k != "method" and v is not None and k not in MERGE_METHODS[method]]
+    d, lam, seed = merge.get("density"), merge.get("lambda"), merge.get("seed")
+    return [(bool(extra), f"merge.{extra[0] if extra else ''}: merge={method} takes only "
+                          f"{', '.join(MERGE_METHODS[method])}"),
+            (d is not None and not (isinstance(d, int | float) and 0 <= d <= 1),
+             f"merge.density must be in [0, 1], got {d!r}"),
+            (lam is not None and not (isinstance(lam, int | float) and lam == lam and abs(lam) != float("inf")),
+             f"merge.lambda must be a finite number, got {lam!r}"),
+            (seed is not None and not (isinstance(seed, int) and seed >= 0),
+             f"merge.seed must be an integer >= 0, got {seed!r}"),
+            (method != "linear" and not pool.base and pool.source != "demo",
+             f"merge={method} works on task vectors: set pool.base=<the checkpoint the candidates were fine-tuned "
+             f"from> (pool {pool.name!r} names none)")]
 
 
 @dataclass
@@ -341,6 +369,9 @@ class Config:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # the merge operator (conf/merge/: linear | task_arithmetic | ties | dare_linear | dare_ties) and its
+    # parameters by mergekit's names (density, lambda, normalize, rescale, seed); see soce.soup.operators
+    merge: dict[str, Any] = field(default_factory=lambda: {"method": "linear"})
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     dtype: str | None = None  # dtype to evaluate and write soups in; None keeps the checkpoints'
     save_soup: bool = True  # write the final soup as a Hugging Face checkpoint into the job dir
@@ -353,6 +384,7 @@ class Config:
         key). What lies outside the config (files, servers, GPUs, installed backends) is soce.job.preflight's."""
         for part in (self.benchmark, self.pool, self.selection, self.strategy, self.search, self.parallel):
             part.validate()
+        _refuse(merge_problems(dict(self.merge), self.pool))
         _refuse([(self.dtype is not None and self.dtype not in DTYPES,
                   f"dtype must be one of {', '.join(DTYPES)} or null, got {self.dtype!r}"),
                  (not DEVICE.fullmatch(self.device), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),

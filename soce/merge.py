@@ -1,8 +1,13 @@
-"""Merge-only entry point: write a linear soup without a benchmark.
+"""Merge-only entry point: write a soup without a benchmark.
 
     python -m soce.merge output=OUT 'models=[P1,P2,...]' 'weights=[w1,w2,...]' \\
-        [names=[n1,n2,...]] [donor=NAME|INDEX] [dtype=bfloat16] [max_shard_size=5GB] \\
-        [overwrite=true] [normalize=true] [strategy=TEXT] [allow_nonfinite=false]
+        [method=linear|task_arithmetic|ties|dare_linear|dare_ties] [base=CKPT] [density=D] [lambda=L] \\
+        [rescale=BOOL] [seed=N] [names=[n1,n2,...]] [donor=NAME|INDEX] [dtype=bfloat16] \\
+        [max_shard_size=5GB] [overwrite=true] [normalize=BOOL] [strategy=TEXT] [allow_nonfinite=false]
+
+``method`` (default linear) picks the operator; task-vector operators need ``base`` (the checkpoint the
+models were fine-tuned from) and take mergekit's parameters: ``density`` (fraction kept, TIES/DARE),
+``lambda``, ``normalize`` (default: the operator's), ``rescale`` (DARE), ``seed`` (DARE's masks).
 
 Arguments are Hydra-style ``key=value`` overrides (lists in brackets, comma separated). Bad input prints one
 ``soce.merge: error: ...`` line to stderr and exits with status 2 (nothing is written; an output that
@@ -18,7 +23,8 @@ from pathlib import Path
 
 USAGE = __doc__.split("\n\n")[1]
 KEYS = ("output", "models", "weights", "names", "donor", "dtype", "max_shard_size", "overwrite", "normalize",
-        "strategy", "allow_nonfinite")
+        "strategy", "allow_nonfinite", "method", "base", "density", "lambda", "rescale", "seed")
+MERGE_KEYS = ("method", "density", "lambda", "normalize", "rescale", "seed")
 
 
 class UsageError(ValueError):
@@ -81,8 +87,28 @@ def parse_args(argv: list[str]) -> dict:
     for key in ("overwrite", "normalize", "allow_nonfinite"):
         if key in raw:
             kw[key] = _bool(key, raw[key])
+    if any(k in raw for k in MERGE_KEYS if k != "normalize"):
+        kw["merge"] = _merge(raw)
+        kw.pop("normalize", None)
+    if "base" in raw:
+        kw["base"] = raw["base"].strip()
     kw["recipe"] = {"strategy": raw.get("strategy", "manual"), "tool": "soce.merge"}
     return kw
+
+
+def _merge(raw: dict[str, str]) -> dict:
+    """The ``merge`` mapping of :func:`soce.soup.write_soup` from the operator's arguments."""
+    m: dict = {"method": raw.get("method", "linear").strip()}
+    for key, conv in (("density", float), ("lambda", float), ("seed", int)):
+        if key in raw:
+            try:
+                m[key] = conv(raw[key].strip())
+            except ValueError:
+                raise UsageError(f"{key}: expected a number, got {raw[key]!r}") from None
+    for key in ("normalize", "rescale"):
+        if key in raw:
+            m[key] = _bool(key, raw[key])
+    return m
 
 
 def _default_names(paths: list[str]) -> list[str]:

@@ -111,6 +111,10 @@ def test_config_error_is_a_value_error():
     ("parallel.workers=0", "parallel.workers"),
     ("dtype=int8", "dtype"),
     ("device=tpu", "device"),
+    ("merge=ties pool=example_local", "pool.base"),
+    ("merge=dare_ties merge.density=2", "merge.density"),
+    ("merge=task_arithmetic +merge.density=0.5", "merge.density"),
+    ("merge=ties merge.method=slerp", "merge.method"),
 ])
 def test_each_group_refuses_a_bad_value_in_one_line_naming_the_key(override, key):
     """Value ranges and consistency live in the typed config (Config.validate, run by typed()): one line."""

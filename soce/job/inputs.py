@@ -38,6 +38,7 @@ class Inputs:
     experiment: str  # the MLflow experiment (follows a score table's benchmark)
     items: SplitCheck | None = None  # which items selection and report use (None: scores only)
     metrics: dict[str, str] = field(default_factory=dict)  # category -> the metric it is scored by
+    base: str | None = None  # the candidates' base checkpoint (task-vector merge operators), if known
 
     def table(self, split: str) -> pd.DataFrame:
         """Candidates x categories on ``split`` (categories only, no overall)."""
@@ -49,14 +50,14 @@ def gather(config: Config) -> Inputs:
     """Resolve the pool (building the demo on first use) and score candidates and population (cached)."""
     if config.pool.source == "csv":
         return _from_score_table(config)
-    benchmark, candidates, population = _checkpoints(config)
+    benchmark, candidates, population, base = _checkpoints(config)
     if benchmark.select_split == benchmark.report_split:
         log.warning("select_split == report_split (%s): experts and weights are chosen on the scores "
                     "that are reported (the paper's protocol); reported gains are optimistic", benchmark.select_split)
     everyone = {**population, **candidates}
     evaluator = _backend(config, benchmark)
     benchmark, items = check_benchmark(benchmark, evaluator, {**candidates, **population})  # before evaluating
-    soups = make_soup_evaluator(config, benchmark, everyone, list(candidates), evaluator)
+    soups = make_soup_evaluator(config, benchmark, everyone, list(candidates), evaluator, base)
     metrics = _metrics(evaluator, benchmark)
     log.info("items: %s; metrics: %s", items.statement(), ", ".join(f"{c} {m}" for c, m in metrics.items()))
     sel = benchmark.select_split
@@ -67,7 +68,8 @@ def gather(config: Config) -> Inputs:
     cats = benchmark.categories
     population_table = with_population_csv(score_table(pop, cats)[cats], config.selection.population_csv, cats,
                                            config.pool.scale)
-    return Inputs(benchmark, candidates, cand, population_table, soups, config.tracking.experiment, items, metrics)
+    return Inputs(benchmark, candidates, cand, population_table, soups, config.tracking.experiment, items, metrics,
+                  base)
 
 
 def check_benchmark(benchmark: BenchmarkConfig, evaluator: Any,
@@ -97,15 +99,16 @@ def _metrics(evaluator: Any, benchmark: BenchmarkConfig) -> dict[str, str]:
 
 
 def make_soup_evaluator(config: Config, benchmark: BenchmarkConfig, models: dict[str, str],
-                        candidates: list[str], evaluator: Any = None) -> SoupEvaluator:
-    """The in-memory merge evaluator of a job: benchmark backend (``evaluator``, else a new one), device, dtype
-    and caches from the config."""
+                        candidates: list[str], evaluator: Any = None, base: str | None = None) -> SoupEvaluator:
+    """The in-memory merge evaluator of a job: benchmark backend (``evaluator``, else a new one), device, dtype,
+    merge operator (with the candidates' ``base``) and caches from the config."""
     from soce.benchmarks.lmeval import pick_device
 
     evaluator = evaluator if evaluator is not None else _backend(config, benchmark)
     cache = ScoreCache(Path(config.paths.cache_dir))
     return SoupEvaluator(models, candidates, evaluator, cache, pick_device(config.device), config.dtype,
-                         item_cache=_item_cache(Path(config.paths.cache_dir)), allow_nonfinite=config.allow_nonfinite)
+                         item_cache=_item_cache(Path(config.paths.cache_dir)), allow_nonfinite=config.allow_nonfinite,
+                         merge=dict(config.merge), base=base)
 
 
 def _item_cache(root: Path) -> Any:
@@ -116,11 +119,13 @@ def _item_cache(root: Path) -> Any:
     return ItemCache(root / "items")
 
 
-def _checkpoints(config: Config) -> tuple[BenchmarkConfig, dict[str, str], dict[str, str]]:
-    """(benchmark, candidates, population) from the demo zoo or the configured paths."""
+def _checkpoints(config: Config) -> tuple[BenchmarkConfig, dict[str, str], dict[str, str], str | None]:
+    """(benchmark, candidates, population, base) from the demo zoo or the configured paths (the demo names its
+    own base; ``pool.base`` overrides it)."""
     benchmark, pool = config.benchmark, config.pool
+    base = _absolute({"base": pool.base})["base"] if pool.base else None
     if pool.source != "demo":  # local dirs made absolute (a relative one is never taken for a hub id)
-        return benchmark, _absolute(pool.candidates), _absolute(pool.population)
+        return benchmark, _absolute(pool.candidates), _absolute(pool.population), base
     from soce.demo.zoo import build_demo
 
     manifest = build_demo(config.demo, progress=config.progress)
@@ -131,7 +136,7 @@ def _checkpoints(config: Config) -> tuple[BenchmarkConfig, dict[str, str], dict[
     families = {c: f for c, f in manifest["families"].items() if c in benchmark.categories}
     benchmark = dataclasses.replace(benchmark, task_dir=benchmark.task_dir or manifest["task_dir"],
                                     families=benchmark.families or families)
-    return benchmark, dict(manifest["candidates"]), dict(manifest["population"])
+    return benchmark, dict(manifest["candidates"]), dict(manifest["population"]), base or manifest["base"]
 
 
 def _absolute(paths: dict[str, str]) -> dict[str, str]:

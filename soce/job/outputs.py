@@ -69,6 +69,8 @@ class JobResult:
     dropped: dict[str, str] = field(default_factory=dict)  # category in L -> expert left out by max_experts
     max_experts: int | None = None  # selection.max_experts
     selects: bool = True  # the soup is made of the selection's experts (soce_selected, soce_weighted)
+    merge: dict[str, Any] = field(default_factory=lambda: {"method": "linear"})  # the operator, its parameters
+    base: str | None = None  # the base checkpoint of a task-vector operator
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,10 +127,21 @@ def expected_points(config: Config, n_experts: int) -> int | None:
     return s.n_trials if s.name == "optuna" else None
 
 
+def merge_params(config: Config) -> dict[str, Any]:
+    """The merge operator and its resolved parameters (defaults filled in), by mergekit's names."""
+    m = dict(config.merge)
+    if m.get("method", "linear") == "linear" and set(m) <= {"method"}:
+        return {"method": "linear"}
+    from soce.soup.operators import MergeSpec
+
+    return MergeSpec.from_mapping(m).params()
+
+
 def recipe(config: Config, inputs: Inputs, plan: Plan) -> dict[str, Any]:
     """The soup's recipe (model card, safetensors metadata, recipe.yaml)."""
     return {"strategy": config.strategy.name, "benchmark": inputs.benchmark.name, "pool": config.pool.name,
-            "weights": {n: w for n, w in plan.weights.items() if w > 0}, "soce_version": __version__}
+            "weights": {n: w for n, w in plan.weights.items() if w > 0}, "soce_version": __version__,
+            "merge": merge_params(config)}
 
 
 def write_final_soup(config: Config, inputs: Inputs, plan: Plan, out_dir: Path) -> Path | None:
@@ -148,8 +161,9 @@ def write_final_soup(config: Config, inputs: Inputs, plan: Plan, out_dir: Path) 
         rec["hub_ids"] = hub_ids
     if inputs.soups is not None:  # where it was chosen: its selection-split score (cached by the search)
         rec["score"] = round(float(inputs.soups.scores(ingredients, inputs.benchmark.select_split)["overall"]), 6)
+    merge = dict(config.merge) if len(ingredients) > 1 else None  # one ingredient: that checkpoint itself
     return write_soup(paths, ingredients, out_dir / "soup", overwrite=True, recipe=rec,
-                      allow_nonfinite=config.allow_nonfinite)
+                      allow_nonfinite=config.allow_nonfinite, merge=merge, base=inputs.base)
 
 
 def analyses(config: Config, inputs: Inputs, plan: Plan, result: JobResult,
@@ -267,6 +281,8 @@ def job_params(config: Config, inputs: Inputs, selection: Selection, result: Job
             "categories": ",".join(result.categories), "select_split": result.select_split,
             "report_split": result.report_split, "objective": result.objective, "best_single": result.best_single,
             "metric": metric_param(result.metrics), "items": result.items.get("mode", "scores"),
+            **{f"merge.{k}" if k != "method" else "merge": v for k, v in result.merge.items()},
+            **({"merge.base": result.base} if result.base else {}),
             **{f"w.{n}": weight(w) for n, w in result.weights.items()}}
 
 

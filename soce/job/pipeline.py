@@ -150,6 +150,7 @@ def make_result(config: Config, inputs: Inputs, selection: Selection, plan: Plan
     scores = {} if soups is None else {s: _summary(soups.scores(ingredients, s)) for s in splits}
     have = list(inputs.candidate_scores)
     chosen = selection if STRATEGIES[config.strategy.name].selects else None  # a selection the soup is made of
+    merge = outputs.merge_params(config)
     return JobResult(
         strategy=config.strategy.name, benchmark=bench.name, pool=config.pool.name,
         experts=chosen.ingredients if chosen else [], weak_set=chosen.weak if chosen else [],
@@ -163,7 +164,8 @@ def make_result(config: Config, inputs: Inputs, selection: Selection, plan: Plan
         soup_path=str(soup_path) if soup_path else None, mlflow_run_id=tracker.run_id,
         evaluated=soups.cache.evaluated if soups else 0, cached=soups.cache.cached if soups else 0,
         objective=bench.objective, search=dict(plan.notes), timing=soups.timing_summary() if soups else {},
-        metrics=dict(inputs.metrics), items=inputs.items.to_json() if inputs.items else {})
+        metrics=dict(inputs.metrics), items=inputs.items.to_json() if inputs.items else {},
+        merge=merge, base=inputs.base if merge["method"] != "linear" else None)
 
 
 @contextlib.contextmanager

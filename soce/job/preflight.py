@@ -197,6 +197,7 @@ def _paths(config: Config) -> None:
     if config.selection.population_csv is None:
         _population_size(len({**pool.population, **pool.candidates}))
     _candidate_configs(pool.candidates)
+    _base(config)
 
 
 def _candidate_configs(candidates: Mapping[str, str]) -> None:
@@ -209,6 +210,27 @@ def _candidate_configs(candidates: Mapping[str, str]) -> None:
         check_configs(local, warn=False)
     except SoupError as e:
         raise ConfigError(f"pool: {e}") from None
+
+
+def _base(config: Config) -> None:
+    """A task-vector operator's ``pool.base`` exists and matches the local candidates (names, shapes, dtypes:
+    headers only)."""
+    pool = config.pool
+    if config.merge.get("method", "linear") == "linear" or not pool.base:
+        return
+    p = Path(str(pool.base)).expanduser()
+    if not p.exists():
+        if str(pool.base).startswith(("/", ".", "~")) or not HUB_ID.match(str(pool.base)):
+            raise ConfigError(f"pool.base: no checkpoint at {pool.base}")
+        return
+    local = {n: c for n, c in pool.candidates.items() if Path(str(c)).expanduser().exists()}
+    if local:
+        from soce.soup import SoupError, check_models
+
+        try:
+            check_models({**local, "pool.base": str(p)})
+        except SoupError as e:
+            raise ConfigError(f"pool.base: {one_line(e)}") from None
 
 
 def _in_hub_cache(repo_id: str) -> bool:

@@ -40,6 +40,8 @@ class SoupEvaluator:
     device_map: Any = None  # {module prefix: device} or "auto": the live model sharded (soce.soup.Remixer)
     max_memory: Any = None  # transformers' max_memory with device_map="auto" ({gpu index: bytes, "cpu": bytes})
     expert_placement: str | None = None  # "auto" | "with_shard" | "host"; None: the single-device rule
+    merge: dict[str, Any] = field(default_factory=dict)  # the merge operator and its parameters (default linear)
+    base: str | None = None  # the candidates' base checkpoint (task-vector operators)
     _remixer: Any = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
 
@@ -50,10 +52,20 @@ class SoupEvaluator:
         self.context = {"benchmark": self.evaluator.fingerprint(), "metric": self.evaluator.benchmark.metric,
                         "dtype": self.dtype, "device": self.device.split(":")[0], "lm_eval": lm_eval_version(),
                         "format": CACHE_FORMAT}
+        self.operator = _operator(self.merge)
+        if self.operator is not None:  # soups of several ingredients differ by operator (and base)
+            memo = Path(self.cache.root) / "fingerprints"
+            self.merge_context = {"merge": self.operator, "base": model_fingerprint(self.base, memo_dir=memo)}
 
     def key(self, weights: dict[str, float], split: str) -> str:
-        """The cache key of the soup ``weights`` (zero weights dropped) evaluated on ``split``."""
-        return self.cache.key(_live(weights), self.fingerprints, {**self.context, "split": split})
+        """The cache key of the soup ``weights`` (zero weights dropped) evaluated on ``split``; with a
+        non-linear operator, soups of two or more ingredients also key on it and on the base (one ingredient
+        is that checkpoint itself, whatever the operator)."""
+        live = _live(weights)
+        ctx = {**self.context, "split": split}
+        if self.operator is not None and len(live) > 1:
+            ctx.update(self.merge_context)
+        return self.cache.key(live, self.fingerprints, ctx)
 
     def scores(self, weights: dict[str, float], split: str) -> Scores:
         """Scores of the soup ``weights`` ({name: weight}, any positive sum) on the whole ``split``."""
@@ -83,7 +95,7 @@ class SoupEvaluator:
 
     def _evaluate(self, live: dict[str, float], split: str, items: dict[str, list[str]] | None) -> Scores:
         """One real evaluation: a single checkpoint is loaded from disk, a soup re-mixed in memory."""
-        if len(live) == 1 and (name := next(iter(live))) not in self._resident():
+        if len(live) == 1 and ((name := next(iter(live))) not in self._resident() or self.operator is not None):
             from soce.benchmarks.lmeval import load_model
 
             model, tokenizer = load_model(self.models[name], self.device, self.dtype)
@@ -114,7 +126,8 @@ class SoupEvaluator:
             self._remixer = Remixer({n: self.models[n] for n in names}, dtype=self.dtype,
                                     device=None if self.device_map is not None else self.device,
                                     device_map=self.device_map, max_memory=self.max_memory,
-                                    expert_placement=self.expert_placement)
+                                    expert_placement=self.expert_placement, merge=self.merge or None,
+                                    base=self.base)
         return self._remixer
 
     def scores_many(self, points: list[dict[str, float]], split: str, workers: list[SoupEvaluator] | None = None,
@@ -172,6 +185,15 @@ def on_devices(base: SoupEvaluator, n_workers: int, make_evaluator: Any, gpus_pe
             out.append(dataclasses.replace(base, evaluator=make_evaluator(device), device=device, timings=[],
                                            _remixer=None, _tokenizer=None, **place))
     return out
+
+
+def _operator(merge: dict[str, Any]) -> dict[str, Any] | None:
+    """The operator's resolved parameters (``MergeSpec.params``), or None for the linear soup."""
+    if not merge or merge.get("method", "linear") == "linear":
+        return None
+    from soce.soup.operators import MergeSpec
+
+    return MergeSpec.from_mapping(merge).params()
 
 
 def _live(weights: dict[str, float]) -> dict[str, float]:

@@ -8,6 +8,7 @@ tensor to the shard's GPU at each re-mix (:mod:`soce.soup.placement`). Every pla
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,14 @@ from soce.soup import kernel as gpu_mix
 from soce.soup import placement as place
 from soce.soup.arith import CHUNK_ELEMS, GPU_CHUNK_ELEMS, Coefficients, _acc_dtype, _chunks, mix_into
 from soce.soup.checks import _dedup, _dtype, _open_all, check_finite, check_weights
-from soce.soup.io import AVERAGED, Checkpoint, SoupError, TensorInfo, _Maps
+from soce.soup.io import AVERAGED, ST_DTYPES, Checkpoint, SoupError, TensorInfo, _Maps
+from soce.soup.operators import MergeSpec
+from soce.soup.operators.task_vectors import Prepared, TaskCoefficients, mix_chunk, prepare
 from soce.soup.placement import HEADROOM_BYTES, HOST, HostArena, as_device, check_device_map, live_tensors
-from soce.soup.writer import _Slot
+from soce.soup.writer import _base_path, _default_workers, _merge_spec, _Slot
 
 STREAM_CHUNK_ELEMS = 1 << 24  # host experts -> GPU shard: elements per staged copy (32 MiB per bf16 source)
+TASK_GPU_CHUNK_ELEMS = 1 << 24  # task-vector operators on GPU: ~(n + 5) float32 temporaries of this size
 
 
 def _device(device: str | None) -> torch.device:
@@ -52,6 +56,28 @@ class _Coeffs:
         return self.fused_args[dev]
 
 
+class _TaskCoeffs:
+    """One task-vector soup's weights (:class:`TaskCoefficients`) per device and working dtype, and the
+    positions of the candidates that take part (to pick their :class:`Prepared` entries)."""
+
+    def __init__(self, spec: MergeSpec, used: list[str], ws: Mapping[str, float]) -> None:
+        self.spec, self.weights = spec, [ws[n] for n in used]
+        self.names = used
+        self.made: dict[tuple[torch.device, torch.dtype], TaskCoefficients] = {}
+        self.index: list[int] | None = None
+
+    def get(self, dev: torch.device, acc: torch.dtype) -> TaskCoefficients:
+        co = self.made.get((dev, acc))
+        if co is None:
+            co = self.made[(dev, acc)] = TaskCoefficients.make(self.spec, self.weights, acc, dev)
+        return co
+
+    def subset(self, prep: Prepared, names: list[str]) -> Prepared:
+        """The entries of the candidates that take part (``prep`` holds all ``names``, in order)."""
+        idx = [names.index(n) for n in self.names]
+        return Prepared([prep.masks[i] for i in idx], [prep.salts[i] for i in idx], [prep.scales[i] for i in idx])
+
+
 class Remixer:
     """Experts kept resident; :meth:`mix` writes a new soup into ONE live transformers model's tensors in
     place, without reloading anything. Bit-identical to :func:`write_soup` with the same candidates (same
@@ -74,46 +100,80 @@ class Remixer:
 
     def __init__(self, models: Mapping[str, str | Path], device: str | None = None, dtype: str | None = None, *,
                  device_map: Mapping[str, Any] | str | None = None, max_memory: Mapping[Any, Any] | None = None,
-                 expert_placement: str | None = None, pin_host: bool = True, headroom: int = HEADROOM_BYTES):
-        from transformers import AutoModelForCausalLM
-
+                 expert_placement: str | None = None, pin_host: bool = True, headroom: int = HEADROOM_BYTES,
+                 merge: MergeSpec | Mapping[str, Any] | None = None, base: str | Path | None = None):
         mp, _, self.duplicates = _dedup(models)
         self.names = list(mp)
+        self.spec = _merge_spec(merge)
+        bp = _base_path(self.spec, base, self.names)
         out_dt = _dtype(dtype)
-        ckpts = _open_all(mp, mixed_ok=out_dt is not None)
+        ckpts = _open_all({**mp, **dict([bp] if bp else [])}, mixed_ok=out_dt is not None)
+        self.base_ckpt = ckpts.pop() if bp else None
         self.ckpts = ckpts
-        kw: dict[str, Any] = {"dtype": out_dt if out_dt is not None else "auto"}
         self.out_dtype = out_dt
+        self._load_model(ckpts[0], device, device_map, max_memory)
+        targets, self.aliases = self._map_keys(self.model, ckpts[0])
+        # GPU shards first: their work is queued asynchronously, then a CPU shard's (synchronous) re-mix runs
+        self.targets = dict(sorted(targets.items(), key=lambda kv: kv[1].device.type == "cpu"))
+        resident = ckpts + ([self.base_ckpt] if self.base_ckpt else [])
+        legacy = expert_placement is None and device_map is None
+        if legacy:  # the single-device rule: all experts beside the model or all in (unpinned) host memory
+            where = dict.fromkeys(self.targets, self._expert_device(resident))
+        else:
+            nbytes = {k: sum(c.tensors[k].end - c.tensors[k].begin for c in resident) for k in self.targets}
+            live = {k: t.device for k, t in self.targets.items()}
+            where = place.plan_experts(live, nbytes, expert_placement or "auto", headroom)
+        self._maps = _Maps()
+        self._arena = self._host_arena(resident, where, pin_host and not legacy)
+        self.experts: dict[str, dict[str, torch.Tensor]] = {}
+        for c in resident:
+            self.experts[c.name] = {k: self._load(info, where[k], self.targets[k].device)
+                                    for k, info in c.tensors.items()}
+        self.base_tensors = self.experts.pop(self.base_ckpt.name) if self.base_ckpt else None
+        self._prep = self._prepare_all() if self.base_ckpt else {}
+        devs = set(where.values())
+        self.expert_device = next(iter(devs)) if len(devs) == 1 else None  # None: experts on several devices
+        self.devices = sorted({t.device for t in self.targets.values()} | devs, key=str)
+        self._slots: dict[torch.device, _Slot] = {}
+
+    def _load_model(self, ckpt: Checkpoint, device: str | None, device_map: Mapping[str, Any] | str | None,
+                    max_memory: Mapping[Any, Any] | None) -> None:
+        """The live model, from ``ckpt`` (never remote code), on ``device`` or dispatched by ``device_map``."""
+        from transformers import AutoModelForCausalLM
+
+        kw: dict[str, Any] = {"dtype": self.out_dtype if self.out_dtype is not None else "auto"}
         if device_map is None:
             self.device = _device(device)
-            self.model = AutoModelForCausalLM.from_pretrained(ckpts[0].path, trust_remote_code=False, **kw)
+            self.model = AutoModelForCausalLM.from_pretrained(ckpt.path, trust_remote_code=False, **kw)
             self.model.to(self.device).eval()
         else:
             if device is not None:
                 raise SoupError("Remixer: give device or device_map, not both")
             kw.update(device_map=check_device_map(device_map), max_memory=dict(max_memory) if max_memory else None)
-            self.model = AutoModelForCausalLM.from_pretrained(ckpts[0].path, trust_remote_code=False, **kw).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(ckpt.path, trust_remote_code=False, **kw).eval()
             self.device = _input_device(self.model)
-        targets, self.aliases = self._map_keys(self.model, ckpts[0])
-        # GPU shards first: their work is queued asynchronously, then a CPU shard's (synchronous) re-mix runs
-        self.targets = dict(sorted(targets.items(), key=lambda kv: kv[1].device.type == "cpu"))
-        legacy = expert_placement is None and device_map is None
-        if legacy:  # the single-device rule: all experts beside the model or all in (unpinned) host memory
-            where = dict.fromkeys(self.targets, self._expert_device(ckpts))
-        else:
-            nbytes = {k: sum(c.tensors[k].end - c.tensors[k].begin for c in ckpts) for k in self.targets}
-            live = {k: t.device for k, t in self.targets.items()}
-            where = place.plan_experts(live, nbytes, expert_placement or "auto", headroom)
-        self._maps = _Maps()
-        self._arena = self._host_arena(ckpts, where, pin_host and not legacy)
-        self.experts: dict[str, dict[str, torch.Tensor]] = {}
-        for c in ckpts:
-            self.experts[c.name] = {k: self._load(info, where[k], self.targets[k].device)
-                                    for k, info in c.tensors.items()}
-        devs = set(where.values())
-        self.expert_device = next(iter(devs)) if len(devs) == 1 else None  # None: experts on several devices
-        self.devices = sorted({t.device for t in self.targets.values()} | devs, key=str)
-        self._slots: dict[torch.device, _Slot] = {}
+
+    def _prepare_all(self, workers: int = 0) -> dict[str, Prepared]:
+        """Each floating tensor's :class:`Prepared` for every candidate, computed once on the CPU from the
+        files (TIES' sorts on a thread pool), kept beside its live tensor: masks as bits (1/8 byte per
+        element and candidate), DARE's salts, rescale factors."""
+        base = self.base_ckpt
+        keys = [k for k in self.targets if ST_DTYPES[base.tensors[k].dtype] in AVERAGED and base.tensors[k].numel]
+        spec = self.spec
+
+        def one(key: str) -> Prepared:
+            infos = [c.tensors[key] for c in self.ckpts]
+            acc = _acc_dtype(*(ST_DTYPES[i.dtype] for i in [*infos, base.tensors[key]]))
+
+            def read(j: int, start: int, count: int) -> torch.Tensor:
+                return self._maps.view(infos[j] if j >= 0 else base.tensors[key], start, count)
+
+            return prepare(spec, key, self.names, read, infos[0].numel, acc).to(self.targets[key].device)
+
+        if spec.op.sparsify is None or spec.density >= 1:
+            return {k: one(k) for k in keys}
+        with ThreadPoolExecutor(workers or _default_workers(), thread_name_prefix="soce-prep") as pool:
+            return dict(zip(keys, pool.map(one, keys), strict=True))
 
     @staticmethod
     def _map_keys(model, ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
@@ -183,8 +243,9 @@ class Remixer:
 
     @torch.no_grad()
     def mix(self, weights: Mapping[str, float], allow_nonfinite: bool = False) -> Any:
-        """Write the soup with ``weights`` (subset allowed, missing = 0; normalised to sum 1) into
-        ``self.model`` in place and return the model. Asynchronous on CUDA (:meth:`synchronize` to time it).
+        """Write the soup with ``weights`` (subset allowed, missing = 0; linear: normalised to sum 1; other
+        operators: as :func:`write_soup` takes them) into ``self.model`` in place and return the model.
+        Asynchronous on CUDA (:meth:`synchronize` to time it).
         NaN/inf in the soup raise SoupError (tensor and file) unless ``allow_nonfinite`` (one sync per device)."""
         merged: dict[str, Any] = {}
         for n, w in weights.items():
@@ -192,20 +253,41 @@ class Remixer:
             merged[tgt] = (float(merged[tgt]) + float(w)) if tgt in merged else w
         ws = check_weights(self.names, merged, subset=True)
         used = [n for n in self.names if n in ws]
-        coeffs = _Coeffs([ws[n] for n in used])
+        coeffs = _Coeffs([ws[n] for n in used]) if self.base_ckpt is None else _TaskCoeffs(self.spec, used, ws)
         for key, target in self.targets.items():
             srcs = [self.experts[n][key] for n in used]
             flat = target.data.view(-1)
             src_dt = srcs[0].dtype
             if src_dt not in AVERAGED:
                 flat.copy_(srcs[0])
+            elif self.base_ckpt is not None:
+                self._mix_task(key, flat, srcs, coeffs, self.out_dtype or src_dt)
             else:  # round as write_soup does, even if the model's dtype differs
                 self._mix_tensor(flat, srcs, coeffs, self.out_dtype or src_dt)
             for copy in self.aliases.get(key, ()):  # a tie that the device map broke: same bits in the copy
                 copy.data.view(-1).copy_(flat)
         if not allow_nonfinite:
-            check_finite(self.targets, [(c, self.experts[c.name]) for c in self.ckpts if c.name in ws])
+            sources = [(c, self.experts[c.name]) for c in self.ckpts if c.name in ws]
+            check_finite(self.targets, sources + ([(self.base_ckpt, self.base_tensors)] if self.base_ckpt else []))
         return self.model
+
+    def _mix_task(self, key: str, flat: torch.Tensor, srcs: list[torch.Tensor], coeffs: _TaskCoeffs,
+                  out_dt: torch.dtype) -> None:
+        """``flat`` (the live tensor, 1-D) <- a task-vector soup of ``srcs``, computed on ``flat``'s device in
+        chunks (experts held elsewhere are copied there chunk by chunk): :func:`task_vectors.mix_chunk`."""
+        dev = flat.device
+        base = self.base_tensors[key]
+        acc = _acc_dtype(base.dtype, *(x.dtype for x in srcs))
+        prep = coeffs.subset(self._prep[key], self.names)
+        co = coeffs.get(dev, acc)
+        chunk = CHUNK_ELEMS if dev.type == "cpu" else TASK_GPU_CHUNK_ELEMS
+        slot = self._slot(dev)
+        for s, n in _chunks(flat.numel(), chunk):
+            dst = flat[s:s + n] if flat.dtype == out_dt else slot.get("out", out_dt, n)
+            parts = [x[s:s + n].to(dev, non_blocking=True) for x in srcs]
+            mix_chunk(dst, parts, base[s:s + n].to(dev, non_blocking=True), self.spec, prep, co, s, slot.get)
+            if flat.dtype != out_dt:
+                flat[s:s + n].copy_(dst)
 
     def _mix_tensor(self, flat: torch.Tensor, srcs: list[torch.Tensor], coeffs: _Coeffs,
                     out_dt: torch.dtype) -> None:

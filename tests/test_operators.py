@@ -1,0 +1,341 @@
+"""Merge operators (task_arithmetic, ties, dare_*): bits against a reference restating mergekit 0.1.5's
+formulas on whole tensors, the writer and the Remixer against it, DARE's masks and rescale, the CLI's checks,
+and (on a GPU) CPU == GPU bits."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from soce.merge import main
+from soce.soup import Remixer, SoupError, write_soup
+from soce.soup.operators import OPERATORS, MergeSpec, dare, ties
+from soce.soup.operators.task_vectors import merge_tensor, pack_bits, unpack_bits
+from tests.test_soup import assert_bits_equal, load_dir, make_model
+
+CONSENSUS = {"ties", "dare_ties"}
+
+
+def reference(method: str, base: torch.Tensor, xs: list[torch.Tensor], ws: list[float], *, density: float = 1.0,
+              lam: float = 1.0, normalize: bool | None = None, rescale: bool = False,
+              masks: list[torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """mergekit 0.1.5's generalized task arithmetic restated on whole tensors in float32 (``dtype: float32``,
+    ``out_dtype`` = ``dtype``): task vectors, sparsified (TIES: argsort of the magnitudes; DARE: the given
+    ``masks``, L1 rescale with float64 norms), stacked, times the weights, consensus or plain sum over dim
+    0, normalised, times lambda, plus the base, rounded once."""
+    normalize = OPERATORS[method].normalize if normalize is None else normalize
+    b = base.float()
+    deltas = []
+    for j, x in enumerate(xs):
+        d = x.float() - b
+        keep = None
+        if method == "ties" and density < 1:
+            keep = torch.zeros(d.numel())
+            if density > 0:  # mergekit: density <= 0 keeps nothing
+                keep[torch.argsort(d.abs().reshape(-1), descending=True)[:max(1, int(density * d.numel()))]] = 1
+            keep = keep.reshape(d.shape)
+        elif masks is not None and density < 1:
+            keep = masks[j].reshape(d.shape).float()
+        if keep is not None:
+            masked = d * keep
+            before, after = d.double().abs().sum().float(), masked.double().abs().sum().float()
+            d = masked * (before / after) if rescale and before >= 1e-7 and after >= 1e-7 else masked
+        deltas.append(d)
+    stack = torch.stack(deltas)
+    w = torch.tensor(ws, dtype=torch.float32).reshape(-1, *([1] * base.dim()))
+    stack = stack * w
+    if method in CONSENSUS:
+        sign = (stack.sum(dim=0) >= 0).float() * 2 - 1
+        agree = stack.sign() == sign
+        mixed, div = (stack * agree).sum(dim=0), (w * agree).sum(dim=0)
+        div[div == 0] = 1
+    else:
+        mixed, div = stack.sum(dim=0), w.sum(dim=0)
+        div[div.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / div
+    if lam != 1:
+        mixed = mixed * lam
+    return (b + mixed).to(dtype or base.dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _tensors(seed: int, shape: tuple[int, ...], n: int, dtype: torch.dtype) -> tuple[torch.Tensor, list]:
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    xs = [(base.float() + torch.randn(shape, generator=g) * 0.002 * (j + 1)).to(dtype) for j in range(n)]
+    return base, xs
+
+
+CASES = [  # method, weights, density, lambda, normalize
+    ("task_arithmetic", [0.5, 0.3, 0.2], 1.0, 1.0, None),
+    ("task_arithmetic", [0.4, 0.3, 0.2, 0.1], 1.0, 0.7, True),
+    ("task_arithmetic", [1.0, 1.0], 1.0, 1.3, None),
+    ("ties", [0.5, 0.3, 0.2], 0.5, 1.0, None),
+    ("ties", [0.4, 0.3, 0.2, 0.1], 0.2, 1.0, None),
+    ("ties", [0.6, 0.3, 0.1], 0.7, 0.8, False),
+    ("ties", [1.0, 2.0, 0.5, 0.25], 0.33, 1.0, True),
+    ("ties", [0.7, 0.3], 0.0, 1.0, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{len(c[1])}-{c[2]}")
+def test_equals_the_published_formulas(case, dtype):
+    method, ws, density, lam, norm = case
+    spec = MergeSpec(method, density=density, lam=lam, normalize=norm)
+    for si, shape in enumerate([(64, 48), (4096,), (129, 33)]):  # 129*33: not a multiple of 32
+        base, xs = _tensors(si, shape, len(ws), dtype)
+        names = [f"m{j}" for j in range(len(ws))]
+        for out_dt in {dtype, torch.float32}:
+            ref = reference(method, base, xs, ws, density=density, lam=lam, normalize=norm, dtype=out_dt)
+            for chunk in (1 << 18, 1000, 8):
+                got = merge_tensor(spec, "t", names, base, xs, ws, out_dt, chunk)
+                assert torch.equal(_bits(got), _bits(ref)), (shape, out_dt, chunk)
+
+
+def test_ties_rescale_and_float64():
+    base, xs = _tensors(5, (120, 70), 3, torch.float32)
+    ws = [0.5, 0.3, 0.2]
+    spec = MergeSpec("ties", density=0.3, rescale=True)
+    ref = reference("ties", base, xs, ws, density=0.3, rescale=True)
+    assert torch.equal(_bits(merge_tensor(spec, "t", list("abc"), base, xs, ws, None, 1000)), _bits(ref))
+    b64, x64 = base.double(), [x.double() for x in xs]  # float64 inputs: float64 arithmetic, any chunking
+    outs = [merge_tensor(spec, "t", list("abc"), b64, x64, ws, None, c) for c in (1 << 18, 999)]
+    assert outs[0].dtype == torch.float64 and torch.equal(_bits(outs[0]), _bits(outs[1]))
+    assert (outs[0] - ref.double()).abs().max() < 1e-6
+
+
+def test_trim_in_place_sort_keeps_argsorts_choice():
+    g = torch.Generator().manual_seed(0)
+    for n in (1000, 300_001):  # bf16-rounded magnitudes: many ties at the cut
+        mag = torch.randn(n, generator=g).to(torch.bfloat16).float().abs()
+        for density in (0.1, 0.5, 0.9):
+            k = ties.trim_k(density, n)
+            want = torch.zeros(n, dtype=torch.bool)
+            want[torch.argsort(mag, descending=True)[:k]] = True
+            m = mag.clone()
+            got = ties.trim_mask(m, density)
+            assert torch.equal(got, want) and int(got.sum()) == k
+            assert torch.equal(m[:k].sort().values, mag[want].sort().values)  # sorted in place: kept first
+    assert ties.trim_mask(torch.ones(10), 1.0) is None and ties.trim_k(0.01, 10) == 1 and ties.trim_k(0, 10) == 0
+
+
+def test_pack_bits_round_trip():
+    m = torch.rand(1003, generator=torch.Generator().manual_seed(1)) < 0.3
+    p = pack_bits(m)
+    assert p.dtype == torch.uint8 and p.numel() == 126
+    for s, n in ((0, 1003), (5, 100), (8, 995), (1000, 3)):
+        assert torch.equal(unpack_bits(p, s, n, "cpu"), m[s:s + n])
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dare_given_the_masks_equals_the_formula(method, dtype):
+    ws, names = [0.5, 0.3, 0.2], ["a", "b", "c"]
+    base, xs = _tensors(7, (96, 64), 3, dtype)
+    for density, rescale, seed in ((0.5, True, 0), (0.2, True, 3), (0.7, False, 0), (1.0, True, 0)):
+        spec = MergeSpec(method, density=density, rescale=rescale, seed=seed, lam=0.9)
+        masks = [dare.keep_mask(dare.salt(seed, "w", nm), density, 0, base.numel()) for nm in names]
+        ref = reference(method, base, xs, ws, density=density, rescale=rescale, masks=masks, lam=0.9)
+        for chunk in (1 << 18, 777):
+            assert torch.equal(_bits(merge_tensor(spec, "w", names, base, xs, ws, None, chunk)), _bits(ref))
+
+
+def test_dare_masks_kept_fraction_and_rescale():
+    n = 1 << 20
+    for density in (0.1, 0.5, 0.9):
+        s = dare.salt(0, "model.layers.0.mlp.up_proj.weight", "expert")
+        m = dare.keep_mask(s, density, 0, n)
+        assert abs(m.float().mean().item() - density) < 4 * (density * (1 - density) / n) ** 0.5
+        assert torch.equal(m[12345:23456], dare.keep_mask(s, density, 12345, 11111))  # chunking-free
+        assert torch.equal(m, dare.keep_mask(s, density, 0, n))  # same every run
+    a = dare.keep_mask(dare.salt(0, "k", "x"), 0.5, 0, 4096)
+    assert not torch.equal(a, dare.keep_mask(dare.salt(1, "k", "x"), 0.5, 0, 4096))  # seed matters
+    assert not torch.equal(a, dare.keep_mask(dare.salt(0, "k", "y"), 0.5, 0, 4096))  # candidate matters
+    # rescale: the kept entries scaled back to the task vector's L1 norm
+    base, (x,) = _tensors(3, (256, 256), 1, torch.float32)
+    spec = MergeSpec("dare_linear", density=0.3)
+    out = merge_tensor(spec, "w", ["x"], base, [x], [1.0])
+    tau, kept = (x - base).abs().sum().item(), (out - base).abs().sum().item()
+    assert abs(kept - tau) < 1e-3 * tau
+    assert ((out - base) != 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
+
+
+def test_exact_l1():
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(0)
+    for t in (torch.randn(10_000, generator=g) * torch.logspace(-30, 10, 10_000),
+              torch.randn(5000, generator=g, dtype=torch.float64), torch.tensor([1e-45, 3.0, -2.5])):
+        exact = sum(Fraction(abs(v)) for v in t.tolist())
+        want = torch.tensor(float(exact), dtype=torch.float64).to(t.dtype).item()  # exact -> double -> dtype
+        assert dare.l1_value(dare.l1_parts(t), t.dtype) == pytest.approx(want, rel=1e-15)
+    assert dare.l1_value(dare.l1_parts(torch.tensor([1.0, float("inf")])), torch.float32) != 1.0
+
+
+def test_spec_checks():
+    assert MergeSpec("ties").params() == {"method": "ties", "density": 1.0, "lambda": 1.0, "normalize": True,
+                                          "rescale": False}
+    assert MergeSpec.from_mapping({"method": "dare_ties", "lambda": 0.5}).lam == 0.5
+    for bad, msg in (({"method": "slerp"}, "unknown"), ({"method": "linear", "density": 0.5}, "takes no 'density'"),
+                     ({"method": "ties", "foo": 1}, "unknown parameter")):
+        with pytest.raises(ValueError, match=msg):
+            MergeSpec.from_mapping(bad)
+    assert "density" in MergeSpec("ties", density=1.5).problem()
+    assert "lambda" in MergeSpec("ties", lam=float("nan")).problem()
+    assert "seed" in MergeSpec("dare_ties", seed=-1).problem()
+
+
+def test_config_schema_lists_the_registry():
+    from soce.config import MERGE_METHODS
+
+    assert MERGE_METHODS == {name: op.params for name, op in OPERATORS.items()}
+    confs = {p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "merge").glob("*.yaml")}
+    assert confs == set(OPERATORS)
+
+
+# ------------------------------------------------------------------------------ engines
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> dict[str, Path]:
+    """A base and three 'fine-tunes' (base + small noise), tiny Llama, bf16."""
+    d = tmp_path_factory.mktemp("family")
+    base = make_model(d / "base", 0)
+    out = {"base": base}
+    sd = load_dir(base)
+    for j, name in enumerate(("a", "b", "c")):
+        g = torch.Generator().manual_seed(10 + j)
+        (d / name).mkdir()
+        ft = {k: (v.float() + torch.randn(v.shape, generator=g) * 0.01).to(v.dtype) for k, v in sd.items()}
+        save_file(ft, d / name / "model.safetensors", metadata={"format": "pt"})
+        for f in ("config.json", "generation_config.json", "tokenizer_config.json"):
+            if (base / f).is_file():
+                (d / name / f).write_text((base / f).read_text())
+        out[name] = d / name
+    return out
+
+
+def _expected(family: dict[str, Path], spec: MergeSpec, ws: dict[str, float]) -> dict[str, torch.Tensor]:
+    sds = {n: load_dir(family[n]) for n in ws}
+    base = load_dir(family["base"])
+    return {k: merge_tensor(spec, k, list(ws), base[k], [sds[n][k] for n in ws], list(ws.values()))
+            for k in base}
+
+
+@pytest.mark.parametrize("merge", [
+    {"method": "task_arithmetic", "lambda": 0.8},
+    {"method": "ties", "density": 0.4},
+    {"method": "dare_ties", "density": 0.5, "seed": 2},
+    {"method": "dare_linear", "density": 0.6, "rescale": False},
+], ids=lambda m: m["method"])
+def test_writer_and_remixer_equal_the_reference(family, tmp_path, merge):
+    ws = {"a": 0.5, "b": 0.3, "c": 0.2}
+    spec = MergeSpec.from_mapping(merge)
+    want = _expected(family, spec, ws)
+    models = {n: family[n] for n in ws}
+    for workers in (1, 3):
+        out = write_soup(models, ws, tmp_path / f"o{workers}", merge=merge, base=family["base"], workers=workers)
+        assert_bits_equal(load_dir(out), want)
+    rec = json.loads((out / "soce_recipe.json").read_text())
+    assert rec["method"] == spec.method and rec["merge"] == spec.params() and rec["base"] == str(family["base"])
+    card = (out / "README.md").read_text()
+    assert f"Operator **{spec.method}**" in card and str(family["base"]) in card.split("---")[1]
+    rmx = Remixer(models, device="cpu", merge=merge, base=family["base"])
+    sd = rmx.mix(ws).state_dict()
+    for k, v in want.items():
+        assert torch.equal(_bits(sd[k]), _bits(v)), k
+    sub = {"a": 0.6, "c": 0.4}  # a subset, as a search point that drops an expert
+    sd = rmx.mix(sub).state_dict()
+    ref_sub = _expected(family, spec, sub)
+    assert all(torch.equal(_bits(sd[k]), _bits(v)) for k, v in ref_sub.items())
+
+
+def test_linear_ignores_the_base_and_is_unchanged(family, tmp_path):
+    ws = {"a": 0.5, "b": 0.5}
+    models = {n: family[n] for n in ws}
+    plain = load_dir(write_soup(models, ws, tmp_path / "p"))
+    assert_bits_equal(load_dir(write_soup(models, ws, tmp_path / "l", merge={"method": "linear"},
+                                          base=family["base"])), plain)
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("soce.merge: error:") and err.count("\n") == 1, err
+    return err
+
+
+def test_cli_operators_and_their_input_checks(family, tmp_path, capsys):
+    a, b, c, base = (family[n] for n in ("a", "b", "c", "base"))
+    out = tmp_path / "t"
+    args = [f"output={out}", f"models=[{a},{b},{c}]", "weights=[0.5,0.3,0.2]"]
+    assert main(["method=ties", f"base={base}", *args, "density=0.5", "lambda=1.0", "normalize=true"]) == 0
+    rec = json.loads((out / "soce_recipe.json").read_text())
+    assert rec["merge"] == {"method": "ties", "density": 0.5, "lambda": 1.0, "normalize": True, "rescale": False}
+    capsys.readouterr()
+    bad_shape = make_model(tmp_path / "v", 9, vocab=100)
+    nan = tmp_path / "nan"
+    nan.mkdir()
+    sd = load_dir(base)
+    sd["model.norm.weight"][3] = float("nan")
+    save_file(sd, nan / "model.safetensors")
+    capsys.readouterr()
+    for extra, msg in (
+        (["method=ties"], "needs a base checkpoint"),
+        (["method=ties", f"base={bad_shape}"], "vocabulary rows differ"),
+        (["method=ties", f"base={nan}"], f"{nan}.*nan"),
+        (["method=ties", f"base={tmp_path / 'none'}"], "does not exist"),
+        (["method=linear", "density=0.5"], "takes no 'density'"),
+        (["method=ties", f"base={base}", "density=2"], "density"),
+        (["method=bogus", f"base={base}"], "unknown"),
+    ):
+        o = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+        assert main([*extra, f"output={o}", f"models=[{a},{b}]", "weights=[0.5,0.5]"]) == 2, extra
+        assert re.search(msg, _err(capsys), flags=re.IGNORECASE), extra
+        assert not o.exists() and not [p for p in tmp_path.iterdir() if "soce-tmp" in p.name]
+    assert main(["method=ties", f"base={base}", f"output={base}", f"models=[{a},{b}]", "weights=[1,1]",
+                 "overwrite=true"]) == 2
+    assert "overlaps" in _err(capsys)
+    with pytest.raises(SoupError, match="needs a base"):
+        Remixer({"a": a, "b": b}, device="cpu", merge={"method": "task_arithmetic"})
+
+
+# ------------------------------------------------------------------------------ GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_bits_equal_cpu(method, dtype):
+    ws = [0.4, 0.3, 0.2, 0.1]
+    names = ["a", "b", "c", "d"]
+    spec = MergeSpec(method, density=0.5 if method != "task_arithmetic" else 1.0, lam=0.9)
+    base, xs = _tensors(11, (1031, 517), 4, dtype)
+    cpu = merge_tensor(spec, "w", names, base, xs, ws)
+    gpu = merge_tensor(spec, "w", names, base.cuda(), [x.cuda() for x in xs], ws, None, 1 << 20)
+    assert torch.equal(_bits(gpu.cpu()), _bits(cpu))
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_gpu_remixer_equals_writer(family, tmp_path, method):
+    ws = {"a": 0.5, "b": 0.3, "c": 0.2}
+    merge = {"method": method, **({"density": 0.5} if method != "task_arithmetic" else {})}
+    models = {n: family[n] for n in ws}
+    disk = load_dir(write_soup(models, ws, tmp_path / "s", merge=merge, base=family["base"]))
+    for placement in (None, "host"):
+        rmx = Remixer(models, device="cuda", merge=merge, base=family["base"], expert_placement=placement)
+        sd = rmx.mix(ws).state_dict()
+        for k, v in disk.items():
+            assert torch.equal(_bits(sd[k].cpu()), _bits(v)), (placement, k)
