@@ -135,18 +135,25 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         kw = parse_args(argv)
-        if kw.get("normalize", True) and (total := sum(kw["weights"].values())) > 0 and abs(total - 1) > 1e-6:
-            print(f"soce.merge: warning: weights sum to {total:g}, not 1: each is divided by that sum "
-                  "(normalize=false refuses instead)", file=sys.stderr)
-        out = write_soup(**kw)
+        out = write_soup(**kw)  # every input is checked before anything is written: no warning before an error
     except (UsageError, SoupError) as e:
         print(f"soce.merge: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"soce.merge: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
+    _warn_renormalised(kw)
     print(out)
     return 0
+
+
+def _warn_renormalised(kw: dict) -> None:
+    """One line on stderr when a linear soup's weights did not sum to 1 and were divided by their sum."""
+    linear = (kw.get("merge") or {}).get("method", "linear") == "linear"
+    total = sum(kw["weights"].values())
+    if linear and kw.get("normalize", True) and total > 0 and abs(total - 1) > 1e-6:
+        print(f"soce.merge: warning: weights sum to {total:g}, not 1: each was divided by that sum "
+              "(normalize=false refuses instead)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,6 @@ def test_rescaled_weights_are_said_once(pair, tmp_path, capsys):
     a, b = pair
     assert main([f"output={tmp_path / 'o1'}", f"models=[{a},{b}]", "weights=[3,1]"]) == 0
     err = capsys.readouterr().err
-    assert err.count("warning") == 1 and "weights sum to 4, not 1: each is divided by that sum" in err
+    assert err.count("warning") == 1 and "weights sum to 4, not 1: each was divided by that sum" in err
     assert main([f"output={tmp_path / 'o2'}", f"models=[{a},{b}]", "weights=[0.75,0.25]"]) == 0
     assert "warning" not in capsys.readouterr().err

@@ -249,7 +249,9 @@ def test_writer_and_remixer_equal_the_reference(family, tmp_path, merge):
     rec = json.loads((out / "soce_recipe.json").read_text())
     assert rec["method"] == spec.method and rec["merge"] == spec.params() and rec["base"] == str(family["base"])
     card = (out / "README.md").read_text()
-    assert f"Operator **{spec.method}**" in card and str(family["base"]) in card.split("---")[1]
+    # a local base is no hub id: named in the card's text and recipe, not in its hub front matter (issue 21)
+    assert f"Operator **{spec.method}**" in card and str(family["base"]) in card.split("---", 2)[2]
+    assert str(family["base"]) not in card.split("---")[1]
     rmx = Remixer(models, device="cpu", merge=merge, base=family["base"])
     sd = rmx.mix(ws).state_dict()
     for k, v in want.items():
