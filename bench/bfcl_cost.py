@@ -41,12 +41,36 @@ from soce.config import BenchmarkConfig  # noqa: E402
 
 SINGLE = [c for c in CATEGORIES if c not in MULTI_TURN]
 POINTS, RACE_EVALS = 37, 13 / 2.07  # the paper's grid; search=race: ~13 GPU-h at 2.07 GPU-h per evaluation
-SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-           "<|eom_id|>", "<|python_tag|>"]
-SHAPES = {"8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072),
-          "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=1024, max_position_embeddings=131072)}
+SPECIAL = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|python_tag|>",
+]
+SHAPES = {
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        max_position_embeddings=131072,
+    ),
+}
 
 
 def tokenizer(vocab: int, per_category: int, path: str | None) -> Any:
@@ -62,9 +86,15 @@ def tokenizer(vocab: int, per_category: int, path: str | None) -> Any:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         texts = [json.dumps(e) for c in CATEGORIES for e in load_category(c)[0][:per_category]]
-        tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL,
-                                                           show_progress=False,
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.train_from_iterator(
+            texts,
+            trainers.BpeTrainer(
+                vocab_size=vocab,
+                special_tokens=SPECIAL,
+                show_progress=False,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            ),
+        )
         if path:
             tok.save(path)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
@@ -94,8 +124,10 @@ def hardware(device: str) -> dict[str, float]:
 
     if not device.startswith("cuda"):
         return {"hbm_bytes_per_s": 1e10, "bf16_flop_per_s": 1e11}
-    a, b = torch.empty(2**31, dtype=torch.bfloat16, device=device), torch.empty(2**31, dtype=torch.bfloat16,
-                                                                                  device=device)
+    a, b = (
+        torch.empty(2**31, dtype=torch.bfloat16, device=device),
+        torch.empty(2**31, dtype=torch.bfloat16, device=device),
+    )
     x = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
 
     def median(fn: Any) -> float:
@@ -110,8 +142,10 @@ def hardware(device: str) -> dict[str, float]:
             times.append(start.elapsed_time(end) / 1e3)
         return sorted(times)[2]
 
-    out = {"hbm_bytes_per_s": 2 * a.numel() * 2 / median(lambda: b.copy_(a)),
-           "bf16_flop_per_s": 2 * 8192**3 / median(lambda: x @ x)}
+    out = {
+        "hbm_bytes_per_s": 2 * a.numel() * 2 / median(lambda: b.copy_(a)),
+        "bf16_flop_per_s": 2 * 8192**3 / median(lambda: x @ x),
+    }
     a = b = x = None
     torch.cuda.empty_cache()
     return out
@@ -157,8 +191,10 @@ def subset(per_category: int, multi: int) -> dict[str, list[str]]:
     """Evenly spread ids: ``per_category`` of each single-turn category, ``multi`` multi-turn entries (spread over
     the 4 categories); no two entries share a first question (the baseline's forcing finds entries by it)."""
     seen, out = set(), {}
-    want = {**dict.fromkeys(SINGLE, per_category), **{c: multi // 4 + (i < multi % 4) for i, c in
-                                                      enumerate(MULTI_TURN)}}
+    want = {
+        **dict.fromkeys(SINGLE, per_category),
+        **{c: multi // 4 + (i < multi % 4) for i, c in enumerate(MULTI_TURN)},
+    }
     for c, n in want.items():
         entries = load_category(c)[0]
         step = max(1, len(entries) // max(n, 1))
@@ -191,7 +227,7 @@ def forced_hf(lm: Any, tok: Any, forcer: Forcer, settings: Any, log: dict) -> An
             step = min(input_ids.shape[1] - self.start, self.forced.shape[1] - 1)
             for r, a in zip(self.rows, scores.argmax(-1).tolist(), strict=True):
                 argmax.setdefault(r, []).append(a)
-            return torch.full_like(scores, -float("inf")).scatter_(1, self.forced[:, step:step + 1], 0.0)
+            return torch.full_like(scores, -float("inf")).scatter_(1, self.forced[:, step : step + 1], 0.0)
 
     class Proxy:
         device = lm.device
@@ -213,8 +249,9 @@ def forced_hf(lm: Any, tok: Any, forcer: Forcer, settings: Any, log: dict) -> An
         t = time.perf_counter()
         out = base(prompts)
         _sync()
-        log.setdefault("calls", []).append((len(out), sum(g.prompt_tokens for g in out),
-                                            max(g.new_tokens for g in out), time.perf_counter() - t))
+        log.setdefault("calls", []).append(
+            (len(out), sum(g.prompt_tokens for g in out), max(g.new_tokens for g in out), time.perf_counter() - t)
+        )
         return out
 
     return generate
@@ -222,6 +259,7 @@ def forced_hf(lm: Any, tok: Any, forcer: Forcer, settings: Any, log: dict) -> An
 
 def forced_engine(engine: Any, tok: Any, forcer: Forcer, settings: Any) -> Any:
     """The engine's generator, each query forced to its entry's ground truth (the entry from the worker thread)."""
+
     def force(prompt: str) -> list[int]:
         session = getattr(bfcl_gen._CURRENT, "session", None)
         return forcer.tokens(prompt, session.split("/", 1)[1] if session else None)
@@ -240,16 +278,28 @@ def evaluate(generate: Any, ids: dict[str, list[str]], batch: int, new_tokens: i
     """One evaluation of ``ids`` (BFCL's own loops and checkers): wall minutes, peak memory, accuracy."""
     import torch
 
-    bench = BenchmarkConfig(name="bfcl_v3", categories=list(ids), backend="bfcl", select_split="test",
-                            report_split="test", batch_size=batch, options={"max_new_tokens": new_tokens})
+    bench = BenchmarkConfig(
+        name="bfcl_v3",
+        categories=list(ids),
+        backend="bfcl",
+        select_split="test",
+        report_split="test",
+        batch_size=batch,
+        options={"max_new_tokens": new_tokens},
+    )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     scores = Evaluator(bench).score_with(generate, "test", ids)
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    return {"entries": sum(map(len, ids.values())), "minutes": wall / 60, "peak_gib": peak,
-            "accuracy": {c: scores[c] for c in ids}, "samples": scores["samples"]}
+    return {
+        "entries": sum(map(len, ids.values())),
+        "minutes": wall / 60,
+        "peak_gib": peak,
+        "accuracy": {c: scores[c] for c in ids},
+        "samples": scores["samples"],
+    }
 
 
 def engine_figures(stats: Any, engine: Any, lm: Any, hw: dict[str, float]) -> dict[str, Any]:
@@ -261,22 +311,35 @@ def engine_figures(stats: Any, engine: Any, lm: Any, hw: dict[str, float]) -> di
     weight_bytes = (params - embed) * next(lm.parameters()).dtype.itemsize  # every decode step reads them once
     from soce.benchmarks.generation import kv_bytes_per_token
 
-    decode_floor = (stats.decode_steps * weight_bytes + stats.decode_kv_tokens * kv_bytes_per_token(lm)) \
-        / hw["hbm_bytes_per_s"]
-    flops = 2 * (params - embed - lm.lm_head.weight.numel()) * stats.prefill_padded \
+    decode_floor = (stats.decode_steps * weight_bytes + stats.decode_kv_tokens * kv_bytes_per_token(lm)) / hw[
+        "hbm_bytes_per_s"
+    ]
+    flops = (
+        2 * (params - embed - lm.lm_head.weight.numel()) * stats.prefill_padded
         + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * stats.prefill_attn
+    )
     prefill_floor = flops / hw["bf16_flop_per_s"]
-    return {"prefill_tokens": stats.prefill_tokens, "prefill_padded_tokens": stats.prefill_padded,
-            "reused_kv_tokens": stats.reused_tokens, "prefill_passes": stats.prefill_passes,
-            "prefill_s": stats.prefill_s, "prefill_tokens_per_s": stats.prefill_tokens / max(stats.prefill_s, 1e-9),
-            "prefill_vs_flop_floor": stats.prefill_s / max(prefill_floor, 1e-12),
-            "decode_steps": stats.decode_steps, "decoded_tokens": stats.decode_tokens,
-            "mean_rows_per_step": stats.decode_tokens / max(stats.decode_steps, 1),
-            "mean_live_kv_tokens_per_step": stats.decode_kv_tokens / max(stats.decode_steps, 1),
-            "decode_s": stats.decode_s, "decode_ms_per_step": 1e3 * stats.decode_s / max(stats.decode_steps, 1),
-            "decode_vs_hbm_floor": stats.decode_s / max(decode_floor, 1e-12),
-            "preempted": stats.preempted, "evicted_sessions": stats.evicted,
-            "slots": engine.slots, "kv_pool_tokens": engine.pool.pages * engine.page, "page": engine.page}
+    return {
+        "prefill_tokens": stats.prefill_tokens,
+        "prefill_padded_tokens": stats.prefill_padded,
+        "reused_kv_tokens": stats.reused_tokens,
+        "prefill_passes": stats.prefill_passes,
+        "prefill_s": stats.prefill_s,
+        "prefill_tokens_per_s": stats.prefill_tokens / max(stats.prefill_s, 1e-9),
+        "prefill_vs_flop_floor": stats.prefill_s / max(prefill_floor, 1e-12),
+        "decode_steps": stats.decode_steps,
+        "decoded_tokens": stats.decode_tokens,
+        "mean_rows_per_step": stats.decode_tokens / max(stats.decode_steps, 1),
+        "mean_live_kv_tokens_per_step": stats.decode_kv_tokens / max(stats.decode_steps, 1),
+        "decode_s": stats.decode_s,
+        "decode_ms_per_step": 1e3 * stats.decode_s / max(stats.decode_steps, 1),
+        "decode_vs_hbm_floor": stats.decode_s / max(decode_floor, 1e-12),
+        "preempted": stats.preempted,
+        "evicted_sessions": stats.evicted,
+        "slots": engine.slots,
+        "kv_pool_tokens": engine.pool.pages * engine.page,
+        "page": engine.page,
+    }
 
 
 class LoggedEngineGenerator(bfcl_gen.EngineGenerator):
@@ -310,8 +373,13 @@ def engine_run(engine: Any, tok: Any, forcer: Forcer, settings: Any, ids: dict, 
 def baseline_figures(log: dict) -> dict[str, Any]:
     calls = log.get("calls", [])
     gen_s = sum(c[3] for c in calls)
-    return {"generate_calls": len(calls), "rows": sum(c[0] for c in calls), "prompt_tokens": sum(c[1] for c in calls),
-            "decode_steps": sum(c[2] for c in calls), "generate_s": gen_s}
+    return {
+        "generate_calls": len(calls),
+        "rows": sum(c[0] for c in calls),
+        "prompt_tokens": sum(c[1] for c in calls),
+        "decode_steps": sum(c[2] for c in calls),
+        "generate_s": gen_s,
+    }
 
 
 def compare(base: dict, new: dict) -> dict[str, Any]:
@@ -320,8 +388,12 @@ def compare(base: dict, new: dict) -> dict[str, Any]:
     differ = [k for k in common if base[k][: len(new[k])] != new[k]]
     positions = sum(len(new[k]) for k in common)
     wrong = sum(a != b for k in common for a, b in zip(base[k][: len(new[k])], new[k], strict=False))
-    return {"queries_compared": len(common), "queries_with_differing_argmax": len(differ),
-            "argmax_positions": positions, "differing_argmax_positions": wrong}
+    return {
+        "queries_compared": len(common),
+        "queries_with_differing_argmax": len(differ),
+        "argmax_positions": positions,
+        "differing_argmax_positions": wrong,
+    }
 
 
 def warm_up(engine: Any, tok: Any) -> float:
@@ -346,11 +418,21 @@ def setup(a: argparse.Namespace) -> tuple[Any, Any, Any, dict]:
     tok = tokenizer(a.vocab or (1024 if a.tiny else 32000), 2 if a.tiny else 60, a.tokenizer)
     lm = model("tiny" if a.tiny else "8b", len(tok), device)
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
-    head = {"device": name, "shape": "tiny" if a.tiny else "8b", "date": datetime.date.today().isoformat(),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "bfcl_eval": bfcl_gen.bfcl_sdk.BFCL_VERSION, "python": sys.version.split()[0]},
-            "forced_ground_truth": True, "max_new_tokens": a.max_new_tokens, "setup_s": time.perf_counter() - t0,
-            "hardware": hardware(device)}
+    head = {
+        "device": name,
+        "shape": "tiny" if a.tiny else "8b",
+        "date": datetime.date.today().isoformat(),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "bfcl_eval": bfcl_gen.bfcl_sdk.BFCL_VERSION,
+            "python": sys.version.split()[0],
+        },
+        "forced_ground_truth": True,
+        "max_new_tokens": a.max_new_tokens,
+        "setup_s": time.perf_counter() - t0,
+        "hardware": hardware(device),
+    }
     try:
         import triton
 
@@ -360,15 +442,16 @@ def setup(a: argparse.Namespace) -> tuple[Any, Any, Any, dict]:
     return tok, lm, device, head
 
 
-def run_subset(a: argparse.Namespace, tok: Any, lm: Any, engines: Any, forcer: Forcer, head: dict,
-               save: Any) -> None:
+def run_subset(a: argparse.Namespace, tok: Any, lm: Any, engines: Any, forcer: Forcer, head: dict, save: Any) -> None:
     """Baseline then engine on the same subset, in this process: the single-turn part, then the multi-turn part
     (each part's figures are saved as soon as they exist; the engine is dropped before the second baseline so
     the baseline has the memory it had in the first)."""
     ids = subset(a.items, a.multi)
     out = head.setdefault("subset", {"items": {c: len(v) for c, v in ids.items()}})
-    parts = {"single_turn": {c: v for c, v in ids.items() if c in SINGLE},
-             "multi_turn": {c: v for c, v in ids.items() if c in MULTI_TURN}}
+    parts = {
+        "single_turn": {c: v for c, v in ids.items() if c in SINGLE},
+        "multi_turn": {c: v for c, v in ids.items() if c in MULTI_TURN},
+    }
     for name, part in ((n, p) for n, p in parts.items() if p):
         baseline = not a.skip_baseline and name in a.baseline_parts.split(",")
         if baseline:
@@ -381,8 +464,9 @@ def run_subset(a: argparse.Namespace, tok: Any, lm: Any, engines: Any, forcer: F
     save()
 
 
-def subset_part(a: argparse.Namespace, tok: Any, lm: Any, engines: Any, forcer: Forcer, ids: dict,
-                baseline: bool) -> dict:
+def subset_part(
+    a: argparse.Namespace, tok: Any, lm: Any, engines: Any, forcer: Forcer, ids: dict, baseline: bool
+) -> dict:
     import torch
 
     from soce.benchmarks.bfcl_gen import GenSettings
@@ -392,8 +476,11 @@ def subset_part(a: argparse.Namespace, tok: Any, lm: Any, engines: Any, forcer: 
     if baseline:
         log: dict = {}
         try:
-            out["baseline"] = {**evaluate(forced_hf(lm, tok, forcer, settings, log), ids, a.batch,
-                                          a.max_new_tokens), **baseline_figures(log), "batch": a.batch}
+            out["baseline"] = {
+                **evaluate(forced_hf(lm, tok, forcer, settings, log), ids, a.batch, a.max_new_tokens),
+                **baseline_figures(log),
+                "batch": a.batch,
+            }
         except torch.cuda.OutOfMemoryError as e:
             out["baseline"] = {"error": f"out of memory: {str(e).splitlines()[0][:200]}"}
         base_argmax = log.get("argmax", {})
@@ -445,8 +532,9 @@ class Engines:
             torch.cuda.empty_cache()
 
 
-def run_full(part: str, a: argparse.Namespace, tok: Any, lm: Any, engine: Any, forcer: Forcer, head: dict,
-             save: Any) -> None:
+def run_full(
+    part: str, a: argparse.Namespace, tok: Any, lm: Any, engine: Any, forcer: Forcer, head: dict, save: Any
+) -> None:
     from soce.benchmarks.bfcl_gen import GenSettings
 
     cats = SINGLE if part == "single" else list(MULTI_TURN)
@@ -474,19 +562,40 @@ def summarise(head: dict) -> None:
 
 def brief(head: dict) -> dict[str, Any]:
     """The summary without per-item samples (the last line printed)."""
-    keep = ("minutes", "entries", "peak_gib", "decode_ms_per_step", "decode_vs_hbm_floor", "prefill_tokens_per_s",
-            "prefill_vs_flop_floor", "mean_rows_per_step", "generate_calls", "speedup", "argmax_vs_baseline",
-            "differing_verdicts", "error", "reused_kv_tokens", "queries_compared", "queries_with_differing_argmax",
-            "argmax_positions", "differing_argmax_positions", "prefill_tokens", "decoded_tokens", "decode_steps")
+    keep = (
+        "minutes",
+        "entries",
+        "peak_gib",
+        "decode_ms_per_step",
+        "decode_vs_hbm_floor",
+        "prefill_tokens_per_s",
+        "prefill_vs_flop_floor",
+        "mean_rows_per_step",
+        "generate_calls",
+        "speedup",
+        "argmax_vs_baseline",
+        "differing_verdicts",
+        "error",
+        "reused_kv_tokens",
+        "queries_compared",
+        "queries_with_differing_argmax",
+        "argmax_positions",
+        "differing_argmax_positions",
+        "prefill_tokens",
+        "decoded_tokens",
+        "decode_steps",
+    )
 
     def small(d: Any) -> Any:
         if not isinstance(d, dict):
             return d
-        return {k: small(v) for k, v in d.items() if k in keep or isinstance(v, dict) and k not in ("samples",
-                                                                                               "accuracy")}
+        return {
+            k: small(v) for k, v in d.items() if k in keep or isinstance(v, dict) and k not in ("samples", "accuracy")
+        }
 
-    return {k: small(v) if k in ("subset", "single_turn", "multi_turn") else v for k, v in head.items()
-            if k != "errors"}
+    return {
+        k: small(v) if k in ("subset", "single_turn", "multi_turn") else v for k, v in head.items() if k != "errors"
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -506,8 +615,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=None, help="tokenizer vocabulary (default 32000; tiny 1024)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to load, or to save the trained one to")
-    p.add_argument("--start-full-within", type=float, default=None,
-                   help="seconds: a --full part starts only this soon after the script began (device time)")
+    p.add_argument(
+        "--start-full-within",
+        type=float,
+        default=None,
+        help="seconds: a --full part starts only this soon after the script began (device time)",
+    )
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "bfcl_cost"))
     a = p.parse_args(argv)
     began = time.perf_counter()

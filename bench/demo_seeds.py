@@ -39,8 +39,18 @@ def main() -> None:
     for seed in args.seeds:
         sweep = out / f"seed{seed}"
         if not all((sweep / f"{i}_{s}" / "result.json").exists() for i, s in enumerate(STRATEGIES)):
-            cmd = [sys.executable, "-m", "soce", "-m", f"strategy={','.join(STRATEGIES)}", f"demo.seed={seed}",
-                   f"demo.preset={args.preset}", f"hydra.sweep.dir={sweep}", "progress=false", *extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "soce",
+                "-m",
+                f"strategy={','.join(STRATEGIES)}",
+                f"demo.seed={seed}",
+                f"demo.preset={args.preset}",
+                f"hydra.sweep.dir={sweep}",
+                "progress=false",
+                *extra,
+            ]
             subprocess.run(cmd, check=True)
         results = {s: json.loads((sweep / f"{i}_{s}" / "result.json").read_text()) for i, s in enumerate(STRATEGIES)}
         first = results["uniform"]
@@ -54,24 +64,40 @@ def main() -> None:
         per_seed[seed]["_best"] = best
         rows.append(seed)
     names = [*STRATEGIES, "best single"]
-    lines = ["| seed | " + " | ".join(names) + " | weighted > best single > uniform | selected >= uniform |",
-             "|---" * (len(names) + 3) + "|"]
+    lines = [
+        "| seed | " + " | ".join(names) + " | weighted > best single > uniform | selected >= uniform |",
+        "|---" * (len(names) + 3) + "|",
+    ]
     for seed in rows:
         d = per_seed[seed]
         o = {k: d[k][0] for k in names}
         chain = o["soce_weighted"] > o["best single"] > o["uniform"]
-        lines.append(f"| {seed} | " + " | ".join(f"{d[k][0]:.2f} ± {d[k][1]:.2f}" for k in names)
-                     + f" | {'yes' if chain else 'no'} | {'yes' if o['soce_selected'] >= o['uniform'] else 'no'} |")
+        lines.append(
+            f"| {seed} | "
+            + " | ".join(f"{d[k][0]:.2f} ± {d[k][1]:.2f}" for k in names)
+            + f" | {'yes' if chain else 'no'} | {'yes' if o['soce_selected'] >= o['uniform'] else 'no'} |"
+        )
     means = {k: sum(per_seed[s][k][0] for s in rows) / len(rows) for k in names}
     k_ = len(rows)
-    sems = {k: (math.sqrt(sum((per_seed[s][k][0] - means[k]) ** 2 for s in rows) / (k_ - 1) / k_)
-                if k_ > 1 else float("nan")) for k in names}
-    lines.append("| mean ± s.e. over seeds | " + " | ".join(f"{means[k]:.2f} ± {sems[k]:.2f}" for k in names)
-                 + " | | |")
-    md = (f"Overall accuracy (%) on the report split, demo preset `{args.preset}`, per seed ± binomial s.e.; "
-          "best single = best candidate on the selection split ("
-          + ", ".join(str(per_seed[s]["_best"]) for s in rows) + ").\n\n"
-          + "\n".join(lines) + "\n")
+    sems = {
+        k: (
+            math.sqrt(sum((per_seed[s][k][0] - means[k]) ** 2 for s in rows) / (k_ - 1) / k_)
+            if k_ > 1
+            else float("nan")
+        )
+        for k in names
+    }
+    lines.append(
+        "| mean ± s.e. over seeds | " + " | ".join(f"{means[k]:.2f} ± {sems[k]:.2f}" for k in names) + " | | |"
+    )
+    md = (
+        f"Overall accuracy (%) on the report split, demo preset `{args.preset}`, per seed ± binomial s.e.; "
+        "best single = best candidate on the selection split ("
+        + ", ".join(str(per_seed[s]["_best"]) for s in rows)
+        + ").\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(md)
     (out / "summary.json").write_text(json.dumps({str(k): v for k, v in per_seed.items()}, indent=2))

@@ -47,11 +47,22 @@ SHAPES = {
 
 def config(s: dict) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": s["hidden"],
-        "intermediate_size": s["inter"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
-        "num_key_value_heads": s["kv"], "vocab_size": s["vocab"], "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-        "dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": s["hidden"],
+        "intermediate_size": s["inter"],
+        "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["kv"],
+        "vocab_size": s["vocab"],
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
     }
 
 
@@ -70,11 +81,12 @@ def check_arithmetic(dev: torch.device, n: int = 3_000_017) -> dict:
         cpu = torch.empty(n, dtype=torch.bfloat16)
         mix_into(cpu, ts, Coefficients.make(ws, torch.float32), torch.empty(n), torch.empty(n))
         d = torch.empty(n, dtype=torch.bfloat16, device=dev)
-        mix_into(d, [t.to(dev) for t in ts], Coefficients.make(ws, torch.float32, dev),
-                 torch.empty(n, device=dev))
+        mix_into(d, [t.to(dev) for t in ts], Coefficients.make(ws, torch.float32, dev), torch.empty(n, device=dev))
         ref = reference_soup(ts, ws)
-        out[str(ws)] = {"device_eq_cpu": torch.equal(d.cpu().view(torch.int16), cpu.view(torch.int16)),
-                        "cpu_eq_reference": torch.equal(cpu.view(torch.int16), ref.view(torch.int16))}
+        out[str(ws)] = {
+            "device_eq_cpu": torch.equal(d.cpu().view(torch.int16), cpu.view(torch.int16)),
+            "cpu_eq_reference": torch.equal(cpu.view(torch.int16), ref.view(torch.int16)),
+        }
     return out
 
 
@@ -111,13 +123,14 @@ def build(workdir: Path, shape: dict, n: int, distinct: int, shard_bytes: int, d
         else:
             gen = torch.Generator(device=dev).manual_seed(j)
             for name, group in zip(names, groups, strict=True):
-                sd = {k: (torch.randn(shapes[k], generator=gen, device=dev) * 0.02).to(torch.bfloat16).cpu()
-                      for k in group}
+                sd = {
+                    k: (torch.randn(shapes[k], generator=gen, device=dev) * 0.02).to(torch.bfloat16).cpu()
+                    for k in group
+                }
                 save_file(sd, d / name, metadata={"format": "pt"})
                 del sd
         (d / "stamp.json").write_text(stamp)
-        print(f"built {d} in {time.perf_counter() - t0:.1f}s{' (hard links)' if j >= distinct else ''}",
-              flush=True)
+        print(f"built {d} in {time.perf_counter() - t0:.1f}s{' (hard links)' if j >= distinct else ''}", flush=True)
     return dirs
 
 
@@ -144,19 +157,32 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-write", action="store_true", help="skip the soup-to-disk timings")
-    ap.add_argument("--mergekit", default=None,
-                    help="mergekit-yaml command ('python3 -m mergekit.scripts.run_yaml'): also time it with --cuda")
+    ap.add_argument(
+        "--mergekit",
+        default=None,
+        help="mergekit-yaml command ('python3 -m mergekit.scripts.run_yaml'): also time it with --cuda",
+    )
     ap.add_argument("--chunks", default="", help="GPU chunk sizes (elements, comma separated) to time the re-mix with")
     ap.add_argument("--keep", action="store_true", help="keep the expert checkpoints for a later run")
-    ap.add_argument("--ties", type=float, default=None, metavar="DENSITY",
-                    help="also time a TIES re-mix (base: the first expert; its task vector is 0) against linear")
+    ap.add_argument(
+        "--ties",
+        type=float,
+        default=None,
+        metavar="DENSITY",
+        help="also time a TIES re-mix (base: the first expert; its task vector is 0) against linear",
+    )
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     dev = torch.device(a.device)
     shape = SHAPES[a.shape]
     distinct = a.distinct if a.distinct is not None else (2 if a.shape == "8b" else a.experts)
-    res: dict = {"shape": a.shape, "experts": a.experts, "device": str(dev), "torch": torch.__version__,
-                 "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
+    res: dict = {
+        "shape": a.shape,
+        "experts": a.experts,
+        "device": str(dev),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+    }
 
     res["arithmetic"] = check_arithmetic(dev)
     print("arithmetic bit checks:", res["arithmetic"], flush=True)
@@ -175,6 +201,7 @@ def main() -> int:
     sync(dev)
     res["remixer_init_s"] = round(time.perf_counter() - t0, 1)
     res["experts_on"] = str(rmx.expert_device)
+
     def time_mixes(rmx: Remixer) -> dict:
         times = []
         for r in range(a.repeats + 1):
@@ -185,8 +212,11 @@ def main() -> int:
             sync(dev)
             if r:  # the first one warms up kernels and allocates scratch buffers
                 times.append(time.perf_counter() - t)
-        return {"median": round(statistics.median(times), 4), "min": round(min(times), 4),
-                "all": [round(x, 4) for x in times]}
+        return {
+            "median": round(statistics.median(times), 4),
+            "min": round(min(times), 4),
+            "all": [round(x, 4) for x in times],
+        }
 
     if a.chunks:
         res["remix_by_chunk"] = {}
@@ -196,8 +226,11 @@ def main() -> int:
             print(f"  chunk {c}: {res['remix_by_chunk'][c]}", flush=True)
         soup.GPU_CHUNK_ELEMS = default_chunk
     res["remix_s"] = time_mixes(rmx)
-    print(f"in-memory re-mix ({a.experts} experts on {rmx.expert_device}): median {res['remix_s']['median']} s,"
-          f" min {res['remix_s']['min']} s", flush=True)
+    print(
+        f"in-memory re-mix ({a.experts} experts on {rmx.expert_device}): median {res['remix_s']['median']} s,"
+        f" min {res['remix_s']['min']} s",
+        flush=True,
+    )
 
     # bit check of the live model against the CPU reference on a few tensors
     rmx.mix(weights)
@@ -225,13 +258,20 @@ def main() -> int:
         print(f"TIES re-mix (density {a.ties}): {res['remix_ties_s']}, {res['ties_over_linear']}x linear", flush=True)
 
     if not a.no_write:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                   HF_HUB_OFFLINE="1")
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), HF_HUB_OFFLINE="1"
+        )
         outs = {"soce": a.workdir / "out-soce", "mergekit": a.workdir / "out-mergekit"}
         for o in outs.values():
             shutil.rmtree(o, ignore_errors=True)
-        cmd = [sys.executable, "-m", "soce.merge", f"output={outs['soce']}",
-               f"models=[{','.join(map(str, dirs))}]", f"weights=[{','.join(map(repr, ws))}]"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "soce.merge",
+            f"output={outs['soce']}",
+            f"models=[{','.join(map(str, dirs))}]",
+            f"weights=[{','.join(map(repr, ws))}]",
+        ]
         wall, rss = measure(cmd, env)
         res["soce_write"] = {"wall_s": round(wall, 2), "peak_rss_gib": round(rss / 2**30, 2)}
         print(f"soce soup to disk: {wall:.2f} s, peak RSS {rss / 2**30:.2f} GiB", flush=True)

@@ -143,8 +143,13 @@ def demo_evaluator(man: dict, batch_size: int, device: str):
     """An lm-eval Evaluator over the demo benchmark described by the zoo manifest ``man``."""
     from soce.benchmarks.lmeval import Benchmark, Evaluator
 
-    bench = Benchmark(name="demo", categories=man["categories"], task=man["task_template"],
-                      task_dir=man["task_dir"], batch_size=batch_size)
+    bench = Benchmark(
+        name="demo",
+        categories=man["categories"],
+        task=man["task_template"],
+        task_dir=man["task_dir"],
+        batch_size=batch_size,
+    )
     return Evaluator(bench, device)
 
 

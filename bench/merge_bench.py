@@ -41,11 +41,22 @@ TARGETS = {"linear": (1 / 3, 1 / 2), "ties": (1 / 2, 1 / 2), "task_arithmetic": 
 
 def llama_config(layers: int, hidden: int, inter: int, vocab: int, heads: int, kv: int) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
-        "bos_token_id": 1, "eos_token_id": 2,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
     }
 
 
@@ -54,15 +65,24 @@ def llama_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = h // cfg["num_attention_heads"]
     kvd = hd * cfg["num_key_value_heads"]
-    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
-                                     "lm_head.weight": (v, h)}
+    s: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (v, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (v, h),
+    }
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
-        s |= {p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kvd, h),
-              p + "self_attn.v_proj.weight": (kvd, h), p + "self_attn.o_proj.weight": (h, h),
-              p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-              p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-              p + "post_attention_layernorm.weight": (h,)}
+        s |= {
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kvd, h),
+            p + "self_attn.v_proj.weight": (kvd, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        }
     return s
 
 
@@ -70,8 +90,10 @@ def build(workdir: Path, n_models: int, cfg: dict) -> list[Path]:
     """Write n random bf16 checkpoints (same base + per-model noise, like fine-tunes); reused if present."""
     stamp = json.dumps(cfg, sort_keys=True)
     dirs = [workdir / f"m{j}" for j in range(n_models)]
-    if all((d / "bench_stamp.json").is_file() and (d / "bench_stamp.json").read_text() == stamp
-           for d in [*dirs, workdir / "base"]):
+    if all(
+        (d / "bench_stamp.json").is_file() and (d / "bench_stamp.json").read_text() == stamp
+        for d in [*dirs, workdir / "base"]
+    ):
         return dirs
     shapes = llama_shapes(cfg)
     gen = torch.Generator().manual_seed(0)
@@ -83,8 +105,11 @@ def build(workdir: Path, n_models: int, cfg: dict) -> list[Path]:
         sd = {k: (b + torch.randn(b.shape, generator=g).mul_(0.002)).to(torch.bfloat16) for k, b in base.items()}
         _write(d, sd, cfg, stamp)
         del sd
-        print(f"built {d} ({(d / 'model.safetensors').stat().st_size / 2**20:.0f} MiB) in"
-              f" {time.perf_counter() - t0:.1f}s", flush=True)
+        print(
+            f"built {d} ({(d / 'model.safetensors').stat().st_size / 2**20:.0f} MiB) in"
+            f" {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
     return dirs
 
 
@@ -111,8 +136,9 @@ print(json.dumps({"rc": r.returncode, "wall": wall, "rss": rss, "err": r.stderr.
 
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """Run cmd; return (wall seconds, peak RSS in bytes) of that process and its children."""
-    out = subprocess.run([sys.executable, "-S", "-c", _WRAPPER, *cmd], env=env, cwd=ROOT, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", _WRAPPER, *cmd], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+    )
     r = json.loads(out.stdout)
     if r["rc"] != 0:
         raise SystemExit(f"command failed ({r['rc']}): {' '.join(cmd)}\n{r['err']}")
@@ -129,8 +155,14 @@ class Op:
 
 
 def soce_cmd(py: str, dirs: list[Path], ws: list[float], out: Path, op: Op = Op()) -> list[str]:
-    cmd = [py, "-m", "soce.merge", f"output={out}", f"models=[{','.join(map(str, dirs))}]",
-           f"weights=[{','.join(map(repr, ws))}]"]
+    cmd = [
+        py,
+        "-m",
+        "soce.merge",
+        f"output={out}",
+        f"models=[{','.join(map(str, dirs))}]",
+        f"weights=[{','.join(map(repr, ws))}]",
+    ]
     if op.method != "linear":
         cmd += [f"method={op.method}", f"base={op.base}"] + ([f"density={op.density}"] if op.method == "ties" else [])
     return cmd
@@ -244,8 +276,14 @@ def _timed(tools: dict, ws: list[float], outs: dict[str, Path], env: dict, repea
             wall, rss = measure(make(ws, outs[t]), env)
             runs[t].append((wall, rss))
             print(f"  run {r + 1} {t:9s} wall {wall:6.2f} s  peak RSS {rss / 2**30:5.2f} GiB", flush=True)
-    out = {t: {"wall_s": statistics.median(w for w, _ in rs), "peak_rss_bytes": max(m for _, m in rs),
-               "walls": [round(w, 3) for w, _ in rs]} for t, rs in runs.items()}
+    out = {
+        t: {
+            "wall_s": statistics.median(w for w, _ in rs),
+            "peak_rss_bytes": max(m for _, m in rs),
+            "walls": [round(w, 3) for w, _ in rs],
+        }
+        for t, rs in runs.items()
+    }
     print("\nresult (median wall, max peak RSS over runs):")
     for t, v in out.items():
         print(f"  {t:9s} wall {v['wall_s']:6.2f} s   peak RSS {v['peak_rss_bytes'] / 2**30:5.2f} GiB")
@@ -258,8 +296,10 @@ def _against_mergekit(res: dict, tools: dict, outs: dict[str, Path], env: dict, 
     s, m = res["tools"]["soce"], res["tools"]["mergekit"]
     res["ratio_wall"] = s["wall_s"] / m["wall_s"]
     res["ratio_rss"] = s["peak_rss_bytes"] / m["peak_rss_bytes"]
-    print(f"  ratio soce/mergekit: wall {res['ratio_wall']:.3f} (target <= {target_wall:.3f}),"
-          f" peak RSS {res['ratio_rss']:.3f} (target <= {target_rss:.3f})")
+    print(
+        f"  ratio soce/mergekit: wall {res['ratio_wall']:.3f} (target <= {target_wall:.3f}),"
+        f" peak RSS {res['ratio_rss']:.3f} (target <= {target_rss:.3f})"
+    )
     res["compare_main"] = compare(outs["soce"], outs["mergekit"])
     print(f"  soce vs mergekit, weights {res['weights']}: {res['compare_main']}")
     ok = bool(res["compare_main"].get("identical"))
@@ -273,8 +313,11 @@ def _against_mergekit(res: dict, tools: dict, outs: dict[str, Path], env: dict, 
             c = compare(outs["soce"], outs["mergekit"])
             c["weights"] = w
             res["compare_other"].append(c)
-            print(f"  soce vs mergekit, weights {w}: differing {c.get('differing')} of {c.get('elements')},"
-                  f" max {c.get('max_ulp')} ULP", flush=True)
+            print(
+                f"  soce vs mergekit, weights {w}: differing {c.get('differing')} of {c.get('elements')},"
+                f" max {c.get('max_ulp')} ULP",
+                flush=True,
+            )
             ok &= bool(c.get("identical")) or a.method == "linear" and sum(w) != 1
     return ok
 
@@ -287,28 +330,44 @@ def main() -> int:
     op = Op(a.method, a.density, a.workdir / "ckpt" / "base")
     n_params = sum(math.prod(s) for s in llama_shapes(cfg).values())
     size = sum((d / "model.safetensors").stat().st_size for d in dirs)
-    ws = (MAIN_WEIGHTS if a.models == 4 else [1.0 / a.models] * a.models)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    ws = MAIN_WEIGHTS if a.models == 4 else [1.0 / a.models] * a.models
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
     tools = {"soce": lambda w, o: soce_cmd(a.soce_python, dirs, w, o, op)}
     if not a.skip_mergekit:
         if not Path(a.mergekit).exists():
             raise SystemExit(f"{a.mergekit} missing: run bash bench/run.sh (creates bench/.venv)")
         tools["mergekit"] = lambda w, o: mergekit_cmd(a.mergekit, dirs, w, o, a.mergekit_args.split(), op)
-    print(f"{a.method}: {a.models} checkpoints x {size / a.models / 2**20:.0f} MiB bf16 ({n_params / 1e6:.0f}M"
-          f" params), weights {ws}, {os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
+    print(
+        f"{a.method}: {a.models} checkpoints x {size / a.models / 2**20:.0f} MiB bf16 ({n_params / 1e6:.0f}M"
+        f" params), weights {ws}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        flush=True,
+    )
     prewarm([*dirs, *([op.base] if a.method != "linear" else [])])
     outs = {t: a.workdir / f"out-{t}" for t in tools}
-    res: dict = {"method": a.method, "models": a.models, "params": n_params, "bytes_per_model": size // a.models,
-                 "weights": ws, "cpus": os.cpu_count(), "tools": _timed(tools, ws, outs, env, a.repeats)}
+    res: dict = {
+        "method": a.method,
+        "models": a.models,
+        "params": n_params,
+        "bytes_per_model": size // a.models,
+        "weights": ws,
+        "cpus": os.cpu_count(),
+        "tools": _timed(tools, ws, outs, env, a.repeats),
+    }
     if a.method == "ties":
         res["density"] = a.density
     ok = True
     if a.method == "linear":
         res["reference"] = reference_check(dirs, ws, outs["soce"])
-        print(f"  soce == torch fp32 fused reference (bitwise): {res['reference']['identical']}"
-              f" (unfused sum(w*t.float()) would differ in {res['reference']['differing_from_unfused_sum']}"
-              f" of {n_params} elements)")
+        print(
+            f"  soce == torch fp32 fused reference (bitwise): {res['reference']['identical']}"
+            f" (unfused sum(w*t.float()) would differ in {res['reference']['differing_from_unfused_sum']}"
+            f" of {n_params} elements)"
+        )
         ok &= res["reference"]["identical"]
     if "mergekit" in tools:
         ok &= _against_mergekit(res, tools, outs, env, a)

@@ -20,8 +20,18 @@ from pathlib import Path
 
 def job(out: Path, *overrides: str) -> dict:
     if not (out / "result.json").exists():
-        subprocess.run([sys.executable, "-m", "soce", "strategy=soce_weighted", f"hydra.run.dir={out}",
-                        "progress=false", *overrides], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "soce",
+                "strategy=soce_weighted",
+                f"hydra.run.dir={out}",
+                "progress=false",
+                *overrides,
+            ],
+            check=True,
+        )
     return json.loads((out / "result.json").read_text())
 
 
@@ -38,17 +48,22 @@ def main() -> None:
 
     n_grid = len(weight_grid(len(grid["experts"])))
     n_trials = max(1, math.floor(args.fraction * n_grid))
-    lines = [f"grid: {n_grid} points over {grid['experts']}; optuna: {n_trials} trials "
-             f"({100 * n_trials / n_grid:.0f}% of the grid's evaluations)", "",
-             f"| search | seed | best {sel} overall | gap to grid (points) | {rep} overall of the chosen soup |",
-             "|---|---|---|---|---|",
-             f"| grid | - | {100 * grid['scores'][sel]['overall']:.2f} | 0.00 | "
-             f"{100 * grid['scores'][rep]['overall']:.2f} |"]
+    lines = [
+        f"grid: {n_grid} points over {grid['experts']}; optuna: {n_trials} trials "
+        f"({100 * n_trials / n_grid:.0f}% of the grid's evaluations)",
+        "",
+        f"| search | seed | best {sel} overall | gap to grid (points) | {rep} overall of the chosen soup |",
+        "|---|---|---|---|---|",
+        f"| grid | - | {100 * grid['scores'][sel]['overall']:.2f} | 0.00 | "
+        f"{100 * grid['scores'][rep]['overall']:.2f} |",
+    ]
     for seed in args.seeds:
         r = job(out / f"optuna{seed}", "search=optuna", f"search.n_trials={n_trials}", f"search.seed={seed}", *extra)
         gap = 100 * (grid["scores"][sel]["overall"] - r["scores"][sel]["overall"])
-        lines.append(f"| optuna | {seed} | {100 * r['scores'][sel]['overall']:.2f} | {gap:.2f} | "
-                     f"{100 * r['scores'][rep]['overall']:.2f} |")
+        lines.append(
+            f"| optuna | {seed} | {100 * r['scores'][sel]['overall']:.2f} | {gap:.2f} | "
+            f"{100 * r['scores'][rep]['overall']:.2f} |"
+        )
     md = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(md)
     print(md)

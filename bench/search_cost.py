@@ -63,10 +63,18 @@ def dump(world: World, seen: dict[str, dict[str, dict]], path: Path) -> None:
     import gzip
 
     ids = world.item_ids
-    blob = {"seed": world.seed, "experts": world.experts, "points": world.points, "categories": world.categories,
-            "select_split": world.select_split, "report_split": world.report_split, "item_ids": ids,
-            "outcomes": {sp: {k: {c: [y[c][i] for i in ids[sp][c]] for c in y} for k, y in got.items()}
-                         for sp, got in seen.items()}}
+    blob = {
+        "seed": world.seed,
+        "experts": world.experts,
+        "points": world.points,
+        "categories": world.categories,
+        "select_split": world.select_split,
+        "report_split": world.report_split,
+        "item_ids": ids,
+        "outcomes": {
+            sp: {k: {c: [y[c][i] for i in ids[sp][c]] for c in y} for k, y in got.items()} for sp, got in seen.items()
+        },
+    }
     with gzip.open(path, "wt") as fh:
         json.dump(blob, fh, separators=(",", ":"))
 
@@ -82,8 +90,10 @@ def load_world(path: Path) -> World:
     with gzip.open(path, "rt") as fh:
         b = json.load(fh)
     ids = b["item_ids"]
-    table = {sp: {k: {c: dict(zip(ids[sp][c], v, strict=True)) for c, v in y.items()} for k, y in got.items()}
-             for sp, got in b["outcomes"].items()}
+    table = {
+        sp: {k: {c: dict(zip(ids[sp][c], v, strict=True)) for c, v in y.items()} for k, y in got.items()}
+        for sp, got in b["outcomes"].items()
+    }
 
     def outcomes(weights: dict[str, float], split: str) -> dict[str, dict[str, float]]:
         key = point_key(b["experts"], weights)
@@ -91,8 +101,16 @@ def load_world(path: Path) -> World:
             raise NotStored(f"{path.name}: point {key} on {split} was not evaluated in the stored run")
         return table[split][key]
 
-    return World(b["seed"], b["experts"], [tuple(p) for p in b["points"]], ids, b["select_split"],
-                 b["report_split"], outcomes, b["categories"])
+    return World(
+        b["seed"],
+        b["experts"],
+        [tuple(p) for p in b["points"]],
+        ids,
+        b["select_split"],
+        b["report_split"],
+        outcomes,
+        b["categories"],
+    )
 
 
 def build_world(seed: int, preset: str, out: Path, max_experts: int | None, extra: list[str]) -> World:
@@ -103,8 +121,13 @@ def build_world(seed: int, preset: str, out: Path, max_experts: int | None, extr
     from soce.job.pipeline import select_experts
     from soce.job.preflight import compose_config
 
-    overrides = [f"demo.seed={seed}", f"demo.preset={preset}", f"paths.root_dir={out}", "progress=false",
-                 f"demo.root={out / 'demo'}"]
+    overrides = [
+        f"demo.seed={seed}",
+        f"demo.preset={preset}",
+        f"paths.root_dir={out}",
+        "progress=false",
+        f"demo.root={out / 'demo'}",
+    ]
     if max_experts:
         overrides.append(f"selection.max_experts={max_experts}")
     config = compose_config(overrides + extra)
@@ -165,11 +188,13 @@ def search_configs(n_points: int, budget: float, seed: int) -> dict[str, Any]:
     cap = budget * n_points
     trials = max(1, math.floor(cap))
     race = {"name": "race", "min_weight": 0.1, "seed": seed, "budget": cap}
-    out = {"grid": SearchConfig(name="grid"),
-           "tpe": SearchConfig(name="optuna", sampler="tpe", n_trials=trials, seed=seed, min_weight=0.1),
-           "gp": SearchConfig(name="optuna", sampler="gp", n_trials=trials, seed=seed, min_weight=0.1),
-           "race": SearchConfig(**race),
-           "race_tpe": SearchConfig(**race, n_trials=max(trials, n_points // 2))}
+    out = {
+        "grid": SearchConfig(name="grid"),
+        "tpe": SearchConfig(name="optuna", sampler="tpe", n_trials=trials, seed=seed, min_weight=0.1),
+        "gp": SearchConfig(name="optuna", sampler="gp", n_trials=trials, seed=seed, min_weight=0.1),
+        "race": SearchConfig(**race),
+        "race_tpe": SearchConfig(**race, n_trials=max(trials, n_points // 2)),
+    }
     out["race_tpe"].proposal = "tpe"  # SearchConfig.proposal (once the schema declares it)
     return out
 
@@ -200,8 +225,9 @@ def run_seed(world: World, budget: float) -> list[dict]:
     full = sum(len(v) for v in world.item_ids[world.select_split].values())
     for name, cfg in search_configs(len(world.points), budget, world.seed).items():
         ch = Charged(world)
-        ctx = SearchContext(world.experts, ch.evaluate, cfg, None, ch.evaluate_items,
-                            world.item_ids[world.select_split])
+        ctx = SearchContext(
+            world.experts, ch.evaluate, cfg, None, ch.evaluate_items, world.item_ids[world.select_split]
+        )
         try:
             res = SEARCHES[cfg.name].run(ctx)
             rep, se, y = report(world, res.weights)
@@ -209,10 +235,20 @@ def run_seed(world: World, budget: float) -> list[dict]:
             print(f"seed {world.seed}, {name}: skipped ({e}; rerun without --replay)", flush=True)
             continue
         grid_y = y if name == "grid" else grid_y
-        rows.append({"seed": world.seed, "search": name, "items": ch.items,
-                     "items_ratio": ch.items / (len(world.points) * full), "points": res.notes.get("points"),
-                     "select": res.scores["overall"], "report": rep, "report_se": se,
-                     "gap_se": paired_se(world, y, grid_y), "weights": res.weights})
+        rows.append(
+            {
+                "seed": world.seed,
+                "search": name,
+                "items": ch.items,
+                "items_ratio": ch.items / (len(world.points) * full),
+                "points": res.notes.get("points"),
+                "select": res.scores["overall"],
+                "report": rep,
+                "report_se": se,
+                "gap_se": paired_se(world, y, grid_y),
+                "weights": res.weights,
+            }
+        )
     g = next(r for r in rows if r["search"] == "grid")
     for r in rows:
         r["test_gap"] = 100 * (r["report"] - g["report"])
@@ -230,17 +266,25 @@ def race_spread(world: World, budget: float, n_orders: int) -> dict:
     for s in range(n_orders):
         cfg = search_configs(len(world.points), budget, s)["race"]
         ch = Charged(world)
-        res = SEARCHES["race"].run(SearchContext(world.experts, ch.evaluate, cfg, None, ch.evaluate_items,
-                                                 world.item_ids[world.select_split]))
+        res = SEARCHES["race"].run(
+            SearchContext(world.experts, ch.evaluate, cfg, None, ch.evaluate_items, world.item_ids[world.select_split])
+        )
         gaps.append(100 * (report(world, res.weights)[0] - g[0]))
         ratios.append(ch.items / full)
-    return {"seed": world.seed, "orders": n_orders, "mean_gap": statistics.fmean(gaps), "worst_gap": min(gaps),
-            "worst_gap_in_se": min(gaps) / (100 * g[1]), "max_ratio": max(ratios),
-            "share_within_1se": sum(x >= -100 * g[1] for x in gaps) / n_orders}
+    return {
+        "seed": world.seed,
+        "orders": n_orders,
+        "mean_gap": statistics.fmean(gaps),
+        "worst_gap": min(gaps),
+        "worst_gap_in_se": min(gaps) / (100 * g[1]),
+        "max_ratio": max(ratios),
+        "share_within_1se": sum(x >= -100 * g[1] for x in gaps) / n_orders,
+    }
 
 
 def grid_pick(world: World) -> dict[str, float]:
     """The grid's choice on the selection split (ties: the earlier point), from the stored outcomes."""
+
     def overall(pt: tuple[float, ...]) -> float:
         y = world.outcomes(dict(zip(world.experts, pt, strict=True)), world.select_split)
         return statistics.fmean(statistics.fmean(y[c].values()) for c in world.categories)
@@ -251,27 +295,40 @@ def grid_pick(world: World) -> dict[str, float]:
 
 def tables(rows: list[dict], n_points: dict[int, int], budget: float) -> str:
     """Markdown: one row per (seed, search), then the mean over seeds with the BFCL 8B projection."""
-    lines = ["Figures from replayed real evaluations: every grid point was evaluated once per seed on every item "
-             "(lm-eval, in-memory soups); each search is charged for the items it asks for.", "",
-             "| seed | search | points | items | items / grid | selection overall | report overall ± s.e. "
-             "| gap to grid (points) ± paired s.e. | weights |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "Figures from replayed real evaluations: every grid point was evaluated once per seed on every item "
+        "(lm-eval, in-memory soups); each search is charged for the items it asks for.",
+        "",
+        "| seed | search | points | items | items / grid | selection overall | report overall ± s.e. "
+        "| gap to grid (points) ± paired s.e. | weights |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         w = ", ".join(f"{v:.2f}" for v in r["weights"].values())
-        lines.append(f"| {r['seed']} | {r['search']} | {r['points']} | {r['items']} | {r['items_ratio']:.3f} | "
-                     f"{100 * r['select']:.2f} | {100 * r['report']:.2f} ± {100 * r['report_se']:.2f} | "
-                     f"{r['test_gap']:+.2f} ± {100 * r['gap_se']:.2f} | {w} |")
+        lines.append(
+            f"| {r['seed']} | {r['search']} | {r['points']} | {r['items']} | {r['items_ratio']:.3f} | "
+            f"{100 * r['select']:.2f} | {100 * r['report']:.2f} ± {100 * r['report_se']:.2f} | "
+            f"{r['test_gap']:+.2f} ± {100 * r['gap_se']:.2f} | {w} |"
+        )
     lo, mid, hi = BFCL_FULL_EVAL_H
-    lines += ["", f"Mean over seeds {sorted(n_points)} (grid points per seed: {list(n_points.values())}; budget "
-              f"{budget:g} x grid). BFCL 8B: items / grid x {BFCL_GRID_POINTS} points x {lo:g}-{hi:g} GPU-h "
-              "per full evaluation (proportional stratified subsets: the fraction of items is the fraction of "
-              "cost in every category, single- and multi-turn alike).", "",
-              "| search | items / grid | test gap, mean (per seed) | min gap in s.e. of grid's report | "
-              "selection overall | report overall ± s.e. | BFCL 8B GPU-h |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Mean over seeds {sorted(n_points)} (grid points per seed: {list(n_points.values())}; budget "
+        f"{budget:g} x grid). BFCL 8B: items / grid x {BFCL_GRID_POINTS} points x {lo:g}-{hi:g} GPU-h "
+        "per full evaluation (proportional stratified subsets: the fraction of items is the fraction of "
+        "cost in every category, single- and multi-turn alike).",
+        "",
+        "| search | items / grid | test gap, mean (per seed) | min gap in s.e. of grid's report | "
+        "selection overall | report overall ± s.e. | BFCL 8B GPU-h |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, s in summary(rows).items():
-        lines.append(f"| {name} | {s['items_ratio']:.3f} | {s['test_gap']:+.2f} "
-                     f"({', '.join(f'{g:+.2f}' for g in s['test_gap_per_seed'])}) | {s['worst_gap_in_se']:+.2f} | "
-                     f"{100 * s['select']:.2f} | {100 * s['report']:.2f} ± {100 * s['report_se']:.2f} | "
-                     f"{s['bfcl_8b_gpu_h'][1]:.1f} ({s['bfcl_8b_gpu_h'][0]:.1f}-{s['bfcl_8b_gpu_h'][2]:.1f}) |")
+        lines.append(
+            f"| {name} | {s['items_ratio']:.3f} | {s['test_gap']:+.2f} "
+            f"({', '.join(f'{g:+.2f}' for g in s['test_gap_per_seed'])}) | {s['worst_gap_in_se']:+.2f} | "
+            f"{100 * s['select']:.2f} | {100 * s['report']:.2f} ± {100 * s['report_se']:.2f} | "
+            f"{s['bfcl_8b_gpu_h'][1]:.1f} ({s['bfcl_8b_gpu_h'][0]:.1f}-{s['bfcl_8b_gpu_h'][2]:.1f}) |"
+        )
     return "\n".join(lines)
 
 
@@ -279,12 +336,19 @@ def spread_table(spread: list[dict]) -> str:
     """Markdown: the race's test gap over many item orders, per demo seed."""
     if not spread:
         return ""
-    lines = ["", "", f"The race (grid points) over {spread[0]['orders']} item orders (search.seed 0..n-1) per demo "
-             "seed, replayed:", "", "| demo seed | mean gap (points) | worst gap | worst gap in s.e. | share within "
-             "1 s.e. | max items / grid |", "|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "",
+        f"The race (grid points) over {spread[0]['orders']} item orders (search.seed 0..n-1) per demo seed, replayed:",
+        "",
+        "| demo seed | mean gap (points) | worst gap | worst gap in s.e. | share within 1 s.e. | max items / grid |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in spread:
-        lines.append(f"| {s['seed']} | {s['mean_gap']:+.2f} | {s['worst_gap']:+.2f} | {s['worst_gap_in_se']:+.2f} | "
-                     f"{100 * s['share_within_1se']:.0f}% | {s['max_ratio']:.3f} |")
+        lines.append(
+            f"| {s['seed']} | {s['mean_gap']:+.2f} | {s['worst_gap']:+.2f} | {s['worst_gap_in_se']:+.2f} | "
+            f"{100 * s['share_within_1se']:.0f}% | {s['max_ratio']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -295,13 +359,16 @@ def summary(rows: list[dict]) -> dict[str, dict]:
     for name in dict.fromkeys(r["search"] for r in rows):
         rs = [r for r in rows if r["search"] == name]
         ratio = statistics.fmean(r["items_ratio"] for r in rs)
-        out[name] = {"items_ratio": round(ratio, 4), "test_gap": round(statistics.fmean(r["test_gap"] for r in rs), 3),
-                     "test_gap_per_seed": [round(r["test_gap"], 3) for r in rs],
-                     "worst_gap_in_se": round(min(r["test_gap"] / (100 * grid[r["seed"]]["report_se"]) for r in rs), 3),
-                     "select": statistics.fmean(r["select"] for r in rs),
-                     "report": statistics.fmean(r["report"] for r in rs),
-                     "report_se": math.sqrt(sum(r["report_se"] ** 2 for r in rs)) / len(rs),
-                     "bfcl_8b_gpu_h": [round(ratio * BFCL_GRID_POINTS * h, 1) for h in BFCL_FULL_EVAL_H]}
+        out[name] = {
+            "items_ratio": round(ratio, 4),
+            "test_gap": round(statistics.fmean(r["test_gap"] for r in rs), 3),
+            "test_gap_per_seed": [round(r["test_gap"], 3) for r in rs],
+            "worst_gap_in_se": round(min(r["test_gap"] / (100 * grid[r["seed"]]["report_se"]) for r in rs), 3),
+            "select": statistics.fmean(r["select"] for r in rs),
+            "report": statistics.fmean(r["report"] for r in rs),
+            "report_se": math.sqrt(sum(r["report_se"] ** 2 for r in rs)) / len(rs),
+            "bfcl_8b_gpu_h": [round(ratio * BFCL_GRID_POINTS * h, 1) for h in BFCL_FULL_EVAL_H],
+        }
     return out
 
 

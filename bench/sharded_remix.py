@@ -128,8 +128,11 @@ def sharded_kwargs(kind: str, n_layers: int, dev: str) -> dict:
     transformers' balanced map over every visible GPU (90% of each), no cpu (a multi-GPU node)."""
     if kind == "split" or not torch.cuda.is_available():
         return {"device_map": shard_map(n_layers, dev)}
-    return {k: v for k, v in parallel.remixer_placement(list(range(torch.cuda.device_count()))).items()
-            if k in ("device_map", "max_memory")} or {"device_map": {"": dev}}
+    return {
+        k: v
+        for k, v in parallel.remixer_placement(list(range(torch.cuda.device_count()))).items()
+        if k in ("device_map", "max_memory")
+    } or {"device_map": {"": dev}}
 
 
 def placement_summary(rmx: Remixer) -> dict:
@@ -155,11 +158,17 @@ def check_keys(n_layers: int, tiny: bool) -> list[str] | None:
     if tiny:
         return None
     last = n_layers - 1
-    return ["model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight",
-            f"model.layers.{last}.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight"]
+    return [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        f"model.layers.{last}.mlp.down_proj.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ]
 
 
 # ------------------------------------------------------------------------------------ points across devices
+
 
 def spin(iters: int) -> int:
     """A fixed amount of GIL-holding pure-Python work (the lm-eval-side proxy)."""
@@ -229,8 +238,11 @@ def run_parallel(models: dict[str, str], a: argparse.Namespace, ids: torch.Tenso
         t = time.perf_counter()
         got = parallel.evaluate_points(workers, points)
         wall = time.perf_counter() - t
-        res["threads"] = {"wall_s": round(wall, 3), "speedup": round(res["serial_s"] / wall, 3),
-                          "identical_to_serial": got == serial}
+        res["threads"] = {
+            "wall_s": round(wall, 3),
+            "speedup": round(res["serial_s"] / wall, 3),
+            "identical_to_serial": got == serial,
+        }
     del workers
     free_gpu()
     if "processes" in a.parallel_modes:
@@ -248,8 +260,12 @@ def run_parallel(models: dict[str, str], a: argparse.Namespace, ids: torch.Tenso
         finally:
             for p in procs:
                 p.close()
-        res["processes"] = {"wall_s": round(wall, 3), "speedup": round(res["serial_s"] / wall, 3),
-                            "identical_to_serial": got == serial, "startup_s": round(start, 1)}
+        res["processes"] = {
+            "wall_s": round(wall, 3),
+            "speedup": round(res["serial_s"] / wall, 3),
+            "identical_to_serial": got == serial,
+            "startup_s": round(start, 1),
+        }
     return res
 
 
@@ -263,6 +279,7 @@ def free_gpu() -> None:
 
 # ------------------------------------------------------------------------------------------------------ main
 
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="70b")
@@ -271,8 +288,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--experts", type=int, default=3)
     ap.add_argument("--distinct", type=int, default=2, help="random experts; the others are hard links")
     ap.add_argument("--sections", default="single,sharded,parallel")
-    ap.add_argument("--map", choices=["split", "auto"], default="split",
-                    help="sharded section: split = first half on the GPU, rest on cpu; auto = over all GPUs")
+    ap.add_argument(
+        "--map",
+        choices=["split", "auto"],
+        default="split",
+        help="sharded section: split = first half on the GPU, rest on cpu; auto = over all GPUs",
+    )
     ap.add_argument("--placements", default="with_shard,host", help="sharded section: expert placements to time")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
@@ -280,8 +301,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--gpus-per-worker", type=int, default=1)
     ap.add_argument("--points", type=int, default=8)
-    ap.add_argument("--python-ms", type=float, default=None,
-                    help="GIL-holding Python work per point, ms (default 50; 5 with --tiny)")
+    ap.add_argument(
+        "--python-ms",
+        type=float,
+        default=None,
+        help="GIL-holding Python work per point, ms (default 50; 5 with --tiny)",
+    )
     ap.add_argument("--parallel-modes", default="threads,processes")
     ap.add_argument("--workdir", type=Path, default=ROOT / ".bench" / "sharded")
     ap.add_argument("--json", type=Path)
@@ -304,15 +329,26 @@ def main(argv: list[str] | None = None) -> int:
     full = SHAPES[a.shape]
     shape = {**full, "layers": a.layers}
     scale_bytes = n_params(full) / n_params(shape)
-    res: dict = {"shape": a.shape, "layers": a.layers, "layers_full": full["layers"], "experts": a.experts,
-                 "params": n_params(shape), "params_full": n_params(full), "full_over_truncated": round(scale_bytes, 3),
-                 "device": dev, "gpu": torch.cuda.get_device_name(0) if dev != "cpu" else None,
-                 "gpus_visible": torch.cuda.device_count(), "torch": torch.__version__,
-                 "transformers": transformers.__version__, "evaluation_proxy": f"forward {a.batch}x{a.seq} tokens"}
+    res: dict = {
+        "shape": a.shape,
+        "layers": a.layers,
+        "layers_full": full["layers"],
+        "experts": a.experts,
+        "params": n_params(shape),
+        "params_full": n_params(full),
+        "full_over_truncated": round(scale_bytes, 3),
+        "device": dev,
+        "gpu": torch.cuda.get_device_name(0) if dev != "cpu" else None,
+        "gpus_visible": torch.cuda.device_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "evaluation_proxy": f"forward {a.batch}x{a.seq} tokens",
+    }
     t = time.perf_counter()
     shard = 5 * 10**9 if a.shape != "tiny" else 10**6
-    dirs = build(a.workdir / f"{a.shape}-{a.layers}", shape, a.experts, min(a.distinct, a.experts), shard,
-                 torch.device(dev))
+    dirs = build(
+        a.workdir / f"{a.shape}-{a.layers}", shape, a.experts, min(a.distinct, a.experts), shard, torch.device(dev)
+    )
     res["build_s"] = round(time.perf_counter() - t, 1)
     models = {d.name: str(d) for d in dirs}
     ids = fixed_ids(a.batch, a.seq, shape["vocab"])

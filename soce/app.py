@@ -23,9 +23,28 @@ from soce.job.preflight import job_overrides, preflight
 register_configs()
 log = logging.getLogger("soce")
 # Hydra's own flags: they compose no job, so there is nothing to check first
-_NO_PREFLIGHT = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--package", "-p",
-                 "--shell-completion", "-sc", "--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp",
-                 "--version", "--experimental-rerun"}
+_NO_PREFLIGHT = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--info",
+    "-i",
+    "--cfg",
+    "-c",
+    "--resolve",
+    "--package",
+    "-p",
+    "--shell-completion",
+    "-sc",
+    "--config-dir",
+    "-cd",
+    "--config-name",
+    "-cn",
+    "--config-path",
+    "-cp",
+    "--version",
+    "--experimental-rerun",
+}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -76,8 +95,11 @@ def print_help() -> int:
 
     conf = Path(CONF_DIR)
     text = yaml.safe_load((conf / "hydra" / "help" / "soce.yaml").read_text())
-    groups = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in sorted(conf.iterdir())
-              if g.is_dir() and g.name != "hydra" and any(g.glob("*.yaml"))}
+    groups = {
+        g.name: sorted(p.stem for p in g.glob("*.yaml"))
+        for g in sorted(conf.iterdir())
+        if g.is_dir() and g.name != "hydra" and any(g.glob("*.yaml"))
+    }
     lines = [text["header"].rstrip(), "", "== Configuration groups (group=option) =="]
     lines += [f"{g}: {', '.join(opts)}" for g, opts in groups.items()]
     print("\n".join([*lines, "", text["footer"].rstrip()]))

@@ -45,8 +45,11 @@ DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # device
 # merge.method -> the parameters it takes (soce.soup.operators.OPERATORS; a test keeps the two equal)
 _TV = ("density", "lambda", "normalize", "rescale")
 MERGE_METHODS: dict[str, tuple[str, ...]] = {
-    "linear": ("normalize",), "task_arithmetic": ("lambda", "normalize"), "ties": _TV,
-    "dare_linear": (*_TV, "seed"), "dare_ties": (*_TV, "seed"),
+    "linear": ("normalize",),
+    "task_arithmetic": ("lambda", "normalize"),
+    "ties": _TV,
+    "dare_linear": (*_TV, "seed"),
+    "dare_ties": (*_TV, "seed"),
 }
 
 
@@ -132,23 +135,37 @@ class BenchmarkConfig:
 
     def validate(self) -> None:
         h = self.holdout
-        _refuse([(not self.categories, f"benchmark {self.name!r} lists no categories"),
-                 (len(set(self.categories)) != len(self.categories), f"benchmark {self.name!r} lists a category twice"),
-                 (self.backend == "lm_eval" and "{category}" not in self.task,
-                  f"benchmark.task {self.task!r} must contain {{category}}"),
-                 _one_of("benchmark.objective", self.objective, OBJECTIVES),
-                 (self.limit is not None and self.limit < 1, f"benchmark.limit must be >= 1 or null, got {self.limit}"),
-                 (self.objective == "official" and self.limit is not None,
-                  f"benchmark.objective=official with benchmark.limit={self.limit}: the official overall weighs "
-                  f"categories by their items, and a limit changes those counts (use objective=mean with a limit)"),
-                 (self.batch_size < 1, f"benchmark.batch_size must be >= 1, got {self.batch_size}"),
-                 (self.max_new_tokens is not None and self.max_new_tokens < 1,
-                  f"benchmark.max_new_tokens must be >= 1 or null, got {self.max_new_tokens}"),
-                 *_metric_checks(self),
-                 (h.split is not None and not 0 < h.select_fraction < 1,
-                  f"benchmark.holdout.select_fraction must be in (0, 1), got {h.select_fraction}"),
-                 (h.split is not None and self.select_split == self.report_split,
-                  "benchmark.holdout carves two halves: select_split and report_split must differ")])
+        _refuse(
+            [
+                (not self.categories, f"benchmark {self.name!r} lists no categories"),
+                (len(set(self.categories)) != len(self.categories), f"benchmark {self.name!r} lists a category twice"),
+                (
+                    self.backend == "lm_eval" and "{category}" not in self.task,
+                    f"benchmark.task {self.task!r} must contain {{category}}",
+                ),
+                _one_of("benchmark.objective", self.objective, OBJECTIVES),
+                (self.limit is not None and self.limit < 1, f"benchmark.limit must be >= 1 or null, got {self.limit}"),
+                (
+                    self.objective == "official" and self.limit is not None,
+                    f"benchmark.objective=official with benchmark.limit={self.limit}: the official overall weighs "
+                    f"categories by their items, and a limit changes those counts (use objective=mean with a limit)",
+                ),
+                (self.batch_size < 1, f"benchmark.batch_size must be >= 1, got {self.batch_size}"),
+                (
+                    self.max_new_tokens is not None and self.max_new_tokens < 1,
+                    f"benchmark.max_new_tokens must be >= 1 or null, got {self.max_new_tokens}",
+                ),
+                *_metric_checks(self),
+                (
+                    h.split is not None and not 0 < h.select_fraction < 1,
+                    f"benchmark.holdout.select_fraction must be in (0, 1), got {h.select_fraction}",
+                ),
+                (
+                    h.split is not None and self.select_split == self.report_split,
+                    "benchmark.holdout carves two halves: select_split and report_split must differ",
+                ),
+            ]
+        )
 
 
 def _metric_checks(b: BenchmarkConfig) -> list[tuple[bool, str]]:
@@ -160,9 +177,14 @@ def _metric_checks(b: BenchmarkConfig) -> list[tuple[bool, str]]:
         return [(True, f"benchmark.metric must be null, a name or {{category: name}}, got {m!r}")]
     unknown = [c for c in m if c not in b.categories]
     bad = [c for c, v in m.items() if not isinstance(v, str) or not v.split(",")[0].strip()]
-    return [(bool(unknown), f"benchmark.metric names {unknown[0] if unknown else ''!r}, not a category of "
-                            f"benchmark {b.name!r} ({', '.join(b.categories)})"),
-            (bool(bad), f"benchmark.metric.{bad[0] if bad else ''}: a metric name is a string, e.g. exact_match")]
+    return [
+        (
+            bool(unknown),
+            f"benchmark.metric names {unknown[0] if unknown else ''!r}, not a category of "
+            f"benchmark {b.name!r} ({', '.join(b.categories)})",
+        ),
+        (bool(bad), f"benchmark.metric.{bad[0] if bad else ''}: a metric name is a string, e.g. exact_match"),
+    ]
 
 
 @dataclass
@@ -186,10 +208,14 @@ class PoolConfig:
     base: str | None = None  # the checkpoint the candidates were fine-tuned from (task-vector merges); demo: its own
 
     def validate(self) -> None:
-        _refuse([_one_of("pool.source", self.source, POOL_SOURCES),
-                 _one_of("pool.scale", self.scale, SCALES),
-                 (self.source == "csv" and self.csv is None, "pool.source=csv needs pool.csv=<score table>"),
-                 (self.source == "paths" and not self.candidates, f"pool {self.name!r} lists no candidates")])
+        _refuse(
+            [
+                _one_of("pool.source", self.source, POOL_SOURCES),
+                _one_of("pool.scale", self.scale, SCALES),
+                (self.source == "csv" and self.csv is None, "pool.source=csv needs pool.csv=<score table>"),
+                (self.source == "paths" and not self.candidates, f"pool {self.name!r} lists no candidates"),
+            ]
+        )
 
 
 def merge_problems(merge: dict[str, Any], pool: PoolConfig) -> list[tuple[bool, str]]:
@@ -200,17 +226,29 @@ def merge_problems(merge: dict[str, Any], pool: PoolConfig) -> list[tuple[bool, 
         return [(True, f"merge.method must be one of {', '.join(MERGE_METHODS)}, got {method!r}")]
     extra = [k for k, v in merge.items() if k != "method" and v is not None and k not in MERGE_METHODS[method]]
     d, lam, seed = merge.get("density"), merge.get("lambda"), merge.get("seed")
-    return [(bool(extra), f"merge.{extra[0] if extra else ''}: merge={method} takes only "
-                          f"{', '.join(MERGE_METHODS[method])}"),
-            (d is not None and not (isinstance(d, int | float) and 0 <= d <= 1),
-             f"merge.density must be in [0, 1], got {d!r}"),
-            (lam is not None and not (isinstance(lam, int | float) and lam == lam and abs(lam) != float("inf")),
-             f"merge.lambda must be a finite number, got {lam!r}"),
-            (seed is not None and not (isinstance(seed, int) and seed >= 0),
-             f"merge.seed must be an integer >= 0, got {seed!r}"),
-            (method != "linear" and not pool.base and pool.source != "demo",
-             f"merge={method} works on task vectors: set pool.base=<the checkpoint the candidates were fine-tuned "
-             f"from> (pool {pool.name!r} names none)")]
+    return [
+        (
+            bool(extra),
+            f"merge.{extra[0] if extra else ''}: merge={method} takes only {', '.join(MERGE_METHODS[method])}",
+        ),
+        (
+            d is not None and not (isinstance(d, int | float) and 0 <= d <= 1),
+            f"merge.density must be in [0, 1], got {d!r}",
+        ),
+        (
+            lam is not None and not (isinstance(lam, int | float) and lam == lam and abs(lam) != float("inf")),
+            f"merge.lambda must be a finite number, got {lam!r}",
+        ),
+        (
+            seed is not None and not (isinstance(seed, int) and seed >= 0),
+            f"merge.seed must be an integer >= 0, got {seed!r}",
+        ),
+        (
+            method != "linear" and not pool.base and pool.source != "demo",
+            f"merge={method} works on task vectors: set pool.base=<the checkpoint the candidates were fine-tuned "
+            f"from> (pool {pool.name!r} names none)",
+        ),
+    ]
 
 
 @dataclass
@@ -224,10 +262,16 @@ class SelectionConfig:
     population_csv: str | None = None  # score table of a larger population for the correlation (rows: models)
 
     def validate(self) -> None:
-        _refuse([_one_of("selection.tie_break", self.tie_break, TIE_BREAKS),
-                 (not 0 <= self.tau <= 1, f"selection.tau must be in [0, 1], got {self.tau}"),
-                 (self.max_experts is not None and self.max_experts < 1,
-                  f"selection.max_experts must be >= 1, got {self.max_experts}")])
+        _refuse(
+            [
+                _one_of("selection.tie_break", self.tie_break, TIE_BREAKS),
+                (not 0 <= self.tau <= 1, f"selection.tau must be in [0, 1], got {self.tau}"),
+                (
+                    self.max_experts is not None and self.max_experts < 1,
+                    f"selection.max_experts must be >= 1, got {self.max_experts}",
+                ),
+            ]
+        )
 
 
 @dataclass
@@ -240,9 +284,15 @@ class StrategyConfig:
 
     def validate(self) -> None:
         names, ws = list(self.ingredients), list(self.weights)
-        _refuse([(self.name == "fixed" and (not names or len(names) != len(ws) or min(ws) < 0 or sum(ws) <= 0),
-                  f"strategy=fixed needs strategy.ingredients=[...] and as many non-negative "
-                  f"strategy.weights=[...] (not all 0); got {names} / {ws}")])
+        _refuse(
+            [
+                (
+                    self.name == "fixed" and (not names or len(names) != len(ws) or min(ws) < 0 or sum(ws) <= 0),
+                    f"strategy=fixed needs strategy.ingredients=[...] and as many non-negative "
+                    f"strategy.weights=[...] (not all 0); got {names} / {ws}",
+                )
+            ]
+        )
 
 
 @dataclass
@@ -269,12 +319,19 @@ class SearchConfig:
     def validate(self) -> None:
         from soce.method import SelectionError, weight_grid
 
-        _refuse([(self.n_trials < 1, f"search.n_trials must be >= 1, got {self.n_trials}"),
-                 (not 0 <= self.min_weight < 1, f"search.min_weight must be in [0, 1), got {self.min_weight}"),
-                 (self.budget is not None and not self.budget > 0,
-                  f"search.budget must be > 0 (full selection-split evaluations), got {self.budget}"),
-                 _one_of("search.sampler", self.sampler, SAMPLERS),
-                 _one_of("search.proposal", self.proposal, PROPOSALS), *_race_checks(self)])
+        _refuse(
+            [
+                (self.n_trials < 1, f"search.n_trials must be >= 1, got {self.n_trials}"),
+                (not 0 <= self.min_weight < 1, f"search.min_weight must be in [0, 1), got {self.min_weight}"),
+                (
+                    self.budget is not None and not self.budget > 0,
+                    f"search.budget must be > 0 (full selection-split evaluations), got {self.budget}",
+                ),
+                _one_of("search.sampler", self.sampler, SAMPLERS),
+                _one_of("search.proposal", self.proposal, PROPOSALS),
+                *_race_checks(self),
+            ]
+        )
         try:
             weight_grid(1, self.step, self.min_weight)
         except SelectionError as e:
@@ -295,11 +352,13 @@ class SearchConfig:
 
 def _race_checks(c: SearchConfig) -> list[tuple[bool, str]]:
     """Ranges of the racing rule's knobs (null: the rule's default, always valid)."""
-    given = [("race_delta", c.race_delta, lambda v: 0 < v < 1, "in (0, 1)"),
-             ("race_start", c.race_start, lambda v: 0 < v <= 1, "in (0, 1]"),
-             ("race_growth", c.race_growth, lambda v: v > 1, "> 1"),
-             ("race_keep", c.race_keep, lambda v: 0 < v <= 1, "in (0, 1]"),
-             ("race_finalists", c.race_finalists, lambda v: v >= 1, ">= 1")]
+    given = [
+        ("race_delta", c.race_delta, lambda v: 0 < v < 1, "in (0, 1)"),
+        ("race_start", c.race_start, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("race_growth", c.race_growth, lambda v: v > 1, "> 1"),
+        ("race_keep", c.race_keep, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("race_finalists", c.race_finalists, lambda v: v >= 1, ">= 1"),
+    ]
     return [(v is not None and not ok(v), f"search.{k} must be {rng}, got {v}") for k, v, ok, rng in given]
 
 
@@ -350,9 +409,16 @@ class ParallelConfig:
     expert_placement: str | None = None  # sharded workers: with_shard | host | auto (None: the Remixer's default)
 
     def validate(self) -> None:
-        _refuse([(self.workers < 1 or self.gpus_per_worker < 1, f"parallel.workers and parallel.gpus_per_worker "
-                  f"must be >= 1, got {self.workers} / {self.gpus_per_worker}"),
-                 _one_of("parallel.expert_placement", self.expert_placement, EXPERT_PLACEMENTS)])
+        _refuse(
+            [
+                (
+                    self.workers < 1 or self.gpus_per_worker < 1,
+                    f"parallel.workers and parallel.gpus_per_worker "
+                    f"must be >= 1, got {self.workers} / {self.gpus_per_worker}",
+                ),
+                _one_of("parallel.expert_placement", self.expert_placement, EXPERT_PLACEMENTS),
+            ]
+        )
 
 
 @dataclass
@@ -385,14 +451,21 @@ class Config:
         for part in (self.benchmark, self.pool, self.selection, self.strategy, self.search, self.parallel):
             part.validate()
         _refuse(merge_problems(dict(self.merge), self.pool))
-        _refuse([(self.dtype is not None and self.dtype not in DTYPES,
-                  f"dtype must be one of {', '.join(DTYPES)} or null, got {self.dtype!r}"),
-                 (not DEVICE.fullmatch(self.device), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
-                 *self.weight_checks(None),
-                 (self.search.name == "race" and self.benchmark.objective != "mean",
-                  f"search=race races the mean of category means; benchmark.objective={self.benchmark.objective} "
-                  f"is not linear in the categories' items yet")])
-
+        _refuse(
+            [
+                (
+                    self.dtype is not None and self.dtype not in DTYPES,
+                    f"dtype must be one of {', '.join(DTYPES)} or null, got {self.dtype!r}",
+                ),
+                (not DEVICE.fullmatch(self.device), f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
+                *self.weight_checks(None),
+                (
+                    self.search.name == "race" and self.benchmark.objective != "mean",
+                    f"search=race races the mean of category means; benchmark.objective={self.benchmark.objective} "
+                    f"is not linear in the categories' items yet",
+                ),
+            ]
+        )
 
     def weight_checks(self, n_candidates: int | None) -> list[tuple[bool, str]]:
         """soce_weighted: the largest selection (``selection.max_experts``, the categories, ``n_candidates`` or
@@ -404,10 +477,18 @@ class Config:
         n = n_candidates if n_candidates is not None else (len(self.pool.candidates) or None)
         bounds = [k for k in (sel.max_experts, len(self.benchmark.categories), n) if k]
         k, fit = min(bounds), s.most_experts()
-        hint = ("lower search.min_weight or selection.max_experts" if sel.max_experts
-                else f"lower search.min_weight or set selection.max_experts<={fit}")
-        return [(k > fit, f"search.min_weight={s.min_weight} ({s.name}) fits at most {fit} experts, but the "
-                 f"selection can return {k} (k x min_weight > 1): {hint}")]
+        hint = (
+            "lower search.min_weight or selection.max_experts"
+            if sel.max_experts
+            else f"lower search.min_weight or set selection.max_experts<={fit}"
+        )
+        return [
+            (
+                k > fit,
+                f"search.min_weight={s.min_weight} ({s.name}) fits at most {fit} experts, but the "
+                f"selection can return {k} (k x min_weight > 1): {hint}",
+            )
+        ]
 
 
 _LAUNCH_ID = secrets.token_hex(3)  # one per driver process; cached in the config, so jobs see the same value

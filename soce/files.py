@@ -73,7 +73,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     never see half a file. Temporary siblings left by dead writers of ``path`` are removed first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        if owner_gone(old.name[len(path.name) + 2:-4]):
+        if owner_gone(old.name[len(path.name) + 2 : -4]):
             old.unlink(missing_ok=True)
     tmp = path.parent / f".{path.name}.{owner_tag()}.tmp"
     try:

@@ -22,8 +22,25 @@ import sys
 from pathlib import Path
 
 USAGE = __doc__.split("\n\n")[1]
-KEYS = ("output", "models", "weights", "names", "donor", "dtype", "max_shard_size", "overwrite", "normalize",
-        "strategy", "allow_nonfinite", "method", "base", "density", "lambda", "rescale", "seed")
+KEYS = (
+    "output",
+    "models",
+    "weights",
+    "names",
+    "donor",
+    "dtype",
+    "max_shard_size",
+    "overwrite",
+    "normalize",
+    "strategy",
+    "allow_nonfinite",
+    "method",
+    "base",
+    "density",
+    "lambda",
+    "rescale",
+    "seed",
+)
 MERGE_KEYS = ("method", "density", "lambda", "normalize", "rescale", "seed")
 
 
@@ -152,8 +169,11 @@ def _warn_renormalised(kw: dict) -> None:
     linear = (kw.get("merge") or {}).get("method", "linear") == "linear"
     total = sum(kw["weights"].values())
     if linear and kw.get("normalize", True) and total > 0 and abs(total - 1) > 1e-6:
-        print(f"soce.merge: warning: weights sum to {total:g}, not 1: each was divided by that sum "
-              "(normalize=false refuses instead)", file=sys.stderr)
+        print(
+            f"soce.merge: warning: weights sum to {total:g}, not 1: each was divided by that sum "
+            "(normalize=false refuses instead)",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from soce.config import TIE_BREAKS
 log = logging.getLogger(__name__)
 
 
-
 class SelectionError(ValueError):
     """Bad input for selection or search (one line naming the problem)."""
 
@@ -53,9 +52,7 @@ def category_correlation(population: pd.DataFrame) -> pd.DataFrame:
     correlation: its row and column are NaN.
     """
     if len(population) < 3:
-        raise SelectionError(
-            f"correlation needs a population of at least 3 models, got {len(population)}"
-        )
+        raise SelectionError(f"correlation needs a population of at least 3 models, got {len(population)}")
     return population.astype(float).corr(method="pearson")
 
 
@@ -241,13 +238,19 @@ def optuna_points(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     free = 1.0 - len(ingredients) * min_weight
     if free < 0:
-        raise SelectionError(f"{len(ingredients)} ingredients cannot each get >= {min_weight} "
-                             "with weights summing to 1")
+        raise SelectionError(
+            f"{len(ingredients)} ingredients cannot each get >= {min_weight} with weights summing to 1"
+        )
     samplers = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler}
     if sampler not in samplers:
         raise SelectionError(f"search.sampler must be one of {', '.join(samplers)}, got {sampler!r}")
-    study = optuna.create_study(direction="maximize", sampler=samplers[sampler](seed=seed), storage=storage,
-                                study_name=study_name, load_if_exists=storage is not None)
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=samplers[sampler](seed=seed),
+        storage=storage,
+        study_name=study_name,
+        load_if_exists=storage is not None,
+    )
 
     def weights_of(params: dict[str, float]) -> dict[str, float]:
         raw = [max(params[f"r.{n}"], 1e-6) for n in ingredients]
@@ -288,9 +291,7 @@ def study_result(study: Any) -> SearchResult:
     return SearchResult(weights=best[1], scores={**best[2], "overall": best[0]}, trace=pd.DataFrame(rows))
 
 
-def greedy_soup(
-    ranked: Sequence[str], evaluate: Callable[[dict[str, float]], dict[str, float]]
-) -> SearchResult:
+def greedy_soup(ranked: Sequence[str], evaluate: Callable[[dict[str, float]], dict[str, float]]) -> SearchResult:
     """Greedy soup (Wortsman et al. 2022): walk the candidates best first, keep each one whose addition
     to the uniform soup improves the selection-split overall."""
     if not ranked:

@@ -28,8 +28,13 @@ def _fmt(ws: tuple[float, ...] | list[float]) -> str:
 
 def point_overrides(experts: list[str], points: list[tuple[float, ...]]) -> list[str]:
     """The multirun overrides that make one job per weight point."""
-    return ["strategy=fixed", f"strategy.ingredients=[{','.join(experts)}]",
-            "strategy.weights=" + ",".join(_fmt(p) for p in points), "save_soup=false", "report=false"]
+    return [
+        "strategy=fixed",
+        f"strategy.ingredients=[{','.join(experts)}]",
+        "strategy.weights=" + ",".join(_fmt(p) for p in points),
+        "save_soup=false",
+        "report=false",
+    ]
 
 
 class CollectError(ValueError):
@@ -57,21 +62,32 @@ def collect(sweep_dir: Path, overrides: list[str], partial: bool = False) -> dic
         raise CollectError(f"no finished point in {sweep_dir}")
     missing = missing_points(sweep_dir, len(results))
     if missing and not partial:
-        raise CollectError(f"sweep {sweep_dir} is unfinished: {missing} of "
-                         f"{missing + len(results)} points have no result (run the same soce.sweep command to "
-                         "finish it, or collect the finished ones with partial=true)")
+        raise CollectError(
+            f"sweep {sweep_dir} is unfinished: {missing} of "
+            f"{missing + len(results)} points have no result (run the same soce.sweep command to "
+            "finish it, or collect the finished ones with partial=true)"
+        )
     split = results[0]["select_split"]
     best = max(results, key=lambda r: r["scores"][split]["overall"])  # ties: the earlier job
     names = [n for n, w in best["weights"].items() if w > 0]
-    cmd = [sys.executable, "-m", "soce", "strategy=fixed", f"strategy.ingredients=[{','.join(names)}]",
-           f"strategy.weights={_fmt([best['weights'][n] for n in names])}", f"hydra.run.dir={sweep_dir / 'final'}",
-           *[o for o in overrides if not o.startswith(("hydra/launcher", "hydra.launcher", "hydra.sweep"))]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "soce",
+        "strategy=fixed",
+        f"strategy.ingredients=[{','.join(names)}]",
+        f"strategy.weights={_fmt([best['weights'][n] for n in names])}",
+        f"hydra.run.dir={sweep_dir / 'final'}",
+        *[o for o in overrides if not o.startswith(("hydra/launcher", "hydra.launcher", "hydra.sweep"))],
+    ]
     subprocess.run(cmd, check=True)
     final = json.loads((sweep_dir / "final" / "result.json").read_text())
-    print(f"soce.collect: best of {len(results)} points{f' ({missing} missing)' if missing else ''} on {split}: "
-          + ", ".join(f"{n} {w:.2f}" for n, w in final["weights"].items() if w > 0)
-          + f" -> {split} {100 * best['scores'][split]['overall']:.2f}%, "
-          + ", ".join(f"{s} {100 * v['overall']:.2f}%" for s, v in final["scores"].items() if s != split))
+    print(
+        f"soce.collect: best of {len(results)} points{f' ({missing} missing)' if missing else ''} on {split}: "
+        + ", ".join(f"{n} {w:.2f}" for n, w in final["weights"].items() if w > 0)
+        + f" -> {split} {100 * best['scores'][split]['overall']:.2f}%, "
+        + ", ".join(f"{s} {100 * v['overall']:.2f}%" for s, v in final["scores"].items() if s != split)
+    )
     return final
 
 
@@ -97,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         print("soce.sweep: error: a sweep evaluates soups; pool.source=csv has no checkpoints", file=sys.stderr)
         return 2
     if config.search.name != "grid":
-        print(f"soce.sweep: error: soce.sweep spreads the grid over jobs; search={config.search.name} runs in "
-              f"one job: python -m soce strategy=soce_weighted search={config.search.name}", file=sys.stderr)
+        print(
+            f"soce.sweep: error: soce.sweep spreads the grid over jobs; search={config.search.name} runs in "
+            f"one job: python -m soce strategy=soce_weighted search={config.search.name}",
+            file=sys.stderr,
+        )
         return 2
     try:
         experts = select_experts(config, gather(config)).ingredients
@@ -107,14 +126,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, method.SelectionError) as e:
         print(f"soce.sweep: error: {e}", file=sys.stderr)
         return 2
-    sweep_dir = next((Path(o.split("=", 1)[1]) for o in overrides if o.startswith("hydra.sweep.dir=")),
-                     Path(config.paths.output_dir) / "sweeps" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    sweep_dir = next(
+        (Path(o.split("=", 1)[1]) for o in overrides if o.startswith("hydra.sweep.dir=")),
+        Path(config.paths.output_dir) / "sweeps" / time.strftime("%Y-%m-%d_%H-%M-%S"),
+    )
     print(f"soce.sweep: experts {experts}; {len(points)} points -> {sweep_dir}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / POINTS).write_text(json.dumps({"experts": experts, "points": [list(p) for p in points]}))
     extra = [o for o in overrides if not o.startswith("hydra.sweep.dir=")]
-    cmd = [sys.executable, "-m", "soce", "-m", *point_overrides(experts, points), f"hydra.sweep.dir={sweep_dir}",
-           "hydra.sweep.subdir=${hydra.job.num}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "soce",
+        "-m",
+        *point_overrides(experts, points),
+        f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+        *extra,
+    ]
     subprocess.run(cmd, check=True)
     try:
         collect(sweep_dir, job_args)
@@ -124,10 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-COLLECT_USAGE = ("usage: python -m soce.collect dir=<sweep dir> [partial=true] [overrides]\n"
-                 "Re-runs the best point of a soce.sweep on the selection split as the final soup and scores it on "
-                 "the report split\n(<sweep dir>/final/result.json). An unfinished sweep is refused unless "
-                 "partial=true.")
+COLLECT_USAGE = (
+    "usage: python -m soce.collect dir=<sweep dir> [partial=true] [overrides]\n"
+    "Re-runs the best point of a soce.sweep on the selection split as the final soup and scores it on "
+    "the report split\n(<sweep dir>/final/result.json). An unfinished sweep is refused unless "
+    "partial=true."
+)
 
 
 def collect_main(argv: list[str] | None = None) -> int:

@@ -65,8 +65,12 @@ def java(value: Any, typ: str, items: str | None = None, quote: bool = True) -> 
     if typ in ("Array", "ArrayList") and isinstance(value, str):
         return value  # a variable holding the collection
     if typ in ("Array", "ArrayList"):  # bfcl-eval's collection parsers keep quotes: names are written bare
-        elems = ", ".join(v if isinstance(v, str) and re.fullmatch(r"\w+", v) else
-                          java(v, "boolean" if isinstance(v, bool) else items or "String") for v in value)
+        elems = ", ".join(
+            v
+            if isinstance(v, str) and re.fullmatch(r"\w+", v)
+            else java(v, "boolean" if isinstance(v, bool) else items or "String")
+            for v in value
+        )
         if typ == "ArrayList":
             return f"new ArrayList<>(Arrays.asList({elems}))"
         return f"new {({'integer': 'int'}).get(items or 'String', items or 'String')}[]{{{elems}}}"
@@ -178,8 +182,16 @@ def direct_verdict(entry: dict, answer: dict, fmt: str) -> bool:
     text = call_text([resolve_call(c, entry) for c in answer["ground_truth"]], entry, fmt)
     try:
         decoded = kind("oracle", 0.0).decode_ast(text, language)
-        return bool(ast_checker(entry["function"], decoded, answer["ground_truth"], language, category,
-                                "meta-llama_Llama-3.1-8B-Instruct")["valid"])
+        return bool(
+            ast_checker(
+                entry["function"],
+                decoded,
+                answer["ground_truth"],
+                language,
+                category,
+                "meta-llama_Llama-3.1-8B-Instruct",
+            )["valid"]
+        )
     except Exception:  # noqa: BLE001 - a decoder error is bfcl-eval's "invalid"
         return False
 

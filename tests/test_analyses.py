@@ -79,8 +79,7 @@ def test_three_player_hand_example_with_nonzero_empty_value():
 def test_efficiency_exact_and_sampled(exact_max, antithetic):
     game = CountingGame(interaction_game)
     players = ["a", "b", "c", "d", "e"]
-    res = shapley_values(players, game, empty_value=0.1, exact_max=exact_max, n_permutations=31,
-                         antithetic=antithetic)
+    res = shapley_values(players, game, empty_value=0.1, exact_max=exact_max, n_permutations=31, antithetic=antithetic)
     assert res.method == ("exact" if exact_max else "sampled")
     total = interaction_game(frozenset(players)) - 0.1
     assert math.fsum(res.values.values()) == pytest.approx(total, abs=1e-9)
@@ -102,8 +101,8 @@ def test_efficiency_sampled_many_players():
 def test_symmetry_identical_players(exact_max):
     # x and y are interchangeable (same weight, same synergy with z)
     def game(s):
-        return 0.4 * ("x" in s) + 0.4 * ("y" in s) + 0.2 * ("z" in s) + 0.3 * ({"x", "z"} <= s) + 0.3 * (
-            {"y", "z"} <= s
+        return (
+            0.4 * ("x" in s) + 0.4 * ("y" in s) + 0.2 * ("z" in s) + 0.3 * ({"x", "z"} <= s) + 0.3 * ({"y", "z"} <= s)
         )
 
     res = shapley_values(["x", "y", "z"], game, exact_max=exact_max, n_permutations=400)
@@ -182,8 +181,7 @@ def _populations(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Candidates: independent category scores. Soups: one shared latent quality + a little noise."""
     rng = np.random.default_rng(seed)
     cats = ["math", "code", "tools", "multilingual", "reasoning"]
-    cand = pd.DataFrame(rng.uniform(30, 70, size=(8, len(cats))), columns=cats,
-                        index=[f"cand{i}" for i in range(8)])
+    cand = pd.DataFrame(rng.uniform(30, 70, size=(8, len(cats))), columns=cats, index=[f"cand{i}" for i in range(8)])
     latent = rng.normal(size=(30, 1))
     soups = pd.DataFrame(55 + 5 * latent + rng.normal(scale=1.0, size=(30, len(cats))), columns=cats)
     return cand, soups

@@ -28,38 +28,55 @@ def test_every_job_of_a_sweep_is_checked():
     from soce.job.preflight import job_overrides
 
     jobs = job_overrides(["a=1,2", "b=x,y", "c=3"])
-    assert sorted(map(tuple, jobs)) == [("a=1", "b=x", "c=3"), ("a=1", "b=y", "c=3"),
-                                        ("a=2", "b=x", "c=3"), ("a=2", "b=y", "c=3")]
+    assert sorted(map(tuple, jobs)) == [
+        ("a=1", "b=x", "c=3"),
+        ("a=1", "b=y", "c=3"),
+        ("a=2", "b=x", "c=3"),
+        ("a=2", "b=y", "c=3"),
+    ]
     big = job_overrides(["a=range(0,30)", "b=range(0,30)"])  # 900 jobs: each value once instead
     assert len(big) == 1 + 29 + 29
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["strategy=nonexistent"], "Could not find 'strategy/nonexistent' (available: best_single"),
-    (["search.step=abc"], "search.step=abc: Value 'abc' of type 'str' could not be converted to Float"),
-    (["+selection.typo=1"], "unknown config key 'selection.typo'"),
-    (["-m", "strategy=uniform,nope"], "strategy/nope"),  # every job of a sweep is checked first
-    (["pool=example_local"], "checkpoint 'model_a' not found"),
-    (["-m", "pool=demo,from_csv", "strategy=uniform,soce_weighted", "pool.csv=scores.csv"],
-     "evaluates soups"),  # only the 4th job (from_csv x soce_weighted) is bad
-    (["pool=from_csv", "pool.csv=two.csv", "strategy=uniform"], "needs at least 3 models in the population, got 2"),
-    (["tracking.uri=ftp://host/x"], "unknown scheme 'ftp'"),
-    (["benchmark.categories=[half,nope]"], "category 'nope' is not in the demo zoo"),
-    (["pool=example_local", "pool.candidates.model_a=ckpts/a"], "HF_HUB_OFFLINE=1 forbids"),
-    (["search.min_weight=-0.1"], "search.min_weight must be in [0, 1)"),
-    (["--dry-run", "-m", "strategy=uniform,nope"], "strategy/nope"),
-    (["pool=example_local", "pool.candidates={model_a: ck/a, model_b: ck/b, model_c: ck/c}"],
-     "lm-eval has no task 'soce_demo_half_dev'"),  # a task lm-eval does not have: before anything runs
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["strategy=nonexistent"], "Could not find 'strategy/nonexistent' (available: best_single"),
+        (["search.step=abc"], "search.step=abc: Value 'abc' of type 'str' could not be converted to Float"),
+        (["+selection.typo=1"], "unknown config key 'selection.typo'"),
+        (["-m", "strategy=uniform,nope"], "strategy/nope"),  # every job of a sweep is checked first
+        (["pool=example_local"], "checkpoint 'model_a' not found"),
+        (
+            ["-m", "pool=demo,from_csv", "strategy=uniform,soce_weighted", "pool.csv=scores.csv"],
+            "evaluates soups",
+        ),  # only the 4th job (from_csv x soce_weighted) is bad
+        (["pool=from_csv", "pool.csv=two.csv", "strategy=uniform"], "needs at least 3 models in the population, got 2"),
+        (["tracking.uri=ftp://host/x"], "unknown scheme 'ftp'"),
+        (["benchmark.categories=[half,nope]"], "category 'nope' is not in the demo zoo"),
+        (["pool=example_local", "pool.candidates.model_a=ckpts/a"], "HF_HUB_OFFLINE=1 forbids"),
+        (["search.min_weight=-0.1"], "search.min_weight must be in [0, 1)"),
+        (["--dry-run", "-m", "strategy=uniform,nope"], "strategy/nope"),
+        (
+            ["pool=example_local", "pool.candidates={model_a: ck/a, model_b: ck/b, model_c: ck/c}"],
+            "lm-eval has no task 'soce_demo_half_dev'",
+        ),  # a task lm-eval does not have: before anything runs
+    ],
+)
 def test_cli_bad_input_one_clear_line(tmp_path, args, needle):
     for name in "abc":
         (tmp_path / "ck" / name).mkdir(parents=True)
     rows = "a,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8\nb,0.8,0.7,0.6,0.5,0.4,0.3,0.2,0.1\n"
     (tmp_path / "two.csv").write_text("model,half,quad,tri,rev,sort,swap,enc,dec\n" + rows)
-    (tmp_path / "scores.csv").write_text("model,half,quad,tri,rev,sort,swap,enc,dec\n" + rows
-                                         + "c,0.5,0.1,0.9,0.2,0.6,0.3,0.4,0.7\n")
-    p = subprocess.run(soce_cmd(*args, f"paths.root_dir={tmp_path}"), capture_output=True, text=True, cwd=tmp_path,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    (tmp_path / "scores.csv").write_text(
+        "model,half,quad,tri,rev,sort,swap,enc,dec\n" + rows + "c,0.5,0.1,0.9,0.2,0.6,0.3,0.4,0.7\n"
+    )
+    p = subprocess.run(
+        soce_cmd(*args, f"paths.root_dir={tmp_path}"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, p.stderr
@@ -70,8 +87,14 @@ def test_cli_bad_input_one_clear_line(tmp_path, args, needle):
 @pytest.mark.slow
 def test_real_multirun_logs_parent_children_and_points(tmp_path, tiny_demo_root):
     sweep = tmp_path / "sweep"
-    args = ["-m", "strategy=uniform,soce_selected,soce_weighted", "debug=fast", f"paths.root_dir={tmp_path}",
-            f"demo.root={tiny_demo_root}", f"hydra.sweep.dir={sweep}"]
+    args = [
+        "-m",
+        "strategy=uniform,soce_selected,soce_weighted",
+        "debug=fast",
+        f"paths.root_dir={tmp_path}",
+        f"demo.root={tiny_demo_root}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     p = subprocess.run(soce_cmd(*args), capture_output=True, text=True, cwd=tmp_path, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
 
@@ -104,8 +127,14 @@ def test_real_multirun_logs_parent_children_and_points(tmp_path, tiny_demo_root)
     assert results["uniform"]["weights"] == {c: 1 / len(cands) for c in cands}
     assert {c for c, w in weighted["weights"].items() if w > 0} <= set(weighted["experts"])
     arts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(weighted["mlflow_run_id"])}
-    assert {"candidate_scores.csv", "correlation.png", "search_trace.csv", "recipe.yaml", "config.yaml",
-            "result.json"} <= arts
+    assert {
+        "candidate_scores.csv",
+        "correlation.png",
+        "search_trace.csv",
+        "recipe.yaml",
+        "config.yaml",
+        "result.json",
+    } <= arts
 
     # candidate scores were computed once and reused by the later jobs
     assert results["soce_selected"]["evaluated"] <= 2  # only its own soup (dev + test)
@@ -118,17 +147,30 @@ def test_real_multirun_logs_parent_children_and_points(tmp_path, tiny_demo_root)
     manifest = json.loads(next(Path(tiny_demo_root).glob("*/manifest.json")).read_text())
     tasks = ",".join(f"soce_demo_{c}_test" for c in manifest["categories"])
     out = tmp_path / "lm_eval_out"
-    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf",
-           "--model_args", f"pretrained={soup}", "--tasks", tasks, "--include_path", manifest["task_dir"],
-           "--batch_size", "128", "--output_path", str(out)]
+    cmd = [
+        str(Path(sys.executable).parent / "lm_eval"),
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={soup}",
+        "--tasks",
+        tasks,
+        "--include_path",
+        manifest["task_dir"],
+        "--batch_size",
+        "128",
+        "--output_path",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, timeout=600)
     res = json.loads(next(out.rglob("results*.json")).read_text())["results"]
     for c in manifest["categories"]:
         assert res[f"soce_demo_{c}_test"]["acc,none"] == pytest.approx(weighted["scores"]["test"][c])
 
     # the report reads the table back from MLflow; the sweep's own report is on the parent run
-    rep = subprocess.run([sys.executable, "-m", "soce.report", f"root={tmp_path}"],
-                         capture_output=True, text=True, check=True)
+    rep = subprocess.run(
+        [sys.executable, "-m", "soce.report", f"root={tmp_path}"], capture_output=True, text=True, check=True
+    )
     assert "soce_weighted" in rep.stdout and "best single" in rep.stdout
     parent_arts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(parents.iloc[0]["run_id"])}
     assert {"report.md", "comparison.csv", "correlation.png"} <= parent_arts
@@ -164,8 +206,18 @@ def test_slurm_launcher_preset_composes():
 
 
 def test_dry_run_lists_the_jobs_of_a_sweep(tmp_path):
-    p = subprocess.run(soce_cmd("--dry-run", "-m", "strategy=soce_selected,soce_weighted", "selection.tau=0.1,0.5",
-                                f"paths.root_dir={tmp_path}"), capture_output=True, text=True, cwd=tmp_path)
+    p = subprocess.run(
+        soce_cmd(
+            "--dry-run",
+            "-m",
+            "strategy=soce_selected,soce_weighted",
+            "selection.tau=0.1,0.5",
+            f"paths.root_dir={tmp_path}",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     assert lines[-1] == "4 jobs; nothing was run"

@@ -40,11 +40,21 @@ LANGS = ("java", "javascript")  # the oracle writes their values by hand (see te
 
 def bench(categories=CATEGORIES, holdout: bool = False, seed: int = 0, **kw) -> BenchmarkConfig:
     """A bfcl benchmark; ``holdout``: the preset's carving (select/report halves of BFCL's one split)."""
-    splits = {"select_split": "select", "report_split": "report"} if holdout else {"select_split": "test",
-                                                                                   "report_split": "test"}
-    return BenchmarkConfig(name="bfcl_v3", categories=list(categories), backend="bfcl", **splits,
-                           holdout=HoldoutConfig(split="test" if holdout else None, seed=seed),
-                           batch_size=kw.pop("batch_size", 8), options=kw.pop("options", {}), **kw)
+    splits = (
+        {"select_split": "select", "report_split": "report"}
+        if holdout
+        else {"select_split": "test", "report_split": "test"}
+    )
+    return BenchmarkConfig(
+        name="bfcl_v3",
+        categories=list(categories),
+        backend="bfcl",
+        **splits,
+        holdout=HoldoutConfig(split="test" if holdout else None, seed=seed),
+        batch_size=kw.pop("batch_size", 8),
+        options=kw.pop("options", {}),
+        **kw,
+    )
 
 
 def sample(per_category: int, categories=CATEGORIES) -> dict[str, list[str]]:
@@ -64,12 +74,33 @@ def sample(per_category: int, categories=CATEGORIES) -> dict[str, list[str]]:
 
 
 def test_official_overall_is_the_v3_formula():
-    s = {"simple": 0.9, "java": 0.6, "javascript": 0.3, "multiple": 0.8, "parallel": 0.7, "parallel_multiple": 0.5,
-         "irrelevance": 1.0, "live_simple": 0.5, "live_multiple": 0.6, "live_parallel": 0.25,
-         "live_parallel_multiple": 0.5, "live_irrelevance": 0.8, "live_relevance": 1.0, "multi_turn_base": 0.1,
-         "multi_turn_miss_func": 0.2, "multi_turn_miss_param": 0.3, "multi_turn_long_context": 0.4}
-    n = {"live_simple": 258, "live_multiple": 1053, "live_parallel": 16, "live_parallel_multiple": 24,
-         "live_irrelevance": 882, "live_relevance": 18}
+    s = {
+        "simple": 0.9,
+        "java": 0.6,
+        "javascript": 0.3,
+        "multiple": 0.8,
+        "parallel": 0.7,
+        "parallel_multiple": 0.5,
+        "irrelevance": 1.0,
+        "live_simple": 0.5,
+        "live_multiple": 0.6,
+        "live_parallel": 0.25,
+        "live_parallel_multiple": 0.5,
+        "live_irrelevance": 0.8,
+        "live_relevance": 1.0,
+        "multi_turn_base": 0.1,
+        "multi_turn_miss_func": 0.2,
+        "multi_turn_miss_param": 0.3,
+        "multi_turn_long_context": 0.4,
+    }
+    n = {
+        "live_simple": 258,
+        "live_multiple": 1053,
+        "live_parallel": 16,
+        "live_parallel_multiple": 24,
+        "live_irrelevance": 882,
+        "live_relevance": 18,
+    }
     non_live = ((0.9 + 0.6 + 0.3) / 3 + 0.8 + 0.7 + 0.5 + 1.0) / 5  # Simple = mean(python, java, javascript)
     live = (258 * 0.5 + 1053 * 0.6 + 16 * 0.25 + 24 * 0.5 + 882 * 0.8 + 18 * 1.0) / 2251  # item-weighted
     multi = (0.1 + 0.2 + 0.3 + 0.4) / 4
@@ -79,11 +110,25 @@ def test_official_overall_is_the_v3_formula():
 
 def test_v3_data_as_the_package_ships_it():
     counts = {c: len(load_category(c)[0]) for c in CATEGORIES}
-    assert counts == {"simple": 400, "java": 100, "javascript": 50, "multiple": 200, "parallel": 200,
-                      "parallel_multiple": 200, "irrelevance": 240, "live_simple": 258, "live_multiple": 1053,
-                      "live_parallel": 16, "live_parallel_multiple": 24, "live_irrelevance": 882,
-                      "live_relevance": 18, "multi_turn_base": 200, "multi_turn_miss_func": 200,
-                      "multi_turn_miss_param": 200, "multi_turn_long_context": 200}
+    assert counts == {
+        "simple": 400,
+        "java": 100,
+        "javascript": 50,
+        "multiple": 200,
+        "parallel": 200,
+        "parallel_multiple": 200,
+        "irrelevance": 240,
+        "live_simple": 258,
+        "live_multiple": 1053,
+        "live_parallel": 16,
+        "live_parallel_multiple": 24,
+        "live_irrelevance": 882,
+        "live_relevance": 18,
+        "multi_turn_base": 200,
+        "multi_turn_miss_func": 200,
+        "multi_turn_miss_param": 200,
+        "multi_turn_long_context": 200,
+    }
     assert set(CATEGORIES) == set(bfcl_sdk.load().category_mapping.TEST_COLLECTION_MAPPING["all"])
 
 
@@ -105,8 +150,9 @@ def test_oracle_scores_every_category_and_a_wrong_model_none(fmt):
         assert right["item_ids"][c] == ids[c] and len(right["samples"][c]) == len(ids[c])
         if c in LANGS:
             entries, answers = load_category(c)
-            direct = [float(direct_verdict(e, a, fmt)) for e, a in zip(entries, answers, strict=True)
-                      if e["id"] in ids[c]]
+            direct = [
+                float(direct_verdict(e, a, fmt)) for e, a in zip(entries, answers, strict=True) if e["id"] in ids[c]
+            ]
             assert right["samples"][c] == direct and direct.count(1.0) == 4, c
         else:
             assert right[c] == 1.0, (c, right["samples"][c])
@@ -184,10 +230,13 @@ def test_a_failing_generate_raises_once_and_does_not_hang():
         ev.score_with(boom, "test")
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"handler": "gorilla"}, "handler must be one of llama, xlam"),
-    ({"max_tokens": 5}, "benchmark.options.max_tokens: unknown"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"handler": "gorilla"}, "handler must be one of llama, xlam"),
+        ({"max_tokens": 5}, "benchmark.options.max_tokens: unknown"),
+    ],
+)
 def test_bad_options_are_one_line_config_errors(options, match):
     with pytest.raises(ConfigError, match=match):
         Evaluator(bench(options=options))
@@ -230,9 +279,16 @@ def test_stand_in_sdks_are_visible_to_bfcl_only():
 
 
 def test_fingerprint_has_what_changes_scores():
-    fps = {Evaluator(b).fingerprint() for b in (bench(), bench(options={"handler": "xlam"}),
-                                                bench(options={"max_new_tokens": 7}), bench(holdout=True),
-                                                bench(["simple"]))}
+    fps = {
+        Evaluator(b).fingerprint()
+        for b in (
+            bench(),
+            bench(options={"handler": "xlam"}),
+            bench(options={"max_new_tokens": 7}),
+            bench(holdout=True),
+            bench(["simple"]),
+        )
+    }
     assert len(fps) == 5
     assert Evaluator(bench()).fingerprint() == Evaluator(bench()).fingerprint()
 
@@ -250,15 +306,29 @@ def tiny_llama():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     texts = [json.dumps(e) for c, n in (("simple", 20), ("multi_turn_base", 4)) for e in load_category(c)[0][:n]]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=special,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    template = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-                "{{ m['content'] | trim }}<|eot_id|>{% endfor %}<|start_header_id|>assistant<|end_header_id|>\n\n")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                        chat_template=template)
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=2000, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    template = (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=template
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768)
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+    )
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
@@ -303,8 +373,18 @@ def test_paper_bfcl_8b_composes_into_a_bfcl_job(monkeypatch):
 def test_cost_script_runs_tiny_on_cpu(tmp_path):
     """bench/bfcl_cost.py end to end on tiny shapes: baseline and engine on one subset, both driven by the ground
     truth (so both score 100% where the oracle can write the answer), the same argmax tokens on the CPU."""
-    cmd = [sys.executable, str(ROOT / "bench" / "bfcl_cost.py"), "--tiny", "--subset", "--items", "1", "--multi", "0",
-           "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "bfcl_cost.py"),
+        "--tiny",
+        "--subset",
+        "--items",
+        "1",
+        "--multi",
+        "0",
+        "--out",
+        str(tmp_path),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "bfcl_cost.json").read_text())

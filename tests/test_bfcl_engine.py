@@ -30,21 +30,37 @@ def tiny_llama():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     texts = [json.dumps(e) for c, n in (("simple", 20), ("multi_turn_base", 4)) for e in load_category(c)[0][:n]]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=special, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=2000,
+            special_tokens=special,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768)
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+    )
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
 def recorded(generate, log: dict):
     """``generate`` that records each prompt's completion text."""
+
     def run(prompts):
         out = generate(prompts)
         log.update({p: (g.text, g.prompt_tokens, g.new_tokens) for p, g in zip(prompts, out, strict=True)})
         return out
+
     run.__dict__.update(getattr(generate, "__dict__", {}))
     return run
 
@@ -54,8 +70,15 @@ def test_engine_matches_hf_generate_on_every_category(tiny_llama):
     ids = {c: [e["id"] for e in load_category(c)[0][:2]] for c in SINGLE}
     ids["multi_turn_base"] = ["multi_turn_base_38"]  # the shortest multi-turn entry (2 turns)
     ids["multi_turn_miss_func"] = [load_category("multi_turn_miss_func")[0][0]["id"]]
-    bench = BenchmarkConfig(name="bfcl_v3", categories=list(ids), backend="bfcl", select_split="test",
-                            report_split="test", batch_size=4, options={"max_new_tokens": 6})
+    bench = BenchmarkConfig(
+        name="bfcl_v3",
+        categories=list(ids),
+        backend="bfcl",
+        select_split="test",
+        report_split="test",
+        batch_size=4,
+        options={"max_new_tokens": 6},
+    )
     settings = GenSettings(max_new_tokens=6)
     hf_log, engine_log = {}, {}
     ev = Evaluator(bench)
@@ -84,8 +107,15 @@ def test_engine_matches_hf_generate_on_every_category(tiny_llama):
 
 def test_score_uses_one_engine_per_model(tiny_llama):
     model, tokenizer = tiny_llama
-    bench = BenchmarkConfig(name="bfcl_v3", categories=["simple"], backend="bfcl", select_split="test",
-                            report_split="test", batch_size=2, options={"max_new_tokens": 3})
+    bench = BenchmarkConfig(
+        name="bfcl_v3",
+        categories=["simple"],
+        backend="bfcl",
+        select_split="test",
+        report_split="test",
+        batch_size=2,
+        options={"max_new_tokens": 3},
+    )
     ev = Evaluator(bench)
     ids = {"simple": ["simple_0", "simple_1"]}
     first = ev.score(model, tokenizer, "test", ids)

@@ -19,8 +19,12 @@ from .conftest import ROOT, soce_cmd
 from .test_tracking import LEADERBOARD, free_port
 
 ROWS = {  # two families of categories, as in test_scores_only
-    "alpha": [80, 78, 60, 62], "beta": [30, 32, 85, 83], "gamma": [60, 61, 20, 22],
-    "delta": [50, 49, 45, 44], "eps": [40, 42, 30, 29], "zeta": [70, 69, 50, 53],
+    "alpha": [80, 78, 60, 62],
+    "beta": [30, 32, 85, 83],
+    "gamma": [60, 61, 20, 22],
+    "delta": [50, 49, 45, 44],
+    "eps": [40, 42, 30, 29],
+    "zeta": [70, 69, 50, 53],
 }
 
 
@@ -51,12 +55,22 @@ def run_soce(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedP
 
 # ---- a 2 x 2 sweep on the demo, run once for the tests below ----------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def demo_sweep(tmp_path_factory, tiny_demo_root):
     tmp = tmp_path_factory.mktemp("sweep2x2")
-    p = run_soce("-m", "strategy=uniform,soce_selected", "selection.tau=0.1,0.5", "debug=fast", "save_soup=false",
-                 f"paths.root_dir={tmp}", f"demo.root={tiny_demo_root}", f"hydra.sweep.dir={tmp / 'sweep'}",
-                 cwd=tmp, timeout=1800)
+    p = run_soce(
+        "-m",
+        "strategy=uniform,soce_selected",
+        "selection.tau=0.1,0.5",
+        "debug=fast",
+        "save_soup=false",
+        f"paths.root_dir={tmp}",
+        f"demo.root={tiny_demo_root}",
+        f"hydra.sweep.dir={tmp / 'sweep'}",
+        cwd=tmp,
+        timeout=1800,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return tmp
 
@@ -75,16 +89,21 @@ def distinct_labels(results: list[dict]) -> list[str]:
 @pytest.mark.slow
 def test_sweep_reports_one_row_per_distinct_soup(demo_sweep):
     sweep = demo_sweep / "sweep"
-    dirs = sorted((d for d in sweep.iterdir() if (d / "result.json").is_file()),
-                  key=lambda d: int(d.name.split("_")[0]))
+    dirs = sorted(
+        (d for d in sweep.iterdir() if (d / "result.json").is_file()), key=lambda d: int(d.name.split("_")[0])
+    )
     results = [json.loads((d / "result.json").read_text()) for d in dirs]
     assert len(results) == 4 and [r["label"] for r in results] == LABELS
     rows = distinct_labels(results)
     csv = pd.read_csv(sweep / "comparison.csv", index_col=0)
     assert list(csv.index[:-1]) == rows and csv.index[-1].startswith("best single (")
     for r in results:
-        row = next(lab for lab in rows if lab.split(" ")[0] == r["label"].split(" ")[0]
-                   and r["label"].split("=")[1] in lab.split("=")[1].split(","))
+        row = next(
+            lab
+            for lab in rows
+            if lab.split(" ")[0] == r["label"].split(" ")[0]
+            and r["label"].split("=")[1] in lab.split("=")[1].split(",")
+        )
         assert csv.loc[row, "overall"] == percent(r["scores"]["test"]["overall"]), row
     md = (sweep / "report.md").read_text()
     assert "overrides that varied: `strategy`, `selection.tau`" in md
@@ -100,11 +119,11 @@ def test_sweep_reports_one_row_per_distinct_soup(demo_sweep):
     assert sorted(shown["tags.mlflow.runName"]) == sorted(rows) == sorted(shown["tags.soce.label"])
     uniform = jobs[jobs["params.strategy"] == "uniform"]
     assert uniform["params.experts"].isna().all() and uniform["params.tau"].isna().all()  # no selection params
-    p = subprocess.run([*soce_cmd()[:2], "soce.report", f"root={demo_sweep}", "by=tau"], capture_output=True,
-                       text=True)
+    p = subprocess.run([*soce_cmd()[:2], "soce.report", f"root={demo_sweep}", "by=tau"], capture_output=True, text=True)
     assert p.returncode == 0 and "| uniform | " in p.stdout and "tau=0.1 | tau=0.5" in p.stdout, p.stderr
-    p = subprocess.run([*soce_cmd()[:2], "soce.report", f"root={demo_sweep}", "by=strategy"], capture_output=True,
-                       text=True)
+    p = subprocess.run(
+        [*soce_cmd()[:2], "soce.report", f"root={demo_sweep}", "by=strategy"], capture_output=True, text=True
+    )
     assert p.returncode == 2 and "by=strategy: the strategy names the rows already" in p.stderr
 
 
@@ -129,8 +148,12 @@ def test_sweep_leaves_baseline_runs_and_a_ui_view_of_its_jobs(demo_sweep):
     found = mlflow.search_runs([exp.experiment_id], filter_string=state["searchFilter"])
     jobs = all_runs[all_runs["tags.soce.kind"] == "job"]
     assert sorted(found["run_id"]) == sorted(jobs[jobs["tags.soce.distinct"] == "true"]["run_id"])
-    assert state["selectedColumns"][:4] == ["params.`strategy`", "params.`tau`", "metrics.`test.overall`",
-                                            "metrics.`dev.overall`"]  # the swept params and overall first
+    assert state["selectedColumns"][:4] == [
+        "params.`strategy`",
+        "params.`tau`",
+        "metrics.`test.overall`",
+        "metrics.`dev.overall`",
+    ]  # the swept params and overall first
 
 
 @pytest.mark.slow
@@ -146,8 +169,13 @@ CSV_EXPERIMENT = "soce-s"  # a score table's run is filed under its file name (s
 
 
 def launch(tmp: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(soce_cmd("-m", "pool=from_csv", f"pool.csv={tmp / 's.csv'}", f"paths.root_dir={tmp}",
-                                     *args), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        soce_cmd("-m", "pool=from_csv", f"pool.csv={tmp / 's.csv'}", f"paths.root_dir={tmp}", *args),
+        cwd=tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_default_output_dirs_are_unique_per_launch():
@@ -160,8 +188,9 @@ def test_two_sweeps_in_the_same_second_each_keep_their_jobs(tmp_path):
     """The same second (forced: one time prefix), a fresh sqlite store, two different sweeps at once."""
     write_csv(tmp_path / "s.csv")
     same_second = f"hydra.sweep.dir={tmp_path}/multirun/2026-01-01_00-00-00_${{soce.launch:}}"
-    procs = [launch(tmp_path, "strategy=soce_selected,uniform", f"selection.tau={tau}", same_second)
-             for tau in (0.3, 0.6)]
+    procs = [
+        launch(tmp_path, "strategy=soce_selected,uniform", f"selection.tau={tau}", same_second) for tau in (0.3, 0.6)
+    ]
     outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     dirs = sorted((tmp_path / "multirun").iterdir())
@@ -201,19 +230,29 @@ def test_identical_sweep_refuses_while_its_owner_lives_and_resumes_once_it_is_go
     import sys
 
     write_csv(tmp_path / "s.csv")
-    sweep = ["pool=from_csv", f"pool.csv={tmp_path / 's.csv'}", f"paths.root_dir={tmp_path}",
-             "strategy=soce_selected,uniform"]
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, store(tmp_path), *sweep], stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    sweep = [
+        "pool=from_csv",
+        f"pool.csv={tmp_path / 's.csv'}",
+        f"paths.root_dir={tmp_path}",
+        "strategy=soce_selected,uniform",
+    ]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, store(tmp_path), *sweep],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         parent = holder.stdout.readline().strip()
         assert parent, "the holder did not start"
         p = run_soce("-m", *sweep, cwd=tmp_path)
         assert p.returncode == 2, p.stderr[-2000:]
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-        assert lines[-1] == (f"soce: error: the same sweep is already running (MLflow run {parent} (sweep held) is "
-                             f"RUNNING in pid {holder.pid} on {__import__('socket').gethostname()}); wait for it to "
-                             "end, or change an override")
+        assert lines[-1] == (
+            f"soce: error: the same sweep is already running (MLflow run {parent} (sweep held) is "
+            f"RUNNING in pid {holder.pid} on {__import__('socket').gethostname()}); wait for it to "
+            "end, or change an override"
+        )
         r = runs(store(tmp_path), CSV_EXPERIMENT)
         assert list(r["run_id"]) == [parent] and r.iloc[0]["status"] == "RUNNING"  # nothing resumed or added
     finally:
@@ -242,13 +281,21 @@ def test_failed_job_leaves_no_run_running(tmp_path):
 
 # ---- the tracking URI --------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["-m", "single"])
 def test_unreachable_tracking_server_fails_fast_with_one_line(tmp_path, mode):
     write_csv(tmp_path / "s.csv")
     uri = f"http://127.0.0.1:{free_port()}"
-    args = ["pool=from_csv", f"pool.csv={tmp_path / 's.csv'}", "strategy=soce_selected", "tracking=server",
-            f"tracking.uri={uri}", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [
+        "pool=from_csv",
+        f"pool.csv={tmp_path / 's.csv'}",
+        "strategy=soce_selected",
+        "tracking=server",
+        f"tracking.uri={uri}",
+        f"paths.root_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     t0 = time.time()
     p = run_soce(*(["-m"] if mode == "-m" else []), *args, cwd=tmp_path, timeout=300)
     took = time.time() - t0
@@ -262,9 +309,16 @@ def test_unreachable_tracking_server_fails_fast_with_one_line(tmp_path, mode):
 @pytest.mark.slow
 def test_unknown_tracking_scheme_is_refused(tmp_path):
     write_csv(tmp_path / "s.csv")
-    p = run_soce("pool=from_csv", f"pool.csv={tmp_path / 's.csv'}", "strategy=soce_selected",
-                 "tracking.uri=foo://somewhere", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
-                 cwd=tmp_path, timeout=300)
+    p = run_soce(
+        "pool=from_csv",
+        f"pool.csv={tmp_path / 's.csv'}",
+        "strategy=soce_selected",
+        "tracking.uri=foo://somewhere",
+        f"paths.root_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("soce: error: tracking.uri ") and "unknown scheme 'foo'" in lines[0]
@@ -272,14 +326,22 @@ def test_unknown_tracking_scheme_is_refused(tmp_path):
 
 # ---- leaderboard names end to end --------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_leaderboard_names_through_scores_only(tmp_path):
     """BFCL-style model names and odd category names: result.json, a FINISHED run in the experiment named after
     the table, names.json maps the MLflow keys back to the real names."""
     cats = ("Non-Live (AST)", "Live Acc", "Multi Turn/Base", "Relevance Detection")
     write_csv(tmp_path / "bfcl_v3_live.csv", LEADERBOARD, cats)
-    p = run_soce("pool=from_csv", f"pool.csv={tmp_path / 'bfcl_v3_live.csv'}", "strategy=soce_selected",
-                 f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=600)
+    p = run_soce(
+        "pool=from_csv",
+        f"pool.csv={tmp_path / 'bfcl_v3_live.csv'}",
+        "strategy=soce_selected",
+        f"paths.root_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     r = runs(store(tmp_path), "soce-bfcl_v3_live")  # the experiment is named after the table
@@ -287,6 +349,9 @@ def test_leaderboard_names_through_scores_only(tmp_path):
     assert job["status"] == "FINISHED"
     c = mlflow.MlflowClient(store(tmp_path))
     names = json.loads(Path(c.download_artifacts(job["run_id"], "names.json", str(tmp_path))).read_text())
-    params = {names.get(k[len("params."):], k[len("params."):]) for k in r.columns
-              if k.startswith("params.w.") and pd.notna(job[k])}
+    params = {
+        names.get(k[len("params.") :], k[len("params.") :])
+        for k in r.columns
+        if k.startswith("params.w.") and pd.notna(job[k])
+    }
     assert params == {f"w.{n}" for n in LEADERBOARD}

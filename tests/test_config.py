@@ -94,28 +94,31 @@ def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("benchmark.objective=median", "benchmark.objective"),
-    ("benchmark.holdout.split=test benchmark.report_split=dev", "select_split and report_split"),  # consistency
-    ("benchmark.limit=0", "benchmark.limit"),
-    ("pool.source=s3", "pool.source"),
-    ("pool.scale=kelvin", "pool.scale"),
-    ("benchmark.objective=official benchmark.limit=5", "benchmark.objective=official with benchmark.limit=5"),
-    ("pool=example_local search.min_weight=0.6 selection.max_experts=2", "search.min_weight=0.6"),
-    ("selection.tau=1.5", "selection.tau"),
-    ("selection.tie_break=random", "selection.tie_break"),
-    ("strategy=fixed", "strategy.ingredients"),
-    ("search.min_weight=1.0", "search.min_weight"),
-    ("search.step=0.3", "search.step"),
-    ("search.race_keep=0", "search.race_keep"),
-    ("parallel.workers=0", "parallel.workers"),
-    ("dtype=int8", "dtype"),
-    ("device=tpu", "device"),
-    ("merge=ties pool=example_local", "pool.base"),
-    ("merge=dare_ties merge.density=2", "merge.density"),
-    ("merge=task_arithmetic +merge.density=0.5", "merge.density"),
-    ("merge=ties merge.method=slerp", "merge.method"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("benchmark.objective=median", "benchmark.objective"),
+        ("benchmark.holdout.split=test benchmark.report_split=dev", "select_split and report_split"),  # consistency
+        ("benchmark.limit=0", "benchmark.limit"),
+        ("pool.source=s3", "pool.source"),
+        ("pool.scale=kelvin", "pool.scale"),
+        ("benchmark.objective=official benchmark.limit=5", "benchmark.objective=official with benchmark.limit=5"),
+        ("pool=example_local search.min_weight=0.6 selection.max_experts=2", "search.min_weight=0.6"),
+        ("selection.tau=1.5", "selection.tau"),
+        ("selection.tie_break=random", "selection.tie_break"),
+        ("strategy=fixed", "strategy.ingredients"),
+        ("search.min_weight=1.0", "search.min_weight"),
+        ("search.step=0.3", "search.step"),
+        ("search.race_keep=0", "search.race_keep"),
+        ("parallel.workers=0", "parallel.workers"),
+        ("dtype=int8", "dtype"),
+        ("device=tpu", "device"),
+        ("merge=ties pool=example_local", "pool.base"),
+        ("merge=dare_ties merge.density=2", "merge.density"),
+        ("merge=task_arithmetic +merge.density=0.5", "merge.density"),
+        ("merge=ties merge.method=slerp", "merge.method"),
+    ],
+)
 def test_each_group_refuses_a_bad_value_in_one_line_naming_the_key(override, key):
     """Value ranges and consistency live in the typed config (Config.validate, run by typed()): one line."""
     with pytest.raises(ConfigError) as e:

@@ -59,8 +59,17 @@ def test_items_are_correct_and_in_vocabulary():
 
 
 def test_manifest(tiny):
-    assert set(tiny) >= {"dir", "categories", "families", "splits", "task_dir", "task_template", "base",
-                         "candidates", "population"}
+    assert set(tiny) >= {
+        "dir",
+        "categories",
+        "families",
+        "splits",
+        "task_dir",
+        "task_template",
+        "base",
+        "candidates",
+        "population",
+    }
     assert tiny["categories"] == [c.name for c in tasks.CATEGORIES]
     assert set(tiny["families"]) == set(tiny["categories"]) and len(set(tiny["families"].values())) == 3
     assert set(tiny["outputs"]) == set(tiny["categories"])
@@ -163,8 +172,10 @@ def test_build_restores_torch_threads(tmp_path):
 
 def test_killed_build_is_cleaned_up_by_the_next(tmp_path):
     """SIGKILL mid-build (no clean-up handler runs) leaves a staging folder; the next build removes it."""
-    code = ("from soce.config import DemoConfig; from soce.demo.zoo import build_demo; "
-            f"build_demo(DemoConfig(seed=0, preset='tiny', root={str(tmp_path)!r}), progress=False)")
+    code = (
+        "from soce.config import DemoConfig; from soce.demo.zoo import build_demo; "
+        f"build_demo(DemoConfig(seed=0, preset='tiny', root={str(tmp_path)!r}), progress=False)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, staged = time.time() + 300, []
     while time.time() < deadline and proc.poll() is None and not staged:

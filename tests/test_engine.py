@@ -15,8 +15,15 @@ EOS = 2
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -28,9 +35,8 @@ def prompts():
 
 def hf(model, prompt: list[int], new: int) -> list[int]:
     """HF generate, one prompt at a time (no padding): today's greedy reference."""
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=EOS,
-                         pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=EOS, pad_token_id=0)
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +44,15 @@ def reference(model, prompts):
     return [hf(model, p, 20) for p in prompts]
 
 
-@pytest.mark.parametrize("config", [
-    EngineConfig(),  # CPU defaults: 16 rows, pages of 16, chunks of 512
-    EngineConfig(slots=3, page=4, chunk=37),  # rows wait for a slot, prompts split over chunks
-    EngineConfig(slots=8, page=8, kv_bytes=8 * 45 * 512),  # 45 pages: rows are preempted and re-prefilled
-], ids=["defaults", "small-rows-chunks", "preempting"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        EngineConfig(),  # CPU defaults: 16 rows, pages of 16, chunks of 512
+        EngineConfig(slots=3, page=4, chunk=37),  # rows wait for a slot, prompts split over chunks
+        EngineConfig(slots=8, page=8, kv_bytes=8 * 45 * 512),  # 45 pages: rows are preempted and re-prefilled
+    ],
+    ids=["defaults", "small-rows-chunks", "preempting"],
+)
 def test_engine_gives_hf_greedy_tokens(model, prompts, reference, config):
     engine = Engine(model, config)
     reqs = engine.generate([Request(p, 20, frozenset({EOS})) for p in prompts])
@@ -81,8 +91,16 @@ def test_stop_strings_end_a_row():
             return "".join(chr(97 + i % 26) for i in ids)
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
     engine = Engine(model, EngineConfig(), tokenizer=Tok())
     free = engine.generate([Request([1, 2, 3], 12, frozenset())])[0]
     text = Tok().decode(free.out)

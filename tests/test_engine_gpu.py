@@ -16,8 +16,15 @@ def llama(dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+    )
     return LlamaForCausalLM(cfg).to("cuda", dtype).eval()
 
 
@@ -27,9 +34,10 @@ def prompts() -> list[list[int]]:
 
 
 def hf(model, prompt: list[int], new: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=new, do_sample=False,
-                         eos_token_id=EOS, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt], device="cuda"), max_new_tokens=new, do_sample=False, eos_token_id=EOS, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_cuda_engine_matches_hf_greedy_and_reuses_sessions():

@@ -17,8 +17,14 @@ def test_help_exits_0_quickly_without_side_effects(entry, tmp_path):
     """`python -m <entry> --help` prints its usage and exits 0 within 2 s, writing nothing (soce.sweep --help
     used to start building the demo zoo)."""
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", entry, "--help"], capture_output=True, text=True, cwd=tmp_path,
-                       env={**os.environ, "SOCE_ROOT": str(tmp_path)}, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", entry, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "SOCE_ROOT": str(tmp_path)},
+        timeout=60,
+    )
     seconds = time.perf_counter() - t0
     assert p.returncode == 0, p.stderr[-2000:]
     assert "usage" in p.stdout.lower() or "python -m" in p.stdout
@@ -69,8 +75,9 @@ def test_collect_refuses_an_unfinished_sweep_unless_partial(tmp_path, monkeypatc
     def fake_run(cmd, check):  # the final job: writes final/result.json
         ran.append(cmd)
         (tmp_path / "final").mkdir()
-        (tmp_path / "final" / "result.json").write_text(json.dumps({**result, "scores": {
-            "dev": {"overall": 0.4}, "test": {"overall": 0.3}}}))
+        (tmp_path / "final" / "result.json").write_text(
+            json.dumps({**result, "scores": {"dev": {"overall": 0.4}, "test": {"overall": 0.3}}})
+        )
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     assert sweep.collect_main([f"dir={tmp_path}", "partial=true"]) == 0
@@ -81,8 +88,13 @@ def test_collect_refuses_an_unfinished_sweep_unless_partial(tmp_path, monkeypatc
 def test_a_soup_of_one_expert_says_so_in_its_log_line_and_report():
     from soce.report.tables import collapse_note, format_answer
 
-    r = {"strategy": "soce_weighted", "weights": {"a": 1.0, "b": 0.0}, "scores": {}, "weak_set": ["x", "y"],
-         "expert_of": {"x": "a", "y": "a"}}
+    r = {
+        "strategy": "soce_weighted",
+        "weights": {"a": 1.0, "b": 0.0},
+        "scores": {},
+        "weak_set": ["x", "y"],
+        "expert_of": {"x": "a", "y": "a"},
+    }
     assert "the soup collapsed to one model: every category in L picks a" in format_answer(r)
     assert collapse_note({**r, "strategy": "best_single"}) == ""  # one model by design
     assert collapse_note({**r, "weights": {"a": 0.5, "b": 0.5}}) == ""

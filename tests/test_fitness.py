@@ -49,8 +49,11 @@ def test_context_and_markup_checked_one_line_naming_models_and_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"'gen' is 40 tokens \+ 256 new tokens.*benchmark.max_new_tokens=24 or less"):
         check_fitness(Asks([Demand("gen", ("y" * 40,), 256)]), models, ["dev"])
 
-    with pytest.raises(ConfigError, match=r"the tokenizer has no <\|eot_id\|>, which the benchmark's prompt format "
-                                          r"writes.*, or another handler"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the tokenizer has no <\|eot_id\|>, which the benchmark's prompt format "
+        r"writes.*, or another handler",
+    ):
         check_fitness(Asks([Demand("chat", ("ab",), 0, ("<|eot_id|>",), "another handler")]), models, ["dev"])
 
 
@@ -67,8 +70,12 @@ def test_lm_eval_backend_describes_its_items(monkeypatch):
     from soce.config import BenchmarkConfig
 
     monkeypatch.chdir(ROOT)  # the example's data_files are relative to the repo root
-    b = BenchmarkConfig(name="own", categories=["mirror", "times4", "swap"], task="own_{category}_{split}",
-                        task_dir="examples/own_benchmark/tasks")
+    b = BenchmarkConfig(
+        name="own",
+        categories=["mirror", "times4", "swap"],
+        task="own_{category}_{split}",
+        task_dir="examples/own_benchmark/tasks",
+    )
     got = {d.category: d for d in Evaluator(b).demands(["dev", "test"])}
     assert got["mirror"].new_tokens == 8 and got["times4"].new_tokens == 0 and got["swap"].new_tokens == 0
     assert got["mirror"].prompts[0].startswith("rev ") and got["times4"].prompts[0].startswith("quad ")
@@ -83,13 +90,28 @@ def test_bfcl_on_a_short_context_model_is_refused_in_one_line_in_seconds(tmp_pat
     pool = tmp_path / "conf" / "pool"
     pool.mkdir(parents=True)
     paths = {n: tiny_checkpoint(tmp_path / n, seed=i) for i, n in enumerate(("a", "b", "c"))}
-    (pool / "tiny.yaml").write_text("name: tiny\nsource: paths\ncandidates: {"
-                                    + ", ".join(f"{n}: {p}" for n, p in paths.items()) + "}\n")
+    (pool / "tiny.yaml").write_text(
+        "name: tiny\nsource: paths\ncandidates: {" + ", ".join(f"{n}: {p}" for n, p in paths.items()) + "}\n"
+    )
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "soce", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "pool=tiny",
-                        "benchmark=bfcl_v3", "benchmark.limit=2", "strategy=uniform", f"paths.root_dir={tmp_path}",
-                        f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "soce",
+            f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+            "pool=tiny",
+            "benchmark=bfcl_v3",
+            "benchmark.limit=2",
+            "strategy=uniform",
+            f"paths.root_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     seconds = time.perf_counter() - t0
     assert p.returncode == 2, p.stderr[-3000:]
     last = p.stderr.strip().splitlines()[-1]

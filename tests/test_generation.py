@@ -53,8 +53,11 @@ def test_task_yaml_generation_settings(manifest, gen_categories):
         gen = cfg["generation_kwargs"]
         assert cfg["output_type"] == "generate_until" and gen["until"] == list(tasks.GEN_UNTIL)
         assert gen["do_sample"] == "false"
-        longest = max(len(t) for s in manifest["splits"] for _, t in
-                      tasks.read_items(Path(manifest["dir"]) / "data" / f"{c}_{s}.jsonl"))
+        longest = max(
+            len(t)
+            for s in manifest["splits"]
+            for _, t in tasks.read_items(Path(manifest["dir"]) / "data" / f"{c}_{s}.jsonl")
+        )
         assert int(gen["max_gen_toks"]) == longest + tasks.GEN_SLACK
         assert cfg["process_results"] == "soce.demo.tasks.process_results"
 
@@ -69,8 +72,20 @@ def test_process_results_is_exact_match_of_the_stripped_generation():
 
 
 def _cli_samples(soup: Path, names: list[str], task_dir: str, out: Path) -> dict[str, dict[int, dict]]:
-    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={soup}",
-           "--tasks", ",".join(names), "--include_path", task_dir, "--log_samples", "--output_path", str(out)]
+    cmd = [
+        str(Path(sys.executable).parent / "lm_eval"),
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={soup}",
+        "--tasks",
+        ",".join(names),
+        "--include_path",
+        task_dir,
+        "--log_samples",
+        "--output_path",
+        str(out),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     samples = {}
@@ -91,13 +106,23 @@ def test_batched_in_memory_generation_matches_lm_eval_cli(manifest, gen_categori
     names = [manifest["task_template"].format(category=c, split=SPLIT) for c in gen_categories]
     model, tok = load_model(str(soup))
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch)
-    mem = simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=manifest["task_dir"],
-                          include_defaults=False), bootstrap_iters=0, log_samples=True)
+    mem = simple_evaluate(
+        model=lm,
+        tasks=names,
+        task_manager=TaskManager(include_path=manifest["task_dir"], include_defaults=False),
+        bootstrap_iters=0,
+        log_samples=True,
+    )
     assert tok.padding_side == "right", "HFLM restores the tokenizer's padding side after left-padding a batch"
     cli = _cli_samples(soup, names, manifest["task_dir"], tmp_path / "cli")
 
-    bench = BenchmarkConfig(name="demo", categories=gen_categories, task=manifest["task_template"],
-                            task_dir=manifest["task_dir"], batch_size=batch)
+    bench = BenchmarkConfig(
+        name="demo",
+        categories=gen_categories,
+        task=manifest["task_template"],
+        task_dir=manifest["task_dir"],
+        batch_size=batch,
+    )
     soce_scores = Evaluator(bench).score(model, tok, SPLIT)  # the path a search point takes
     correct = 0
     for c, name in zip(gen_categories, names, strict=True):
@@ -126,11 +151,12 @@ def test_engine_generate_until_matches_hf_generate(manifest, gen_categories, sou
     names = [manifest["task_template"].format(category=c, split=SPLIT) for c in gen_categories]
     model, tok = load_model(str(soup))
     runs, engines = {}, {}
-    for kind, lm in (("hf", HFLM(pretrained=model, tokenizer=tok, batch_size=4)),
-                     ("engine", engine_lm(model, tok, 4, engines))):
+    for kind, lm in (
+        ("hf", HFLM(pretrained=model, tokenizer=tok, batch_size=4)),
+        ("engine", engine_lm(model, tok, 4, engines)),
+    ):
         manager = TaskManager(include_path=manifest["task_dir"], include_defaults=False)
-        runs[kind] = simple_evaluate(model=lm, tasks=names, task_manager=manager, bootstrap_iters=0,
-                                     log_samples=True)
+        runs[kind] = simple_evaluate(model=lm, tasks=names, task_manager=manager, bootstrap_iters=0, log_samples=True)
     assert len(engines) == 1, "the engine ran the generation"
     for name in names:
         hf = sorted(runs["hf"]["samples"][name], key=lambda r: r["doc_id"])

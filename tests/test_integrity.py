@@ -35,15 +35,23 @@ def _ckpt(d: Path, tensors: dict[str, torch.Tensor], cfg: dict | None = None) ->
 
 def _tree(root: Path) -> dict[str, str]:
     """Every file under root (symlinks not followed) -> sha256 of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 @pytest.fixture()
 def pool(tmp_path) -> dict[str, Path]:
     g = torch.Generator().manual_seed(0)
-    return {n: _ckpt(tmp_path / "models" / n, {"w": torch.randn(64, 32, generator=g).to(torch.bfloat16),
-                                               "v": torch.randn(100, generator=g)}) for n in ("a", "b")}
+    return {
+        n: _ckpt(
+            tmp_path / "models" / n,
+            {"w": torch.randn(64, 32, generator=g).to(torch.bfloat16), "v": torch.randn(100, generator=g)},
+        )
+        for n in ("a", "b")
+    }
 
 
 # ------------------------------------------------------------------------------ 1. aliased outputs
@@ -80,9 +88,21 @@ def test_aliased_output_is_refused_and_inputs_stay_byte_identical(pool, tmp_path
 def test_aliased_output_from_the_command_line(pool, tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "models", target_is_directory=True)
     before = _tree(tmp_path / "models")
-    r = subprocess.run([sys.executable, "-m", "soce.merge", f"output={tmp_path / 'link' / 'a'}",
-                        f"models=[{pool['a']},{pool['b']}]", "weights=[0.5,0.5]", "overwrite=true"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "soce.merge",
+            f"output={tmp_path / 'link' / 'a'}",
+            f"models=[{pool['a']},{pool['b']}]",
+            "weights=[0.5,0.5]",
+            "overwrite=true",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "overlaps candidate 'a'" in r.stderr, r.stderr
     assert _tree(tmp_path / "models") == before
 
@@ -118,8 +138,10 @@ sys.exit(main(sys.argv[3:]))
 
 def _sha_shards(d: Path) -> dict[str, str]:
     """Tensor name -> sha256 of its bytes (the recipe in the metadata differs between CLI and API)."""
-    return {k: hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-            for k, t in load_dir(d).items()}
+    return {
+        k: hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        for k, t in load_dir(d).items()
+    }
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -130,11 +152,26 @@ def test_two_concurrent_merges_to_one_target(pool, tmp_path, overwrite):
     target = tmp_path / "out" / "soup"
     if overwrite:
         write_soup(pool, {"a": 1, "b": 1}, target)
-    procs = {k: subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path / k), str(tmp_path / ("BA"[i])),
-                                  f"output={target}", models, f"weights=[{ws[k]!r},{1 - ws[k]!r}]",
-                                  f"overwrite={overwrite}"],
-                                 cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for i, k in enumerate(ws)}
+    procs = {
+        k: subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _RACER,
+                str(tmp_path / k),
+                str(tmp_path / ("BA"[i])),
+                f"output={target}",
+                models,
+                f"weights=[{ws[k]!r},{1 - ws[k]!r}]",
+                f"overwrite={overwrite}",
+            ],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i, k in enumerate(ws)
+    }
     res = {k: (p.wait(timeout=120), p.stderr.read()) for k, p in procs.items()}
     for p in procs.values():
         p.stdout.close()
@@ -195,8 +232,18 @@ def test_nonfinite_from_the_command_line(tmp_path, capsys):
     assert main([*argv, "allow_nonfinite=true"]) == 0
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)"
+            ),
+        ),
+    ],
+)
 def test_remixer_refuses_nonfinite(tmp_path, device):
     a = make_model(tmp_path / "a", 1)
     b = make_model(tmp_path / "b", 2)
@@ -227,14 +274,17 @@ def _f32(begin: int, end: int, n: int = 4) -> dict:
     return {"dtype": "F32", "shape": [n], "data_offsets": [begin, end]}
 
 
-@pytest.mark.parametrize(("header", "size", "needle"), [
-    ({"a": _f32(0, 16), "b": _f32(8, 24)}, 24, "'b': data overlaps tensor 'a'"),
-    ({"a": _f32(0, 16), "b": _f32(0, 16)}, 16, "overlaps"),  # two names for the same bytes
-    ({"a": _f32(8, 24)}, 24, "'a': 8 unused bytes at the start"),
-    ({"a": _f32(0, 16), "b": _f32(24, 40)}, 40, "'b': 8 unused bytes after tensor 'a'"),
-    ({"a": _f32(0, 16)}, 24, "8 bytes after the last tensor"),
-    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}}, 16, "must be integers"),
-])
+@pytest.mark.parametrize(
+    ("header", "size", "needle"),
+    [
+        ({"a": _f32(0, 16), "b": _f32(8, 24)}, 24, "'b': data overlaps tensor 'a'"),
+        ({"a": _f32(0, 16), "b": _f32(0, 16)}, 16, "overlaps"),  # two names for the same bytes
+        ({"a": _f32(8, 24)}, 24, "'a': 8 unused bytes at the start"),
+        ({"a": _f32(0, 16), "b": _f32(24, 40)}, 40, "'b': 8 unused bytes after tensor 'a'"),
+        ({"a": _f32(0, 16)}, 24, "8 bytes after the last tensor"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}}, 16, "must be integers"),
+    ],
+)
 def test_header_layout_checked_as_strictly_as_safetensors(tmp_path, header, size, needle):
     f = _raw_file(tmp_path / "x.safetensors", header, bytes(size))
     with pytest.raises(SoupError, match=needle) as e:
@@ -251,8 +301,9 @@ def test_header_duplicate_key_and_valid_layouts(tmp_path):
     f.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
     with pytest.raises(SoupError, match="key 'a' appears twice"):
         read_header(f)
-    ok = _raw_file(tmp_path / "ok.safetensors", {"b": _f32(16, 32), "e": _f32(16, 16, 0), "a": _f32(0, 16)},
-                   bytes(32))  # out of order and an empty tensor: valid
+    ok = _raw_file(
+        tmp_path / "ok.safetensors", {"b": _f32(16, 32), "e": _f32(16, 16, 0), "a": _f32(0, 16)}, bytes(32)
+    )  # out of order and an empty tensor: valid
     assert sorted(read_header(ok)[0]) == ["a", "b", "e"]
     with safe_open(ok, "pt") as g:
         assert sorted(g.keys()) == ["a", "b", "e"]
@@ -305,8 +356,12 @@ def test_leftovers_of_dead_writers_are_cleaned_live_ones_kept(pool, tmp_path):
 def test_model_card_front_matter(pool, tmp_path, capsys):
     cfg = json.loads((pool["a"] / "config.json").read_text())
     (pool["a"] / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "meta-llama/Llama-3.1-8B"}))
-    out = write_soup(pool, {"a": 0.7, "b": 0.3}, tmp_path / "s",
-                     recipe={"strategy": "soce_weighted", "split": "dev", "objective": "mean", "score": 0.6125})
+    out = write_soup(
+        pool,
+        {"a": 0.7, "b": 0.3},
+        tmp_path / "s",
+        recipe={"strategy": "soce_weighted", "split": "dev", "objective": "mean", "score": 0.6125},
+    )
     text = (out / "README.md").read_text()
     assert text.startswith("---\n")
     front = yaml.safe_load(text.split("---\n")[1])

@@ -10,8 +10,7 @@ from soce.demo.zoo import build_demo
 
 
 def _evaluator(man: dict) -> Evaluator:
-    bench = Benchmark(name="demo", categories=man["categories"], task=man["task_template"],
-                      task_dir=man["task_dir"])
+    bench = Benchmark(name="demo", categories=man["categories"], task=man["task_template"], task_dir=man["task_dir"])
     return Evaluator(bench, "cpu")
 
 
@@ -29,9 +28,19 @@ def test_requests_built_once_and_handed_out_fresh(tmp_path, monkeypatch):
     man = build_demo(DemoConfig(seed=0, preset="tiny", root=str(tmp_path)), progress=False)
     ev = _evaluator(man)
     task = ev.tasks("dev")[ev.benchmark.task_name(man["categories"][0], "dev")]
-    kw = dict(limit=None, samples=None, rank=0, world_size=1, cache_requests=False, rewrite_requests_cache=False,
-              system_instruction=None, apply_chat_template=False, fewshot_as_multiturn=False, chat_template=None,
-              tokenizer_name="")
+    kw = dict(
+        limit=None,
+        samples=None,
+        rank=0,
+        world_size=1,
+        cache_requests=False,
+        rewrite_requests_cache=False,
+        system_instruction=None,
+        apply_chat_template=False,
+        fewshot_as_multiturn=False,
+        chat_template=None,
+        tokenizer_name="",
+    )
     task.build_all_requests(**kw)
     first = task.instances
     assert len(first) == 40 and all(i.resps == [] for i in first)
@@ -90,16 +99,25 @@ def test_category_scores_reads_the_metric_under_its_filter():
         {"doc_id": 0, "filter": "remove_whitespace", "exact_match": 1.0},
     ]
     results = {
-        "results": {f"mgsm_{c}": {"exact_match,remove_whitespace": 0.5, "exact_match,flexible-extract": v,
-                                  "exact_match_stderr,flexible-extract": "N/A"} for c, v in (("en", 1.0), ("de", 0.5))},
+        "results": {
+            f"mgsm_{c}": {
+                "exact_match,remove_whitespace": 0.5,
+                "exact_match,flexible-extract": v,
+                "exact_match_stderr,flexible-extract": "N/A",
+            }
+            for c, v in (("en", 1.0), ("de", 0.5))
+        },
         "samples": {"mgsm_en": samples(1.0), "mgsm_de": samples(0.0)},
     }
     out = category_scores(results, bench, "test")
     assert out["en"] == 1.0 and out["de"] == 0.5 and out["overall"] == 0.75
     assert out["samples"] == {"en": [1.0, 1.0], "de": [1.0, 0.0]}  # one per document, by doc_id, this filter only
     bench.metric = "exact_match"
-    with pytest.raises(ValueError, match=r"no metric 'exact_match,none' \(it reports: exact_match,flexible-extract, "
-                                         r"exact_match,remove_whitespace"):
+    with pytest.raises(
+        ValueError,
+        match=r"no metric 'exact_match,none' \(it reports: exact_match,flexible-extract, "
+        r"exact_match,remove_whitespace",
+    ):
         category_scores(results, bench, "test")
 
 
@@ -122,7 +140,8 @@ def test_fingerprint_follows_data_files_outside_the_task_dir(tmp_path):
     tasks.mkdir()
     (tasks / "t.yaml").write_text(
         f"task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "process_docs: !function utils.process\n")
+        "process_docs: !function utils.process\n"
+    )
     bench = Benchmark(name="x", categories=["c"], task="t", task_dir=str(tasks))
     before = benchmark_fingerprint(bench)
     assert benchmark_fingerprint(bench) == before
@@ -147,8 +166,15 @@ def _own(monkeypatch, **kw) -> Evaluator:
     from pathlib import Path
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the example's data_files are relative to the repo root
-    return Evaluator(Benchmark(name="own", categories=["mirror", "times4", "swap"], task="own_{category}_{split}",
-                               task_dir="examples/own_benchmark/tasks", **kw))
+    return Evaluator(
+        Benchmark(
+            name="own",
+            categories=["mirror", "times4", "swap"],
+            task="own_{category}_{split}",
+            task_dir="examples/own_benchmark/tasks",
+            **kw,
+        )
+    )
 
 
 def test_each_category_is_scored_by_its_tasks_own_metric(monkeypatch):
@@ -161,12 +187,17 @@ def test_each_category_is_scored_by_its_tasks_own_metric(monkeypatch):
 def test_a_metric_a_task_does_not_report_is_one_line_naming_the_task(monkeypatch):
     with pytest.raises(ValueError) as e:
         _own(monkeypatch, metric="acc").metrics("dev")
-    assert str(e.value) == ("task 'own_mirror_dev' reports no metric 'acc,none' (it reports: exact_match,none); set "
-                            "benchmark.metric (one name, or {category: name}) to one of them")
+    assert str(e.value) == (
+        "task 'own_mirror_dev' reports no metric 'acc,none' (it reports: exact_match,none); set "
+        "benchmark.metric (one name, or {category: name}) to one of them"
+    )
     with pytest.raises(ValueError, match=r"task 'own_swap_dev': metric 'perplexity' is not a fraction in \[0, 1\]"):
         _own(monkeypatch, metric={"swap": "perplexity"}).metrics("dev")
-    with pytest.raises(ValueError, match=r"^task 'own_times4_test' reports no metric 'acc_norm,none' \(it reports: "
-                                         r"acc,none\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^task 'own_times4_test' reports no metric 'acc_norm,none' \(it reports: "
+        r"acc,none\)",
+    ):
         _own(monkeypatch, metric={"times4": "acc_norm"}).metrics("test")
 
 

@@ -30,8 +30,17 @@ def pair(tmp_path) -> tuple[Path, Path]:
 
 
 def test_parse_args():
-    kw = parse_args(["output=o", "models=[a/x,b/x/]", "weights=[0.25, 0.75]", "donor=1", "overwrite=true",
-                     "max_shard_size=1000", "dtype=float32"])
+    kw = parse_args(
+        [
+            "output=o",
+            "models=[a/x,b/x/]",
+            "weights=[0.25, 0.75]",
+            "donor=1",
+            "overwrite=true",
+            "max_shard_size=1000",
+            "dtype=float32",
+        ]
+    )
     assert kw["models"] == {"x": "a/x", "x-2": "b/x/"} and kw["weights"] == {"x": 0.25, "x-2": 0.75}
     assert kw["donor"] == "x-2" and kw["overwrite"] is True and kw["max_shard_size"] == 1000
     kw = parse_args(["output=o", "models=['a','b']", "weights=[1,2]", "names=[p,q]", "normalize=false"])
@@ -64,8 +73,14 @@ def test_main_merges_and_errors(pair, tmp_path, capsys):
 
 def test_subprocess_exit_status(pair, tmp_path):
     a, b = pair
-    cmd = [sys.executable, "-m", "soce.merge", f"output={tmp_path / 'o'}", f"models=[{a},{tmp_path / 'nope'}]",
-           "weights=[0.5,0.5]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "soce.merge",
+        f"output={tmp_path / 'o'}",
+        f"models=[{a},{tmp_path / 'nope'}]",
+        "weights=[0.5,0.5]",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
     cmd[4] = f"models=[{a},{b}]"

@@ -126,7 +126,9 @@ def test_search_picks_best_overall_and_traces_every_point():
 def test_clusters_follow_families():
     corr = pd.DataFrame(
         [[1, 0.9, 0.1, 0.0], [0.9, 1, 0.2, 0.1], [0.1, 0.2, 1, 0.8], [0.0, 0.1, 0.8, 1]],
-        index=list("abcd"), columns=list("abcd"))
+        index=list("abcd"),
+        columns=list("abcd"),
+    )
     assert method.category_clusters(corr, 0.5) == [["a", "b"], ["c", "d"]]
     assert method.category_clusters(corr, 0.05) == [["a", "b", "c", "d"]]
     cands = table({"m1": [0.9, 0.8, 0.1, 0.1], "m2": [0.1, 0.1, 0.7, 0.9]}, list("abcd"))

@@ -21,9 +21,19 @@ from tests.test_soup import assert_bits_equal, load_dir, make_model
 CONSENSUS = {"ties", "dare_ties"}
 
 
-def reference(method: str, base: torch.Tensor, xs: list[torch.Tensor], ws: list[float], *, density: float = 1.0,
-              lam: float = 1.0, normalize: bool | None = None, rescale: bool = False,
-              masks: list[torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def reference(
+    method: str,
+    base: torch.Tensor,
+    xs: list[torch.Tensor],
+    ws: list[float],
+    *,
+    density: float = 1.0,
+    lam: float = 1.0,
+    normalize: bool | None = None,
+    rescale: bool = False,
+    masks: list[torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """mergekit 0.1.5's generalized task arithmetic restated on whole tensors in float32 (``dtype: float32``,
     ``out_dtype`` = ``dtype``): task vectors, sparsified (TIES: argsort of the magnitudes; DARE: the given
     ``masks``, L1 rescale with float64 norms), stacked, times the weights, consensus or plain sum over dim
@@ -37,7 +47,7 @@ def reference(method: str, base: torch.Tensor, xs: list[torch.Tensor], ws: list[
         if method == "ties" and density < 1:
             keep = torch.zeros(d.numel())
             if density > 0:  # mergekit: density <= 0 keeps nothing
-                keep[torch.argsort(d.abs().reshape(-1), descending=True)[:max(1, int(density * d.numel()))]] = 1
+                keep[torch.argsort(d.abs().reshape(-1), descending=True)[: max(1, int(density * d.numel()))]] = 1
             keep = keep.reshape(d.shape)
         elif masks is not None and density < 1:
             keep = masks[j].reshape(d.shape).float()
@@ -134,7 +144,7 @@ def test_pack_bits_round_trip():
     p = pack_bits(m)
     assert p.dtype == torch.uint8 and p.numel() == 126
     for s, n in ((0, 1003), (5, 100), (8, 995), (1000, 3)):
-        assert torch.equal(unpack_bits(p, s, n, "cpu"), m[s:s + n])
+        assert torch.equal(unpack_bits(p, s, n, "cpu"), m[s : s + n])
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
@@ -174,8 +184,11 @@ def test_exact_l1():
     from fractions import Fraction
 
     g = torch.Generator().manual_seed(0)
-    for t in (torch.randn(10_000, generator=g) * torch.logspace(-30, 10, 10_000),
-              torch.randn(5000, generator=g, dtype=torch.float64), torch.tensor([1e-45, 3.0, -2.5])):
+    for t in (
+        torch.randn(10_000, generator=g) * torch.logspace(-30, 10, 10_000),
+        torch.randn(5000, generator=g, dtype=torch.float64),
+        torch.tensor([1e-45, 3.0, -2.5]),
+    ):
         exact = sum(Fraction(abs(v)) for v in t.tolist())
         want = torch.tensor(float(exact), dtype=torch.float64).to(t.dtype).item()  # exact -> double -> dtype
         assert dare.l1_value(dare.l1_parts(t), t.dtype) == pytest.approx(want, rel=1e-15)
@@ -183,11 +196,19 @@ def test_exact_l1():
 
 
 def test_spec_checks():
-    assert MergeSpec("ties").params() == {"method": "ties", "density": 1.0, "lambda": 1.0, "normalize": True,
-                                          "rescale": False}
+    assert MergeSpec("ties").params() == {
+        "method": "ties",
+        "density": 1.0,
+        "lambda": 1.0,
+        "normalize": True,
+        "rescale": False,
+    }
     assert MergeSpec.from_mapping({"method": "dare_ties", "lambda": 0.5}).lam == 0.5
-    for bad, msg in (({"method": "slerp"}, "unknown"), ({"method": "linear", "density": 0.5}, "takes no 'density'"),
-                     ({"method": "ties", "foo": 1}, "unknown parameter")):
+    for bad, msg in (
+        ({"method": "slerp"}, "unknown"),
+        ({"method": "linear", "density": 0.5}, "takes no 'density'"),
+        ({"method": "ties", "foo": 1}, "unknown parameter"),
+    ):
         with pytest.raises(ValueError, match=msg):
             MergeSpec.from_mapping(bad)
     assert "density" in MergeSpec("ties", density=1.5).problem()
@@ -228,16 +249,19 @@ def family(tmp_path_factory) -> dict[str, Path]:
 def _expected(family: dict[str, Path], spec: MergeSpec, ws: dict[str, float]) -> dict[str, torch.Tensor]:
     sds = {n: load_dir(family[n]) for n in ws}
     base = load_dir(family["base"])
-    return {k: merge_tensor(spec, k, list(ws), base[k], [sds[n][k] for n in ws], list(ws.values()))
-            for k in base}
+    return {k: merge_tensor(spec, k, list(ws), base[k], [sds[n][k] for n in ws], list(ws.values())) for k in base}
 
 
-@pytest.mark.parametrize("merge", [
-    {"method": "task_arithmetic", "lambda": 0.8},
-    {"method": "ties", "density": 0.4},
-    {"method": "dare_ties", "density": 0.5, "seed": 2},
-    {"method": "dare_linear", "density": 0.6, "rescale": False},
-], ids=lambda m: m["method"])
+@pytest.mark.parametrize(
+    "merge",
+    [
+        {"method": "task_arithmetic", "lambda": 0.8},
+        {"method": "ties", "density": 0.4},
+        {"method": "dare_ties", "density": 0.5, "seed": 2},
+        {"method": "dare_linear", "density": 0.6, "rescale": False},
+    ],
+    ids=lambda m: m["method"],
+)
 def test_writer_and_remixer_equal_the_reference(family, tmp_path, merge):
     ws = {"a": 0.5, "b": 0.3, "c": 0.2}
     spec = MergeSpec.from_mapping(merge)
@@ -266,8 +290,9 @@ def test_linear_ignores_the_base_and_is_unchanged(family, tmp_path):
     ws = {"a": 0.5, "b": 0.5}
     models = {n: family[n] for n in ws}
     plain = load_dir(write_soup(models, ws, tmp_path / "p"))
-    assert_bits_equal(load_dir(write_soup(models, ws, tmp_path / "l", merge={"method": "linear"},
-                                          base=family["base"])), plain)
+    assert_bits_equal(
+        load_dir(write_soup(models, ws, tmp_path / "l", merge={"method": "linear"}, base=family["base"])), plain
+    )
 
 
 def _err(capsys) -> str:
@@ -304,8 +329,10 @@ def test_cli_operators_and_their_input_checks(family, tmp_path, capsys):
         assert main([*extra, f"output={o}", f"models=[{a},{b}]", "weights=[0.5,0.5]"]) == 2, extra
         assert re.search(msg, _err(capsys), flags=re.IGNORECASE), extra
         assert not o.exists() and not [p for p in tmp_path.iterdir() if "soce-tmp" in p.name]
-    assert main(["method=ties", f"base={base}", f"output={base}", f"models=[{a},{b}]", "weights=[1,1]",
-                 "overwrite=true"]) == 2
+    assert (
+        main(["method=ties", f"base={base}", f"output={base}", f"models=[{a},{b}]", "weights=[1,1]", "overwrite=true"])
+        == 2
+    )
     assert "overlaps" in _err(capsys)
     with pytest.raises(SoupError, match="needs a base"):
         Remixer({"a": a, "b": b}, device="cpu", merge={"method": "task_arithmetic"})

@@ -35,12 +35,20 @@ def _sweep(tmp_path: Path, demo_root: Path, benchmark: str) -> dict[str, dict]:
     manifest = json.loads(next(Path(demo_root).glob("fast-seed0/manifest.json")).read_text())
     conf = tmp_path / "conf" / "pool"
     conf.mkdir(parents=True)  # the user's pool: the fast zoo's candidates (their own fine-tunes)
-    (conf / "zoo.yaml").write_text(yaml.safe_dump({"name": "zoo", "source": "paths",
-                                                   "candidates": manifest["candidates"]}))
+    (conf / "zoo.yaml").write_text(
+        yaml.safe_dump({"name": "zoo", "source": "paths", "candidates": manifest["candidates"]})
+    )
     sweep = tmp_path / "sweep"
-    args = ["-m", f"hydra.searchpath=[file://{EXAMPLE / 'conf'},file://{tmp_path / 'conf'}]", f"benchmark={benchmark}",
-            "pool=zoo", "strategy=" + ",".join(sorted(STRATEGIES)), "selection.max_experts=3",
-            f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep}"]
+    args = [
+        "-m",
+        f"hydra.searchpath=[file://{EXAMPLE / 'conf'},file://{tmp_path / 'conf'}]",
+        f"benchmark={benchmark}",
+        "pool=zoo",
+        "strategy=" + ",".join(sorted(STRATEGIES)),
+        "selection.max_experts=3",
+        f"paths.root_dir={tmp_path}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     p = subprocess.run([sys.executable, "-m", "soce", *args], capture_output=True, text=True, cwd=ROOT, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
     results = {r["strategy"]: r for r in (json.loads(f.read_text()) for f in sweep.glob("*/result.json"))}
@@ -80,8 +88,8 @@ def test_readme_shows_the_shipped_example():
     import re
 
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Your own benchmark"):]
-    section = section[:section.index("\n## ", 5)]
+    section = text[text.index("## Your own benchmark") :]
+    section = section[: section.index("\n## ", 5)]
     blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
     assert yaml.safe_load(blocks[0]) == yaml.safe_load((EXAMPLE / "conf" / "benchmark" / "own.yaml").read_text())
     tasks = {re.match(r"# (\S+\.yaml)", b).group(1): yaml.safe_load(b) for b in blocks[1:]}

@@ -27,8 +27,11 @@ def build_worker(models: dict[str, str], kw: dict) -> parallel.Worker:
         with torch.no_grad():
             logits = model(IDS.to(rmx.device)).logits.float()
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, IDS[:, 1:, None].to(rmx.device)).squeeze(-1)
-        return {"syntax": lp[0].mean().item(), "facts": lp[1].mean().item(),
-                "worker": f"{os.getpid()}/{threading.get_ident()}"}
+        return {
+            "syntax": lp[0].mean().item(),
+            "facts": lp[1].mean().item(),
+            "worker": f"{os.getpid()}/{threading.get_ident()}",
+        }
 
     return evaluate
 
@@ -59,8 +62,10 @@ def test_threads_give_the_serial_search(models):
     points = method.weight_grid(3, 0.1, 0.1)
     serial_worker = build_worker(models, {"device": "cpu"})
     serial = _search(names, points, serial_worker)
-    workers = [build_worker(models, {"device": "cpu"}),
-               build_worker(models, {"device_map": "auto", "expert_placement": "host"})]
+    workers = [
+        build_worker(models, {"device": "cpu"}),
+        build_worker(models, {"device_map": "auto", "expert_placement": "host"}),
+    ]
     ws = [dict(zip(names, map(float, p), strict=True)) for p in points]
     done: list[int] = []
     results = parallel.evaluate_points(workers, ws, on_done=lambda i, p, r: done.append(i))
@@ -76,8 +81,9 @@ def test_processes_give_the_serial_search(models):
     points = method.weight_grid(3, 0.25, 0.25)  # 3 grid points + uniform
     ws = [dict(zip(names, map(float, p), strict=True)) for p in points]
     serial = [_scores(r) for r in parallel.evaluate_points([build_worker(models, {"device": "cpu"})], ws)]
-    workers = [parallel.ProcessWorker(build_worker, models, {"device": "cpu"}, env={"OMP_NUM_THREADS": "1"})
-               for _ in range(2)]
+    workers = [
+        parallel.ProcessWorker(build_worker, models, {"device": "cpu"}, env={"OMP_NUM_THREADS": "1"}) for _ in range(2)
+    ]
     try:
         results = parallel.evaluate_points(workers, ws)
         pids = {w.ready() for w in workers}
@@ -128,16 +134,21 @@ def test_replay_and_groups():
     assert parallel.device_groups(8, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert parallel.device_groups(3, 2) == [[0, 1]] and parallel.device_groups(2) == [[0], [1]]
     assert parallel.remixer_placement([3]) == {"device": "cuda:3"}
-    assert parallel.remixer_placement([0, 1], 10) == {"device_map": "auto", "max_memory": {0: 10, 1: 10},
-                                                      "expert_placement": "auto"}
+    assert parallel.remixer_placement([0, 1], 10) == {
+        "device_map": "auto",
+        "max_memory": {0: 10, 1: 10},
+        "expert_placement": "auto",
+    }
 
 
 # ----------------------------------------------------------------- sweep mode: one GPU slot per job process
 
-CLAIM = ("import json, sys, time\nfrom soce.search.gpu_assign import claim\n"
-         "try:\n    got = claim(2, sys.argv[1], poll_s=0.05, timeout_s=float(sys.argv[2]))\n"
-         "except TimeoutError as e:\n    got = str(e)\n"
-         "print(json.dumps(got), flush=True)\ntime.sleep(float(sys.argv[3]))\n")
+CLAIM = (
+    "import json, sys, time\nfrom soce.search.gpu_assign import claim\n"
+    "try:\n    got = claim(2, sys.argv[1], poll_s=0.05, timeout_s=float(sys.argv[2]))\n"
+    "except TimeoutError as e:\n    got = str(e)\n"
+    "print(json.dumps(got), flush=True)\ntime.sleep(float(sys.argv[3]))\n"
+)
 
 
 def test_claim_gives_each_process_its_own_slot(tmp_path):
@@ -162,7 +173,7 @@ def test_claim_gives_each_process_its_own_slot(tmp_path):
     assert json.loads(nogpu.stdout) is None  # no GPUs: CPU jobs, nothing set
 
 
-APP = '''
+APP = """
 import json, os, time
 import hydra
 
@@ -176,7 +187,7 @@ def main(cfg):
 from pathlib import Path
 if __name__ == "__main__":
     main()
-'''
+"""
 
 
 def test_joblib_sweep_jobs_get_distinct_gpus(tmp_path):
@@ -192,12 +203,24 @@ def test_joblib_sweep_jobs_get_distinct_gpus(tmp_path):
         f"x: 0\nout: {tmp_path / 'out'}\nhydra:\n  sweep: {{dir: {tmp_path / 'multirun'}}}\n"
         f"  run: {{dir: {tmp_path / 'run'}}}\n  callbacks:\n    gpu_assign:\n"
         f"      _target_: soce.search.gpu_assign.GpuAssign\n      gpus_per_job: 1\n"
-        f"      lock_dir: {tmp_path / 'locks'}\n")
+        f"      lock_dir: {tmp_path / 'locks'}\n"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "4,7", "PYTHONPATH": root}
-    subprocess.run([sys.executable, str(tmp_path / "app.py"), "-m", "hydra/launcher=joblib",
-                    "hydra.launcher.n_jobs=2", "x=1,2,3,4,5,6"], check=True, env=env, cwd=tmp_path,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(tmp_path / "app.py"),
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "x=1,2,3,4,5,6",
+        ],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+    )
     recs = [json.loads(f.read_text()) for f in sorted((tmp_path / "out").glob("*.json"))]
     assert len(recs) == 6 and {r["gpus"] for r in recs} <= {"4", "7"}
     by_pid: dict[int, set] = {}
@@ -217,8 +240,17 @@ def test_sharded_remix_bench_tiny(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, os.path.join(root, "bench", "sharded_remix.py"), "--tiny", "--parallel-modes", "threads",
-           "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")]
+    cmd = [
+        sys.executable,
+        os.path.join(root, "bench", "sharded_remix.py"),
+        "--tiny",
+        "--parallel-modes",
+        "threads",
+        "--workdir",
+        str(tmp_path),
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": root})
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res == json.loads((tmp_path / "r.json").read_text())

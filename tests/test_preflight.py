@@ -48,20 +48,25 @@ def test_semantic_errors_before_anything_runs(tmp_path):
     cfg = to_plain(composed("selection.tie_break=coin"))
     with pytest.raises(ConfigError, match="tie_break"):
         validate(cfg)
-    for override, needle in (("strategy=fixed", "strategy=fixed needs strategy.ingredients"),
-                             ("demo.preset=huge", "demo.preset must be one of"),
-                             ("dtype=float17", "dtype must be one of"),
-                             ("device=tpu", "device must be auto, cpu, cuda or cuda:N")):
+    for override, needle in (
+        ("strategy=fixed", "strategy=fixed needs strategy.ingredients"),
+        ("demo.preset=huge", "demo.preset must be one of"),
+        ("dtype=float17", "dtype must be one of"),
+        ("device=tpu", "device must be auto, cpu, cuda or cuda:N"),
+    ):
         with pytest.raises(ConfigError, match=needle):
             validate(to_plain(composed(override)))
 
 
-@pytest.mark.parametrize(("override", "needle"), [
-    ("benchmark.objective=median", "benchmark.objective must be one of mean, official"),
-    ("benchmark.backend=helm", "unknown benchmark.backend 'helm'"),
-    ("search.budget=0", "search.budget must be > 0"),
-    ("benchmark.holdout.split=test", "select_split and report_split must differ"),
-])
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("benchmark.objective=median", "benchmark.objective must be one of mean, official"),
+        ("benchmark.backend=helm", "unknown benchmark.backend 'helm'"),
+        ("search.budget=0", "search.budget must be > 0"),
+        ("benchmark.holdout.split=test", "select_split and report_split must differ"),
+    ],
+)
 def test_new_fields_are_checked(override, needle):
     cfg = to_plain(composed(override))
     if "holdout" in override:
@@ -70,14 +75,20 @@ def test_new_fields_are_checked(override, needle):
         validate(cfg)
 
 
-@pytest.mark.parametrize(("overrides", "needle"), [
-    (["benchmark.objective=official", "benchmark.limit=5"], "benchmark.objective=official with benchmark.limit=5"),
-    (["search.min_weight=0.6", "selection.max_experts=2"],
-     "fits at most 1 experts, but the selection can return 2 .*: lower search.min_weight or selection.max_experts$"),
-    (["search.min_weight=0.2"], "fits at most 5 experts, but the selection can return 7 .*max_experts<=5$"),
-    (["search=optuna", "search.min_weight=0.3", "demo.preset=fast"], "fits at most 3 experts, but .* return 6"),
-    (["benchmark.task='nope_{category}_{split}'"], "lm-eval has no task 'nope_half_dev'"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["benchmark.objective=official", "benchmark.limit=5"], "benchmark.objective=official with benchmark.limit=5"),
+        (
+            ["search.min_weight=0.6", "selection.max_experts=2"],
+            "fits at most 1 experts, but the selection can return 2 .*: lower search.min_weight or "
+            "selection.max_experts$",
+        ),
+        (["search.min_weight=0.2"], "fits at most 5 experts, but the selection can return 7 .*max_experts<=5$"),
+        (["search=optuna", "search.min_weight=0.3", "demo.preset=fast"], "fits at most 3 experts, but .* return 6"),
+        (["benchmark.task='nope_{category}_{split}'"], "lm-eval has no task 'nope_half_dev'"),
+    ],
+)
 def test_values_that_cannot_mean_what_they_say_are_refused_up_front(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         validate(to_plain(composed(*overrides)))
@@ -93,9 +104,18 @@ def test_infeasible_weights_on_the_command_line_write_nothing(tmp_path):
 
     from .conftest import soce_cmd
 
-    p = subprocess.run(soce_cmd("search.min_weight=0.6", "selection.max_experts=2", f"paths.root_dir={tmp_path}",
-                                f"hydra.run.dir={tmp_path / 'run'}"), capture_output=True, text=True, cwd=tmp_path,
-                       timeout=300)
+    p = subprocess.run(
+        soce_cmd(
+            "search.min_weight=0.6",
+            "selection.max_experts=2",
+            f"paths.root_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "search.min_weight=0.6" in lines[0], p.stderr
     assert list(tmp_path.iterdir()) == []
@@ -106,8 +126,9 @@ def test_candidates_of_another_architecture_are_refused_before_anything_is_writt
 
     for name, heads in (("a", 4), ("b", 4), ("c", 8)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": heads,
-                                                                 "eos_token_id": heads}))
+        (tmp_path / name / "config.json").write_text(
+            json.dumps({"model_type": "llama", "num_attention_heads": heads, "eos_token_id": heads})
+        )
     cfg = to_plain(composed("pool=example_local"))
     cfg["pool"].update(candidates={n: str(tmp_path / n) for n in "abc"}, population={})
     with pytest.raises(ConfigError, match="differ in 'num_attention_heads', which defines the architecture"):

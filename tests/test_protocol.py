@@ -11,8 +11,17 @@ pytestmark = pytest.mark.slow
 
 def test_selection_and_search_ignore_report_split(tmp_path, tiny_demo_root, monkeypatch):
     def job(name: str):
-        cfg = compose_config(["strategy=soce_weighted", "debug=fast", "selection.tau=1.0", "selection.max_experts=3",
-                             f"paths.root_dir={tmp_path / name}", f"demo.root={tiny_demo_root}", "save_soup=false"])
+        cfg = compose_config(
+            [
+                "strategy=soce_weighted",
+                "debug=fast",
+                "selection.tau=1.0",
+                "selection.max_experts=3",
+                f"paths.root_dir={tmp_path / name}",
+                f"demo.root={tiny_demo_root}",
+                "save_soup=false",
+            ]
+        )
         return run(cfg, tmp_path / name / "job")
 
     honest = job("honest")

@@ -160,9 +160,17 @@ def test_budget_below_the_first_round_is_refused_in_one_line():
         R.race(len(pts), ids, Oracle(y), R.RaceSettings(budget=4))
 
 
-@pytest.mark.parametrize("kw, message", [({"delta": 0}, "race_delta"), ({"start": 0}, "race_start"),
-                                          ({"growth": 1.0}, "race_growth"), ({"finalists": 0}, "race_finalists"),
-                                          ({"budget": -1}, "search.budget"), ({"keep": 0}, "race_keep")])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"delta": 0}, "race_delta"),
+        ({"start": 0}, "race_start"),
+        ({"growth": 1.0}, "race_growth"),
+        ({"finalists": 0}, "race_finalists"),
+        ({"budget": -1}, "search.budget"),
+        ({"keep": 0}, "race_keep"),
+    ],
+)
 def test_bad_settings_are_one_clear_line(kw, message):
     with pytest.raises(method.SelectionError, match=message):
         R.RaceSettings(**kw).check()
@@ -171,8 +179,10 @@ def test_bad_settings_are_one_clear_line(kw, message):
 def test_category_weights_define_the_objective():
     """Unequal category sizes: the full-split objective is the mean of category means (or sum_c a_c mean_c)."""
     ids = {"big": [str(i) for i in range(100)], "small": [str(i) for i in range(10)]}
-    y = {0: {"big": {i: 1.0 for i in ids["big"]}, "small": {i: 0.0 for i in ids["small"]}},
-         1: {"big": {i: 0.0 for i in ids["big"]}, "small": {i: 1.0 for i in ids["small"]}}}
+    y = {
+        0: {"big": {i: 1.0 for i in ids["big"]}, "small": {i: 0.0 for i in ids["small"]}},
+        1: {"big": {i: 0.0 for i in ids["big"]}, "small": {i: 1.0 for i in ids["small"]}},
+    }
     out = R.race(2, ids, Oracle(y), R.RaceSettings())
     assert out.scores["overall"] == pytest.approx(0.5)  # not the item mean (100/110 for point 0)
     out = R.race(2, ids, Oracle(y), R.RaceSettings(), {"big": 0.2, "small": 0.8})
@@ -196,8 +206,16 @@ def test_a_missing_item_score_is_one_clear_error():
 
 # --- end to end, on the real (small) demo through the job: SoupEvaluator, lm-eval, the item cache ---
 
-RACE_JOB = ["strategy=soce_weighted", "search=race", "debug=fast", "selection.tau=1.0", "selection.max_experts=3",
-            "search.step=0.2", "search.min_weight=0.2", "save_soup=false"]
+RACE_JOB = [
+    "strategy=soce_weighted",
+    "search=race",
+    "debug=fast",
+    "selection.tau=1.0",
+    "selection.max_experts=3",
+    "search.step=0.2",
+    "search.min_weight=0.2",
+    "save_soup=false",
+]
 
 
 def _race_job(tmp_path, tiny_demo_root, name):

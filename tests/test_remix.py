@@ -147,24 +147,36 @@ def test_device_map_errors(zoo):
 
 # ----------------------------------------------------------------------------------- GPU (device machine)
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
-                               reason="needs a CUDA GPU: cuda:0 + cpu shards (run on the device machine, not in CI)")
-GPU_CPU = {"model.embed_tokens": "cuda:0", "model.rotary_emb": "cuda:0", "model.layers.0": "cuda:0",
-           "model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "cuda:0"}
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: cuda:0 + cpu shards (run on the device machine, not in CI)"
+)
+GPU_CPU = {
+    "model.embed_tokens": "cuda:0",
+    "model.rotary_emb": "cuda:0",
+    "model.layers.0": "cuda:0",
+    "model.layers.1": "cpu",
+    "model.norm": "cpu",
+    "lm_head": "cuda:0",
+}
 HEAD_ON_CPU = {**GPU_CPU, "lm_head": "cpu"}  # a tied lm_head placed apart from its embeddings
 
 
 @needs_gpu
 @pytest.mark.parametrize("kind", ["bf16", "tied", "fp32"])
-@pytest.mark.parametrize("kw", [
-    pytest.param({"device_map": GPU_CPU, "expert_placement": "with_shard"}, id="gpu+cpu-with_shard"),
-    pytest.param({"device_map": GPU_CPU, "expert_placement": "host"}, id="gpu+cpu-host-pinned"),
-    pytest.param({"device_map": GPU_CPU, "expert_placement": "host", "pin_host": False}, id="gpu+cpu-host-pageable"),
-    pytest.param({"device_map": GPU_CPU}, id="gpu+cpu-auto"),
-    pytest.param({"device_map": HEAD_ON_CPU, "expert_placement": "host"}, id="gpu+cpu-head-on-cpu-host"),
-    pytest.param({"device": "cuda", "expert_placement": "host"}, id="single-gpu-host"),
-    pytest.param({"device_map": "auto"}, id="transformers-auto"),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        pytest.param({"device_map": GPU_CPU, "expert_placement": "with_shard"}, id="gpu+cpu-with_shard"),
+        pytest.param({"device_map": GPU_CPU, "expert_placement": "host"}, id="gpu+cpu-host-pinned"),
+        pytest.param(
+            {"device_map": GPU_CPU, "expert_placement": "host", "pin_host": False}, id="gpu+cpu-host-pageable"
+        ),
+        pytest.param({"device_map": GPU_CPU}, id="gpu+cpu-auto"),
+        pytest.param({"device_map": HEAD_ON_CPU, "expert_placement": "host"}, id="gpu+cpu-head-on-cpu-host"),
+        pytest.param({"device": "cuda", "expert_placement": "host"}, id="single-gpu-host"),
+        pytest.param({"device_map": "auto"}, id="transformers-auto"),
+    ],
+)
 def test_gpu_placements_give_the_reference_bits(zoo, kind, kw, monkeypatch):
     import soce.soup.remix as remix
 
@@ -227,6 +239,7 @@ def test_gpu_workers_in_threads_match_serial(zoo):
             rmx.mix(ws)
             rmx.synchronize()
             return {k: t.detach().cpu().clone() for k, t in live_tensors(rmx.model).items() if k in rmx.targets}
+
         return evaluate
 
     points = [{"a": 0.1 * (i + 1), "b": 0.5, "c": 0.2} for i in range(8)]

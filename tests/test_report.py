@@ -30,33 +30,52 @@ CATS = ["a", "b"]
 
 def fake_result(strategy: str, tau: float, overall: float) -> dict:
     return {
-        "strategy": strategy, "benchmark": "demo", "pool": "demo", "categories": CATS, "families": {},
-        "select_split": "dev", "report_split": "test", "weak_set": ["a"], "expert_of": {"a": "m1"},
-        "experts": ["m1"], "weights": {"m1": 0.5, "m2": 0.5}, "correlation": {"a": {"a": 1.0, "b": 0.2},
-                                                                               "b": {"a": 0.2, "b": 1.0}},
-        "scores": {"dev": {"a": overall, "b": overall, "overall": overall},
-                   "test": {"a": overall, "b": overall - 0.1, "overall": overall - 0.05}},
-        "candidate_scores": {"m1": {"dev": {"a": 0.4, "b": 0.2, "overall": 0.3},
-                                    "test": {"a": 0.4, "b": 0.2, "overall": 0.3}},
-                             "m2": {"dev": {"a": 0.1, "b": 0.1, "overall": 0.1},
-                                    "test": {"a": 0.1, "b": 0.1, "overall": 0.1}}},
-        "best_single": "m1", "mlflow_run_id": None,
+        "strategy": strategy,
+        "benchmark": "demo",
+        "pool": "demo",
+        "categories": CATS,
+        "families": {},
+        "select_split": "dev",
+        "report_split": "test",
+        "weak_set": ["a"],
+        "expert_of": {"a": "m1"},
+        "experts": ["m1"],
+        "weights": {"m1": 0.5, "m2": 0.5},
+        "correlation": {"a": {"a": 1.0, "b": 0.2}, "b": {"a": 0.2, "b": 1.0}},
+        "scores": {
+            "dev": {"a": overall, "b": overall, "overall": overall},
+            "test": {"a": overall, "b": overall - 0.1, "overall": overall - 0.05},
+        },
+        "candidate_scores": {
+            "m1": {"dev": {"a": 0.4, "b": 0.2, "overall": 0.3}, "test": {"a": 0.4, "b": 0.2, "overall": 0.3}},
+            "m2": {"dev": {"a": 0.1, "b": 0.1, "overall": 0.1}, "test": {"a": 0.1, "b": 0.1, "overall": 0.1}},
+        },
+        "best_single": "m1",
+        "mlflow_run_id": None,
     }
 
 
 def fake_sweep(tmp_path, varying_in_marker: bool = True):
     """A 2 x 2 multirun dir (strategy x selection.tau) as Hydra and the pipeline leave it."""
-    jobs = [("uniform", 0.1, 0.40), ("uniform", 0.5, 0.41), ("soce_selected", 0.1, 0.50),
-            ("soce_selected", 0.5, 0.15975)]
+    jobs = [
+        ("uniform", 0.1, 0.40),
+        ("uniform", 0.5, 0.41),
+        ("soce_selected", 0.1, 0.50),
+        ("soce_selected", 0.5, 0.15975),
+    ]
     for i, (strategy, tau, overall) in enumerate(jobs):
         d = tmp_path / f"{i}_{strategy}"
         (d / ".hydra").mkdir(parents=True)
-        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
-            [f"strategy={strategy}", f"selection.tau={tau}", "debug=fast", "save_soup=false"]))
+        (d / ".hydra" / "overrides.yaml").write_text(
+            yaml.safe_dump([f"strategy={strategy}", f"selection.tau={tau}", "debug=fast", "save_soup=false"])
+        )
         (d / "result.json").write_text(json.dumps(fake_result(strategy, tau, overall)))
     if varying_in_marker:
-        (tmp_path / PARENT_FILE).write_text(json.dumps({"run_id": "r", "experiment_id": "1", "uri": "sqlite:///x",
-                                                         "varying": ["strategy", "selection.tau"]}))
+        (tmp_path / PARENT_FILE).write_text(
+            json.dumps(
+                {"run_id": "r", "experiment_id": "1", "uri": "sqlite:///x", "varying": ["strategy", "selection.tau"]}
+            )
+        )
     return tmp_path
 
 
@@ -64,8 +83,13 @@ def fake_sweep(tmp_path, varying_in_marker: bool = True):
 def test_results_table_has_one_row_per_job(tmp_path, marker):
     results = load_results(fake_sweep(tmp_path, marker))
     table = comparison_from_results(results, "test")
-    assert list(table.index) == ["uniform tau=0.1", "uniform tau=0.5", "soce_selected tau=0.1",
-                                 "soce_selected tau=0.5", "best single (m1)"]
+    assert list(table.index) == [
+        "uniform tau=0.1",
+        "uniform tau=0.5",
+        "soce_selected tau=0.1",
+        "soce_selected tau=0.5",
+        "best single (m1)",
+    ]
     assert table.loc["soce_selected tau=0.5", "a"] == 15.98  # one rounding: 0.15975 -> 15.98, as logged
     assert table.loc["uniform tau=0.5", "overall"] == 36.0
     assert results[0]["varying"] == ["strategy", "selection.tau"]
@@ -85,9 +109,16 @@ def test_sweep_report_files_name_every_job(tmp_path):
 
 
 def test_orderings_compare_within_groups():
-    table = pd.DataFrame({"overall": [40.0, 50.0, 45.0, 30.0, 42.0]},
-                         index=["uniform tau=0.1", "soce_selected tau=0.1", "uniform tau=0.5",
-                                "soce_selected tau=0.5", "best single (m1)"])
+    table = pd.DataFrame(
+        {"overall": [40.0, 50.0, 45.0, 30.0, 42.0]},
+        index=[
+            "uniform tau=0.1",
+            "soce_selected tau=0.1",
+            "uniform tau=0.5",
+            "soce_selected tau=0.5",
+            "best single (m1)",
+        ],
+    )
     strategies = {lab: lab.split(" ")[0] for lab in table.index[:4]}
     got = {claim: (ok, m) for claim, ok, m in orderings(table, strategies)}
     assert got["soce_selected >= uniform (tau=0.1)"] == (True, 10.0)
@@ -116,12 +147,16 @@ def test_report_cli_dir_and_by(tmp_path, capsys):
 
 
 def test_format_answer_prints_the_answer():
-    r = fake_result("soce_selected", 0.1, 0.15975) | {"weak_set": ["x1", "y1"], "expert_of": {"x1": "a (FC)"},
-                                                      "weights": {"a (FC)": 0.5, "b": 0.5, "c": 0.0},
-                                                      "scores": {}}
+    r = fake_result("soce_selected", 0.1, 0.15975) | {
+        "weak_set": ["x1", "y1"],
+        "expert_of": {"x1": "a (FC)"},
+        "weights": {"a (FC)": 0.5, "b": 0.5, "c": 0.0},
+        "scores": {},
+    }
     line = format_answer(r, "/out/result.json")
-    assert line == ("soce_selected: L = x1, y1; experts: x1 -> a (FC); weights: a (FC) 0.50, b 0.50; "
-                    "result: /out/result.json")
+    assert line == (
+        "soce_selected: L = x1, y1; experts: x1 -> a (FC); weights: a (FC) 0.50, b 0.50; result: /out/result.json"
+    )
     r["scores"] = {"test": {"overall": 0.15975}}
     assert format_answer(r).startswith(f"soce_selected: test overall {fmt_pct(0.15975)}%; L = ")
 
@@ -142,10 +177,19 @@ def test_mlflow_table_keyed_by_label_with_baseline_runs(tmp_path):
     for i, tau in enumerate(("0.1", "0.5")):
         for strategy in ("uniform", "soce_selected"):
             lab = f"{strategy} tau={tau}"
-            run = start_run(uri, exp, lab, parent, {"soce.kind": "job", "soce.label": lab,
-                                                    "soce.overrides": json.dumps({"selection.tau": tau})})
-            log_values(uri, run, {"strategy": strategy, "categories": "a,b"},
-                       {"test.a": 0.1 * (i + 1), "test.b": 0.2, "test.overall": 0.15 + i / 10})
+            run = start_run(
+                uri,
+                exp,
+                lab,
+                parent,
+                {"soce.kind": "job", "soce.label": lab, "soce.overrides": json.dumps({"selection.tau": tau})},
+            )
+            log_values(
+                uri,
+                run,
+                {"strategy": strategy, "categories": "a,b"},
+                {"test.a": 0.1 * (i + 1), "test.b": 0.2, "test.overall": 0.15 + i / 10},
+            )
             time.sleep(0.01)
     log_baselines(uri, exp, parent, {"m1": {"test": {"a": 0.5, "b": 0.5, "overall": 0.5}}}, "m1")
     mlflow.set_tracking_uri(uri)
@@ -153,8 +197,13 @@ def test_mlflow_table_keyed_by_label_with_baseline_runs(tmp_path):
     from soce.report.tables import baseline_runs
 
     table = comparison_table(jobs, "test", baseline_runs(uri, exp, parent))
-    assert list(table.index) == ["uniform tau=0.1", "soce_selected tau=0.1", "uniform tau=0.5",
-                                 "soce_selected tau=0.5", "best single (m1)"]
+    assert list(table.index) == [
+        "uniform tau=0.1",
+        "soce_selected tau=0.1",
+        "uniform tau=0.5",
+        "soce_selected tau=0.5",
+        "best single (m1)",
+    ]
     assert table.loc["soce_selected tau=0.5", "overall"] == 25.0 and table.loc["best single (m1)", "a"] == 50.0
 
 
@@ -167,15 +216,22 @@ def test_report_cli_from_mlflow_by_override(tmp_path, capsys):
 
 def test_comparison_table_leaves_out_unfinished_jobs():
     nan = float("nan")
-    jobs = pd.DataFrame({
-        "run_id": ["r1", "r2", "r3"], "status": ["FINISHED", "RUNNING", "FINISHED"],
-        "start_time": [1, 2, 3], "params.strategy": ["uniform", nan, "soce_selected"],
-        "params.categories": ["a,b"] * 3, "params.best_single": ["m1"] * 3,
-        "metrics.test.a": [0.5, nan, 0.7], "metrics.test.b": [0.3, nan, 0.5],
-        "metrics.test.overall": [0.4, nan, 0.6],
-        "metrics.best_single.test.a": [0.6] * 3, "metrics.best_single.test.b": [0.2] * 3,
-        "metrics.best_single.test.overall": [0.4] * 3,
-    })
+    jobs = pd.DataFrame(
+        {
+            "run_id": ["r1", "r2", "r3"],
+            "status": ["FINISHED", "RUNNING", "FINISHED"],
+            "start_time": [1, 2, 3],
+            "params.strategy": ["uniform", nan, "soce_selected"],
+            "params.categories": ["a,b"] * 3,
+            "params.best_single": ["m1"] * 3,
+            "metrics.test.a": [0.5, nan, 0.7],
+            "metrics.test.b": [0.3, nan, 0.5],
+            "metrics.test.overall": [0.4, nan, 0.6],
+            "metrics.best_single.test.a": [0.6] * 3,
+            "metrics.best_single.test.b": [0.2] * 3,
+            "metrics.best_single.test.overall": [0.4] * 3,
+        }
+    )
     table = comparison_table(jobs, "test")  # an older sweep: best single from the jobs' metrics
     assert list(table.index) == ["uniform", "soce_selected", "best single (m1)"]
     assert table.loc["soce_selected", "overall"] == 60.0
@@ -239,10 +295,15 @@ def test_selection_text_names_only_experts_with_weight():
     r = fake_result("uniform", 0.1, 0.4) | {"selects": False}
     assert selection_text(r) == "no selection"
     r = fake_result("soce_weighted", 0.1, 0.4) | {
-        "weak_set": ["a", "b", "c"], "expert_of": {"a": "m1", "b": "m2"}, "weights": {"m1": 1.0, "m2": 0.0},
-        "dropped": {"c": "m3"}, "max_experts": 2}
-    assert selection_text(r) == ("L = a, b, c; experts: a -> m1; searched to weight 0: b -> m2; "
-                                 "dropped by selection.max_experts=2: c -> m3")
+        "weak_set": ["a", "b", "c"],
+        "expert_of": {"a": "m1", "b": "m2"},
+        "weights": {"m1": 1.0, "m2": 0.0},
+        "dropped": {"c": "m3"},
+        "max_experts": 2,
+    }
+    assert selection_text(r) == (
+        "L = a, b, c; experts: a -> m1; searched to weight 0: b -> m2; dropped by selection.max_experts=2: c -> m3"
+    )
 
 
 def test_by_takes_short_names_and_refuses_the_strategy(tmp_path, capsys):

@@ -30,10 +30,24 @@ def mlflow_server(tmp_path):
     port = free_port()
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     proc = subprocess.Popen(
-        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            mlflow_bin,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -58,9 +72,18 @@ def runs_by_kind(uri: str, experiment: str = "soce-demo"):
 
 
 def test_joblib_sweep_against_mlflow_server(tmp_path, tiny_demo_root, mlflow_server):
-    args = ["-m", "strategy=uniform,soce_selected,soce_weighted,best_single", "debug=fast",
-            "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "tracking=server", f"tracking.uri={mlflow_server}",
-            f"paths.root_dir={tmp_path}", f"demo.root={tiny_demo_root}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    args = [
+        "-m",
+        "strategy=uniform,soce_selected,soce_weighted,best_single",
+        "debug=fast",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "tracking=server",
+        f"tracking.uri={mlflow_server}",
+        f"paths.root_dir={tmp_path}",
+        f"demo.root={tiny_demo_root}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     p = subprocess.run(soce_cmd(*args), capture_output=True, text=True, cwd=tmp_path, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
     runs = runs_by_kind(mlflow_server)
@@ -74,11 +97,20 @@ def test_joblib_sweep_against_mlflow_server(tmp_path, tiny_demo_root, mlflow_ser
 def test_sigkill_then_rerun_evaluates_only_missing_points(tmp_path, tiny_demo_root):
     sweep = tmp_path / "sweep"
     # tau=1: every category with variance is weak, so the tiny zoo gives several experts and a real grid
-    args = ["-m", "strategy=soce_weighted", "debug=fast", "selection.tau=1.0", "selection.max_experts=3",
-            f"paths.root_dir={tmp_path}", f"demo.root={tiny_demo_root}", f"hydra.sweep.dir={sweep}"]
+    args = [
+        "-m",
+        "strategy=soce_weighted",
+        "debug=fast",
+        "selection.tau=1.0",
+        "selection.max_experts=3",
+        f"paths.root_dir={tmp_path}",
+        f"demo.root={tiny_demo_root}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
-    proc = subprocess.Popen(soce_cmd(*args), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        soce_cmd(*args), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 600
     n_points = 0
     while time.time() < deadline and proc.poll() is None:
@@ -116,13 +148,26 @@ def test_analyses_logged_and_sampled_shapley_matches_exact(tmp_path, tiny_demo_r
     """analysis=full on the demo: Shapley (exact, then sampled from the same cached soups), consistency and
     emergent solves land in result.json and as MLflow artifacts. Stated tolerance: each sampled value within
     4 standard errors (+0.01) of the exact one."""
-    base = ["debug=fast", "analysis=full", "selection.tau=1.0", f"paths.root_dir={tmp_path}",
-            f"demo.root={tiny_demo_root}", "progress=false"]
+    base = [
+        "debug=fast",
+        "analysis=full",
+        "selection.tau=1.0",
+        f"paths.root_dir={tmp_path}",
+        f"demo.root={tiny_demo_root}",
+        "progress=false",
+    ]
     out = {}
-    for name, extra in {"exact": [], "sampled": ["analysis.shapley_exact_max=2",
-                                                 "analysis.shapley_permutations=64"]}.items():
-        p = subprocess.run(soce_cmd("strategy=soce_weighted", *base, *extra, f"hydra.run.dir={tmp_path / name}"),
-                           capture_output=True, text=True, cwd=tmp_path, timeout=1800)
+    for name, extra in {
+        "exact": [],
+        "sampled": ["analysis.shapley_exact_max=2", "analysis.shapley_permutations=64"],
+    }.items():
+        p = subprocess.run(
+            soce_cmd("strategy=soce_weighted", *base, *extra, f"hydra.run.dir={tmp_path / name}"),
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=1800,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         out[name] = json.loads((tmp_path / name / "result.json").read_text())
     exact, sampled = out["exact"]["analysis"]["shapley"], out["sampled"]["analysis"]["shapley"]

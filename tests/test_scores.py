@@ -58,10 +58,16 @@ def test_a_real_leaderboard_shape_is_read_in_percent(tmp_path):
     assert float(t.max().max()) <= 0.95 and float(t["multi_turn_base"].max()) > 0.01
 
 
-@pytest.mark.parametrize(("text", "needle"), [  # a percent table whose column is all <= 1: refused, naming it
-    ("model,a,b,c\nm1,0.3,0.5,55\nm2,0.7,0.4,70\nm3,0.5,0.6,60\n", r"column 'a' holds only values <= 1 \(0.3 to 0.7\)"),
-    ("model,a,b\nm1,0.5,80\nm2,0.0,40\nm3,0.5,30\n", r"column 'a' .* \(model 'm1' has 80 in 'b'\)"),
-])
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [  # a percent table whose column is all <= 1: refused, naming it
+        (
+            "model,a,b,c\nm1,0.3,0.5,55\nm2,0.7,0.4,70\nm3,0.5,0.6,60\n",
+            r"column 'a' holds only values <= 1 \(0.3 to 0.7\)",
+        ),
+        ("model,a,b\nm1,0.5,80\nm2,0.0,40\nm3,0.5,30\n", r"column 'a' .* \(model 'm1' has 80 in 'b'\)"),
+    ],
+)
 def test_a_column_in_another_unit_is_refused(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         read_score_csv(_csv(tmp_path, text))
@@ -78,16 +84,19 @@ def test_a_stated_unit_wins(tmp_path):
     assert t["a"].tolist() == pytest.approx([0.005, 0.01])
 
 
-@pytest.mark.parametrize(("text", "needle"), [
-    ("model,a,b\nm1,0.1,nan\nm2,0.2,0.3\n", "non-finite score 'nan' for model 'm1', category 'b'"),
-    ("model,a,b\nm1,0.1,0.2\nm2,NaN,0.3\n", "non-finite score 'NaN' for model 'm2', category 'a'"),
-    ("model,a,b\nm1,0.1,inf\nm2,0.2,0.3\n", "non-finite score 'inf' for model 'm1', category 'b'"),
-    ("model,a,b\nm1,0.1,-Infinity\nm2,0.2,0.3\n", "non-finite score '-Infinity'"),
-    ("model,a,b\nm1,0.1,-0.2\nm2,0.2,0.3\n", "score '-0.2' for model 'm1', category 'b' is out of range"),
-    ("model,a,b\nm1,0.1,150\nm2,0.2,0.3\n", "score '150' for model 'm1', category 'b' is out of range"),
-    ("model,a,b\nm1,0.1,0_5\nm2,0.2,0.3\n", "non-numeric score '0_5' for model 'm1', category 'b'"),
-    ("model,a,b\nm1,0.1,1e400\nm2,0.2,0.3\n", "non-finite score '1e400'"),
-])
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("model,a,b\nm1,0.1,nan\nm2,0.2,0.3\n", "non-finite score 'nan' for model 'm1', category 'b'"),
+        ("model,a,b\nm1,0.1,0.2\nm2,NaN,0.3\n", "non-finite score 'NaN' for model 'm2', category 'a'"),
+        ("model,a,b\nm1,0.1,inf\nm2,0.2,0.3\n", "non-finite score 'inf' for model 'm1', category 'b'"),
+        ("model,a,b\nm1,0.1,-Infinity\nm2,0.2,0.3\n", "non-finite score '-Infinity'"),
+        ("model,a,b\nm1,0.1,-0.2\nm2,0.2,0.3\n", "score '-0.2' for model 'm1', category 'b' is out of range"),
+        ("model,a,b\nm1,0.1,150\nm2,0.2,0.3\n", "score '150' for model 'm1', category 'b' is out of range"),
+        ("model,a,b\nm1,0.1,0_5\nm2,0.2,0.3\n", "non-numeric score '0_5' for model 'm1', category 'b'"),
+        ("model,a,b\nm1,0.1,1e400\nm2,0.2,0.3\n", "non-finite score '1e400'"),
+    ],
+)
 def test_bad_scales_and_cells_one_line(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         read_score_csv(_csv(tmp_path, text))
@@ -100,20 +109,23 @@ CATS = ["x", "y"]
 GOOD = {"x": 0.5, "y": 1.0, "overall": 0.75, "samples": {"x": [0.0, 1.0], "y": [1.0]}}
 
 
-@pytest.mark.parametrize(("entry", "why"), [
-    ({"x": 7.0, "y": 0.5, "overall": 3.75}, "'x' = 7.0"),  # a score of 7.0
-    ({"x": 0.5, "overall": 0.5}, "no score for 'y'"),  # a category missing
-    ([0.5, 0.5], "a list"),  # a list
-    ({"x": 0.5, "y": 0.5}, "no score for 'overall'"),
-    ({"x": 0.5, "y": float("nan"), "overall": 0.5}, "'y' = nan"),
-    ({"x": 0.5, "y": True, "overall": 0.5}, "'y' = True"),
-    ({"x": 0.5, "y": "0.5", "overall": 0.5}, "'y' = '0.5'"),
-    ({"x": 0.5, "y": 0.5, "overall": "high"}, "overall"),
-    ({**GOOD, "samples": [1, 0]}, "samples is not a dict of lists"),
-    ({**GOOD, "samples": {"x": [0.5, None]}}, "samples holds"),
-    ({**GOOD, "overall": 0.99}, "overall = 0.99 is not its categories' mean (0.75)"),  # only overall wrong
-    ({**GOOD, "overall_mean": 0.6}, "overall_mean = 0.6 is not its categories' mean"),
-])
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ({"x": 7.0, "y": 0.5, "overall": 3.75}, "'x' = 7.0"),  # a score of 7.0
+        ({"x": 0.5, "overall": 0.5}, "no score for 'y'"),  # a category missing
+        ([0.5, 0.5], "a list"),  # a list
+        ({"x": 0.5, "y": 0.5}, "no score for 'overall'"),
+        ({"x": 0.5, "y": float("nan"), "overall": 0.5}, "'y' = nan"),
+        ({"x": 0.5, "y": True, "overall": 0.5}, "'y' = True"),
+        ({"x": 0.5, "y": "0.5", "overall": 0.5}, "'y' = '0.5'"),
+        ({"x": 0.5, "y": 0.5, "overall": "high"}, "overall"),
+        ({**GOOD, "samples": [1, 0]}, "samples is not a dict of lists"),
+        ({**GOOD, "samples": {"x": [0.5, None]}}, "samples holds"),
+        ({**GOOD, "overall": 0.99}, "overall = 0.99 is not its categories' mean (0.75)"),  # only overall wrong
+        ({**GOOD, "overall_mean": 0.6}, "overall_mean = 0.6 is not its categories' mean"),
+    ],
+)
 def test_invalid_cache_entries_are_recomputed_with_a_warning(tmp_path, caplog, entry, why):
     c = ScoreCache(tmp_path)
     key = "ab" + "c" * 30

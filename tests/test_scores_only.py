@@ -13,8 +13,12 @@ from .conftest import soce_cmd
 
 # two families: (x1, x2) move together, (y1, y2) move together, weakly across
 ROWS = {  # corr(x, y) = -0.21 across these six models
-    "alpha": [80, 78, 60, 62], "beta": [30, 32, 85, 83], "gamma": [60, 61, 20, 22],
-    "delta": [50, 49, 45, 44], "eps": [40, 42, 30, 29], "zeta": [70, 69, 50, 53],
+    "alpha": [80, 78, 60, 62],
+    "beta": [30, 32, 85, 83],
+    "gamma": [60, 61, 20, 22],
+    "delta": [50, 49, 45, 44],
+    "eps": [40, 42, 30, 29],
+    "zeta": [70, 69, 50, 53],
 }
 
 
@@ -26,9 +30,19 @@ def write_csv(path, rows=ROWS, extra=""):
 
 def test_scores_only_selection_one_command(tmp_path):
     csv = write_csv(tmp_path / "scores.csv")
-    p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={csv}", "strategy=soce_selected",
-                                f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"),
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    p = subprocess.run(
+        soce_cmd(
+            "pool=from_csv",
+            f"pool.csv={csv}",
+            "strategy=soce_selected",
+            f"paths.root_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads((tmp_path / "run" / "result.json").read_text())
     assert r["experts"] == ["alpha", "beta"]  # best on x-family and y-family
@@ -47,11 +61,14 @@ def test_csv_percent_and_path_column(tmp_path):
     assert list(t.columns) == ["a", "b"] and paths == {"m1": "/ckpt/m1"}
 
 
-@pytest.mark.parametrize(("text", "needle"), [
-    ("model,a,b\nm1,0.1,\nm2,0.2,0.3\n", "missing score for model 'm1', category 'b'"),
-    ("model,a,b\nm1,0.1,x\nm2,0.2,0.3\n", "non-numeric score 'x'"),
-    ("model,a,b\nm1,0.1,0.2\nm1,0.2,0.3\n", "model 'm1' appears twice"),
-])
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("model,a,b\nm1,0.1,\nm2,0.2,0.3\n", "missing score for model 'm1', category 'b'"),
+        ("model,a,b\nm1,0.1,x\nm2,0.2,0.3\n", "non-numeric score 'x'"),
+        ("model,a,b\nm1,0.1,0.2\nm1,0.2,0.3\n", "model 'm1' appears twice"),
+    ],
+)
 def test_csv_bad_cells_one_clear_error(tmp_path, text, needle):
     f = tmp_path / "bad.csv"
     f.write_text(text)
@@ -62,9 +79,19 @@ def test_csv_bad_cells_one_clear_error(tmp_path, text, needle):
 def test_csv_error_from_the_command_line_is_one_line(tmp_path):
     f = tmp_path / "bad.csv"
     f.write_text("model,a,b\nm1,0.1,x\nm2,0.2,0.3\nm3,0.5,0.5\n")
-    p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={f}", "strategy=soce_selected",
-                                f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"),
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    p = subprocess.run(
+        soce_cmd(
+            "pool=from_csv",
+            f"pool.csv={f}",
+            "strategy=soce_selected",
+            f"paths.root_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert p.returncode != 0
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "non-numeric score 'x'" in lines[0], p.stderr
@@ -76,10 +103,19 @@ def test_population_csv_drives_the_correlation(tmp_path):
     pop = pd.DataFrame(ROWS, index=["x1", "x2", "y1", "y2"]).T
     pop.index.name = "model"
     pop.to_csv(tmp_path / "pop.csv")
-    p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={cands}",
-                                f"selection.population_csv={tmp_path / 'pop.csv'}", "strategy=soce_selected",
-                                f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"),
-                       capture_output=True, text=True, cwd=tmp_path)
+    p = subprocess.run(
+        soce_cmd(
+            "pool=from_csv",
+            f"pool.csv={cands}",
+            f"selection.population_csv={tmp_path / 'pop.csv'}",
+            "strategy=soce_selected",
+            f"paths.root_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads((tmp_path / "run" / "result.json").read_text())
     assert r["experts"] == ["alpha", "beta"]
@@ -91,25 +127,52 @@ def test_a_leaderboard_in_percent_selects_and_finishes(tmp_path):
 
     f = tmp_path / "lb.csv"
     f.write_text(leaderboard())
-    p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={f}", "strategy=soce_selected",
-                                f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"),
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    p = subprocess.run(
+        soce_cmd(
+            "pool=from_csv",
+            f"pool.csv={f}",
+            "strategy=soce_selected",
+            f"paths.root_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads((tmp_path / "run" / "result.json").read_text())
     assert r["experts"] and max(r["candidate_scores"]["Model-0 (Prompt)"]["dev"].values()) < 1
 
 
-@pytest.mark.parametrize(("text", "args", "needle"), [
-    ("model,a,b,c\nm1,0.3,0.5,55\nm2,0.7,0.4,70\nm3,0.5,0.6,60\n", [], "column 'a' holds only values <= 1"),
-    ("model,half,quad\nm1,0.3,0.5\nm2,0.7,0.4\nm3,0.5,0.6\n", ["benchmark.categories=[half,quad,tri]"],
-     "no column for benchmark category 'tri'"),
-])
+@pytest.mark.parametrize(
+    ("text", "args", "needle"),
+    [
+        ("model,a,b,c\nm1,0.3,0.5,55\nm2,0.7,0.4,70\nm3,0.5,0.6,60\n", [], "column 'a' holds only values <= 1"),
+        (
+            "model,half,quad\nm1,0.3,0.5\nm2,0.7,0.4\nm3,0.5,0.6\n",
+            ["benchmark.categories=[half,quad,tri]"],
+            "no column for benchmark category 'tri'",
+        ),
+    ],
+)
 def test_a_table_that_cannot_mean_what_it_says_is_refused_before_anything_is_written(tmp_path, text, args, needle):
     f = tmp_path / "t.csv"
     f.write_text(text)
-    p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={f}", "strategy=soce_selected", *args,
-                                f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"),
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    p = subprocess.run(
+        soce_cmd(
+            "pool=from_csv",
+            f"pool.csv={f}",
+            "strategy=soce_selected",
+            *args,
+            f"paths.root_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], p.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
@@ -128,9 +191,19 @@ def test_score_tables_of_one_benchmark_share_its_experiment(tmp_path):
         lines += [f"{m}," + ",".join(str(ROWS[m][i % 4] + (i % 3)) for i in range(len(CATEGORIES))) for m in names]
         f = tmp_path / f"{stem}.csv"
         f.write_text("\n".join(lines) + "\n")
-        p = subprocess.run(soce_cmd("pool=from_csv", f"pool.csv={f}", "strategy=soce_selected",
-                                    f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / stem}"),
-                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        p = subprocess.run(
+            soce_cmd(
+                "pool=from_csv",
+                f"pool.csv={f}",
+                "strategy=soce_selected",
+                f"paths.root_dir={tmp_path}",
+                f"hydra.run.dir={tmp_path / stem}",
+            ),
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert p.returncode == 0, p.stderr[-2000:]
         assert json.loads((tmp_path / stem / "result.json").read_text())["benchmark"] == "bfcl_v3"
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")

@@ -56,8 +56,14 @@ class Bench:
         return {**{c: float(np.mean(s)) for c, s in samples.items()}, "samples": samples, "item_ids": ids}
 
     def context(self, cfg, on_point=None, evaluate_items=None):
-        return searches.SearchContext(NAMES, self.evaluate, cfg, on_point, evaluate_items or self.evaluate_items,
-                                      {c: [str(i) for i in range(N)] for c in CATS})
+        return searches.SearchContext(
+            NAMES,
+            self.evaluate,
+            cfg,
+            on_point,
+            evaluate_items or self.evaluate_items,
+            {c: [str(i) for i in range(N)] for c in CATS},
+        )
 
 
 def test_grid_records_points_and_items_and_refuses_a_budget_below_it():
@@ -80,8 +86,9 @@ def test_race_over_the_grid_matches_the_grid_for_a_fraction_of_its_items():
     b = Bench()
     grid = searches.SEARCHES["grid"].run(b.context(config()))
     b2, finals = Bench(), []
-    res = searches.SEARCHES["race"].run(b2.context(config(budget=0.2 * 37),
-                                                   on_point=lambda i, w, s: finals.append((i, w, s))))
+    res = searches.SEARCHES["race"].run(
+        b2.context(config(budget=0.2 * 37), on_point=lambda i, w, s: finals.append((i, w, s)))
+    )
     assert searches.SEARCHES["race"].needs_items
     assert res.weights == grid.weights
     assert res.scores["overall"] == pytest.approx(grid.scores["overall"])
@@ -122,6 +129,7 @@ def test_race_resumed_through_the_item_cache_evaluates_nothing_twice(tmp_path):
         def evaluate_items(w, items):
             key = "-".join(f"{w[n]:.4f}" for n in NAMES)
             return cache.get_or_compute(key, items, lambda missing: searches.item_table(b.evaluate_items(w, missing)))
+
         return evaluate_items
 
     first = ItemCache(tmp_path)
@@ -134,9 +142,15 @@ def test_race_resumed_through_the_item_cache_evaluates_nothing_twice(tmp_path):
     assert r2.weights == r1.weights and r2.notes["items_evaluated"] == r1.notes["items_evaluated"]
 
 
-@pytest.mark.parametrize("kw, message", [({"proposal": "random"}, "search.proposal"),
-                                          ({"race_delta": 1.5}, "race_delta"), ({"race_keep": 0.0}, "race_keep"),
-                                          ({"budget": 0.0}, "search.budget")])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"proposal": "random"}, "search.proposal"),
+        ({"race_delta": 1.5}, "race_delta"),
+        ({"race_keep": 0.0}, "race_keep"),
+        ({"budget": 0.0}, "search.budget"),
+    ],
+)
 def test_bad_race_settings_are_refused_by_the_config_in_one_line(kw, message):
     with pytest.raises(ConfigError, match=message):
         config(**kw).validate()
@@ -144,8 +158,9 @@ def test_bad_race_settings_are_refused_by_the_config_in_one_line(kw, message):
 
 
 def test_item_table_reads_both_shapes_and_refuses_others():
-    assert searches.item_table({"x": 0.5, "samples": {"x": [1.0, 0.0]}, "item_ids": {"x": ["3", "7"]}}) == \
-        {"x": {"3": 1.0, "7": 0.0}}
+    assert searches.item_table({"x": 0.5, "samples": {"x": [1.0, 0.0]}, "item_ids": {"x": ["3", "7"]}}) == {
+        "x": {"3": 1.0, "7": 0.0}
+    }
     assert searches.item_table({"x": {"3": 1}}) == {"x": {"3": 1.0}}
     with pytest.raises(method.SelectionError, match="neither per-item samples"):
         searches.item_table({"x": 0.5})

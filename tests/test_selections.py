@@ -14,8 +14,10 @@ def tables() -> tuple[pd.DataFrame, pd.DataFrame]:
     rng = np.random.default_rng(0)
     x, y = rng.uniform(0.2, 0.6, 40), rng.uniform(0.2, 0.6, 40)
     pop = pd.DataFrame({"a1": x, "a2": x + 0.01 * rng.normal(size=40), "b1": y, "b2": y + 0.01 * rng.normal(size=40)})
-    cands = pd.DataFrame({"a1": [0.9, 0.1, 0.2], "a2": [0.8, 0.2, 0.1], "b1": [0.1, 0.9, 0.3], "b2": [0.2, 0.7, 0.9]},
-                         index=["ma", "mb", "mc"])
+    cands = pd.DataFrame(
+        {"a1": [0.9, 0.1, 0.2], "a2": [0.8, 0.2, 0.1], "b1": [0.1, 0.9, 0.3], "b2": [0.2, 0.7, 0.9]},
+        index=["ma", "mb", "mc"],
+    )
     return pop, cands
 
 

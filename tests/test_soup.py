@@ -26,13 +26,20 @@ def _config(tie: bool = False, vocab: int = 96):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
     )
 
 
-def make_model(path: Path, seed: int, *, tie: bool = False, vocab: int = 96, dtype=torch.bfloat16,
-               shard: str | None = None) -> Path:
+def make_model(
+    path: Path, seed: int, *, tie: bool = False, vocab: int = 96, dtype=torch.bfloat16, shard: str | None = None
+) -> Path:
     """A tiny Llama checkpoint (~0.1M params) with random weights, saved by transformers."""
     from transformers import LlamaForCausalLM
 
@@ -79,16 +86,21 @@ def assert_bits_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype, k
-        assert torch.equal(a[k].view(torch.int16 if a[k].element_size() == 2 else torch.int32),
-                           b[k].view(torch.int16 if b[k].element_size() == 2 else torch.int32)), k
+        assert torch.equal(
+            a[k].view(torch.int16 if a[k].element_size() == 2 else torch.int32),
+            b[k].view(torch.int16 if b[k].element_size() == 2 else torch.int32),
+        ), k
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("zoo")
     return {
-        "a": make_model(d / "a", 1), "b": make_model(d / "b", 2), "c": make_model(d / "c", 3),
-        "ta": make_model(d / "ta", 4, tie=True), "tb": make_model(d / "tb", 5, tie=True),
+        "a": make_model(d / "a", 1),
+        "b": make_model(d / "b", 2),
+        "c": make_model(d / "c", 3),
+        "ta": make_model(d / "ta", 4, tie=True),
+        "tb": make_model(d / "tb", 5, tie=True),
         "sharded": make_model(d / "sharded", 6, shard="40KB"),
     }
 
@@ -96,8 +108,9 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
 def test_bit_equal_reference_and_card(zoo, tmp_path):
     models = {k: zoo[k] for k in ("a", "b", "c")}
     ws = [0.5, 0.3, 0.2]
-    out = write_soup(models, dict(zip(models, ws, strict=True)), tmp_path / "soup",
-                     recipe={"strategy": "soce", "benchmark": "demo"})
+    out = write_soup(
+        models, dict(zip(models, ws, strict=True)), tmp_path / "soup", recipe={"strategy": "soce", "benchmark": "demo"}
+    )
     assert_bits_equal(load_dir(out), reference(list(models.values()), ws))
     card = (out / "README.md").read_text()
     assert "soce" in card and "| b |" in card and "demo" in card
@@ -181,8 +194,7 @@ def test_sharded_input_and_output(zoo, tmp_path):
     idx = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("*.safetensors"))
     assert len(shards) > 2 and set(idx["weight_map"].values()) == {s.name for s in shards}
-    assert idx["metadata"]["total_size"] == sum(
-        t.numel() * t.element_size() for t in load_dir(out).values())
+    assert idx["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in load_dir(out).values())
     assert_bits_equal(load_dir(out), reference([zoo["sharded"], zoo["a"]], [0.6, 0.4]))
     from transformers import AutoModelForCausalLM
 
@@ -280,8 +292,9 @@ def test_validation_errors(zoo, tmp_path):
     for n, val in (("i1", 1), ("i2", 2)):
         (tmp_path / n).mkdir()
         save_file({"w": torch.ones(4), "pos": torch.full((3,), val)}, tmp_path / n / "model.safetensors")
-    _one_line_error(lambda: write_soup({"i1": tmp_path / "i1", "i2": tmp_path / "i2"}, ws("i1", "i2"), out),
-                    "cannot be averaged")
+    _one_line_error(
+        lambda: write_soup({"i1": tmp_path / "i1", "i2": tmp_path / "i2"}, ws("i1", "i2"), out), "cannot be averaged"
+    )
     # output exists / overlaps a candidate
     out.mkdir(exist_ok=True)
     _one_line_error(lambda: write_soup({"a": a, "b": b}, ws("a", "b"), out), "exists")
@@ -308,8 +321,9 @@ def test_sigkill_mid_write_leaves_no_target(tmp_path):
     big = {}
     for n in ("x", "y"):
         (tmp_path / n).mkdir()
-        save_file({f"w{i}": torch.randn(1 << 20).to(torch.bfloat16) for i in range(24)},
-                  tmp_path / n / "model.safetensors")
+        save_file(
+            {f"w{i}": torch.randn(1 << 20).to(torch.bfloat16) for i in range(24)}, tmp_path / n / "model.safetensors"
+        )
         big[n] = str(tmp_path / n)
     out = tmp_path / "soup"
     code = (
@@ -394,8 +408,10 @@ def test_sigkill_at_every_stage_keeps_the_target(tmp_path, stage):
     assert _bits(out) == new and not list(tmp_path.glob(".soup.*"))
 
 
-needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and gpu_mix.triton is not None),
-                               reason="needs a CUDA GPU and Triton (runs on the device machine, not in CI)")
+needs_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and gpu_mix.triton is not None),
+    reason="needs a CUDA GPU and Triton (runs on the device machine, not in CI)",
+)
 
 
 def test_fused_mix_off_the_gpu_declines():
@@ -454,13 +470,16 @@ def _variant(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
-@pytest.mark.parametrize(("changes", "key"), [
-    ({"num_attention_heads": 8, "head_dim": 8}, "head_dim"),  # same shapes, other attention
-    ({"rope_theta": 500000.0}, "rope_theta"),
-    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1.0}}, "rope_parameters"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rms_norm_eps": 1e-5}, "rms_norm_eps"),
-])
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"num_attention_heads": 8, "head_dim": 8}, "head_dim"),  # same shapes, other attention
+        ({"rope_theta": 500000.0}, "rope_theta"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1.0}}, "rope_parameters"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rms_norm_eps": 1e-5}, "rms_norm_eps"),
+    ],
+)
 def test_candidates_differing_in_the_architecture_are_refused_naming_the_key(zoo, tmp_path, changes, key):
     v = _variant(zoo["a"], tmp_path / "v", **changes)
     msg = _one_line_error(lambda: check_models({"a": zoo["a"], "v": v}), f"differ in '{key}', which defines")
@@ -477,7 +496,9 @@ def test_other_config_differences_warn_once_and_keep_the_donors(zoo, tmp_path, c
     with caplog.at_level(logging.WARNING, logger="soce.soup.checks"):
         write_soup({"a": zoo["a"], "v": v}, {"a": 0.5, "v": 0.5}, tmp_path / "out")
     warnings = [r.getMessage() for r in caplog.records if "config.json differ" in r.getMessage()]
-    assert len(warnings) == 1 and all(k in warnings[0] for k in ("eos_token_id", "max_position_embeddings",
-                                                                  "transformers_version", "donor's values are kept"))
+    assert len(warnings) == 1 and all(
+        k in warnings[0]
+        for k in ("eos_token_id", "max_position_embeddings", "transformers_version", "donor's values are kept")
+    )
     kept = json.loads((tmp_path / "out" / "config.json").read_text())
     assert kept["max_position_embeddings"] == 64 and kept.get("eos_token_id") != 7

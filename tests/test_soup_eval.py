@@ -17,10 +17,12 @@ def zoo(tmp_path_factory) -> dict:
 
 
 def make(zoo: dict, tmp_path, **bench) -> SoupEvaluator:
-    b = Benchmark(name="demo", categories=zoo["categories"][:3], task=zoo["task_template"], task_dir=zoo["task_dir"],
-                  **bench)
-    return SoupEvaluator(dict(zoo["candidates"]), list(zoo["candidates"]), Evaluator(b, "cpu"),
-                         ScoreCache(tmp_path / "cache"))
+    b = Benchmark(
+        name="demo", categories=zoo["categories"][:3], task=zoo["task_template"], task_dir=zoo["task_dir"], **bench
+    )
+    return SoupEvaluator(
+        dict(zoo["candidates"]), list(zoo["candidates"]), Evaluator(b, "cpu"), ScoreCache(tmp_path / "cache")
+    )
 
 
 def test_soups_are_cached_and_a_single_ingredient_equals_its_checkpoint(zoo, tmp_path):
@@ -44,8 +46,13 @@ def test_only_candidates_are_mixed(zoo, tmp_path):
 
 
 def test_carved_halves_are_disjoint_and_scored_on_their_items(zoo, tmp_path):
-    soups = make(zoo, tmp_path, select_split="select", report_split="report",
-                 holdout=HoldoutConfig(split="test", select_fraction=0.5, seed=0))
+    soups = make(
+        zoo,
+        tmp_path,
+        select_split="select",
+        report_split="report",
+        holdout=HoldoutConfig(split="test", select_fraction=0.5, seed=0),
+    )
     select, report = soups.item_ids("select"), soups.item_ids("report")
     for c in select:
         assert set(select[c]).isdisjoint(report[c]) and len(select[c]) + len(report[c]) == 60

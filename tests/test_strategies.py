@@ -9,8 +9,9 @@ from soce.job.strategies import STRATEGIES, Context
 from soce.search.selections import select
 
 CATS = ["a", "b", "c"]
-CANDS = pd.DataFrame({"a": [0.9, 0.2, 0.3, 0.4], "b": [0.1, 0.8, 0.2, 0.5], "c": [0.5, 0.5, 0.7, 0.1]},
-                     index=["m1", "m2", "m3", "m4"])
+CANDS = pd.DataFrame(
+    {"a": [0.9, 0.2, 0.3, 0.4], "b": [0.1, 0.8, 0.2, 0.5], "c": [0.5, 0.5, 0.7, 0.1]}, index=["m1", "m2", "m3", "m4"]
+)
 POP = pd.concat([CANDS, pd.DataFrame({"a": [0.1, 0.6], "b": [0.9, 0.2], "c": [0.3, 0.8]}, index=["p1", "p2"])])
 
 

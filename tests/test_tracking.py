@@ -28,9 +28,19 @@ from soce.tracking.views import save_view, sweep_filter, ui_url, view_state
 from .test_scale import free_port, mlflow_server  # noqa: F401  (fixture: a real server on 127.0.0.1)
 
 LEADERBOARD = [  # names as public leaderboards spell them
-    "xLAM-2-8b-fc-r (FC)", "watt-tool-70B (FC)", "Qwen2.5-72B-Instruct (Prompt)", "GPT-4o-2024-11-20 (FC)",
-    "Llama-3.1-Nemotron-70B-Instruct-HF (Prompt)", "模型-中文 (FC)", "Café/Déjà-vu", "a" * 260, "a(b)", "a)b(",
-    "a_b_", "../etc", "x,y",
+    "xLAM-2-8b-fc-r (FC)",
+    "watt-tool-70B (FC)",
+    "Qwen2.5-72B-Instruct (Prompt)",
+    "GPT-4o-2024-11-20 (FC)",
+    "Llama-3.1-Nemotron-70B-Instruct-HF (Prompt)",
+    "模型-中文 (FC)",
+    "Café/Déjà-vu",
+    "a" * 260,
+    "a(b)",
+    "a)b(",
+    "a_b_",
+    "../etc",
+    "x,y",
 ]
 
 
@@ -88,8 +98,9 @@ def test_mlflow_key_is_valid_distinct_and_stable():
 def test_leaderboard_names_through_the_real_store(tmp_path):
     """Any leaderboard name as a param, a metric and a search point: the run FINISHES, names.json maps back."""
     uri = sqlite_uri(tmp_path)
-    job = JobTracker.start(uri, "soce-test", str(tmp_path / "art"), JobName("soce_selected"), None,
-                           {"soce.kind": "job"})
+    job = JobTracker.start(
+        uri, "soce-test", str(tmp_path / "art"), JobName("soce_selected"), None, {"soce.kind": "job"}
+    )
     weights = {n: 1 / len(LEADERBOARD) for n in LEADERBOARD}
     job.log({f"w.{n}": w for n, w in weights.items()}, {f"dev.{n}": 0.5 for n in LEADERBOARD})
     job.log_point(0, weights, {n: 0.25 for n in LEADERBOARD}, "dev")
@@ -109,15 +120,23 @@ def test_job_label_names_the_varying_overrides():
     assert job_label(ov, []) == "soce_weighted"
     assert job_label(["selection.tau=0.5"], ["selection.tau"], strategy="uniform") == "uniform tau=0.5"
     assert job_label(["+a.tau=1", "b.tau=2"], ["a.tau", "b.tau"]) == "a.tau=1 b.tau=2"  # ambiguous: longer
-    assert short_keys(["selection.max_experts", "search.step"]) == {"selection.max_experts": "max_experts",
-                                                                    "search.step": "step"}
+    assert short_keys(["selection.max_experts", "search.step"]) == {
+        "selection.max_experts": "max_experts",
+        "search.step": "step",
+    }
 
 
 def test_varying_keys_of_a_sweep():
     from soce.tracking.naming import varying_keys
 
-    ov = ["strategy=soce_selected,soce_weighted", "selection.tau=0.1,0.5", "debug=fast", "hydra.launcher.n_jobs=2,3",
-          "search.step=range(0.1,0.3,0.1)", "pool=demo"]
+    ov = [
+        "strategy=soce_selected,soce_weighted",
+        "selection.tau=0.1,0.5",
+        "debug=fast",
+        "hydra.launcher.n_jobs=2,3",
+        "search.step=range(0.1,0.3,0.1)",
+        "pool=demo",
+    ]
     assert varying_keys(ov) == ["strategy", "selection.tau", "search.step"]
 
 
@@ -179,8 +198,16 @@ def test_fresh_sqlite_store_under_concurrent_first_use(tmp_path):
     uri = sqlite_uri(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     t0 = str(time.time() + 8)  # every process has imported mlflow by then
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, uri, t0], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT, uri, t0],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(4)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [o[1][-1500:] for o in outs]
     mlflow.set_tracking_uri(uri)
@@ -208,11 +235,19 @@ def test_saved_view_selects_exactly_the_sweeps_job_runs(tmp_path):
     jobs = [start_run(uri, exp, f"job {i}", p, {"soce.kind": "job"}) for p in parents for i in range(2)]
     start_run(uri, exp, "point", jobs[0], {"soce.kind": "search_point"})
     start_run(uri, exp, "best single", parents[0], {"soce.kind": "baseline"})
-    key = save_view(uri, exp, f"soce-{parents[0]}", sweep_filter(parents[0]), ["metrics.`test.overall`"],
-                    parallel=(["w.a"], ["dev.overall"]))
+    key = save_view(
+        uri,
+        exp,
+        f"soce-{parents[0]}",
+        sweep_filter(parents[0]),
+        ["metrics.`test.overall`"],
+        parallel=(["w.a"], ["dev.overall"]),
+    )
     url = ui_url("http://127.0.0.1:5000", exp, key)
-    assert url == (f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
-                   f"&viewStateShareKey={key}&compareRunsMode=TABLE")  # the training view, not MLflow's GenAI one
+    assert url == (
+        f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
+        f"&viewStateShareKey={key}&compareRunsMode=TABLE"
+    )  # the training view, not MLflow's GenAI one
     tag = json.loads(mlflow.MlflowClient(uri).get_experiment(exp).tags[f"mlflow.sharedViewState.{key}"])
     assert tag["name"] == key and isinstance(tag["createdAt"], int)  # the envelope the "Views" menu lists
     state = view_state(json.dumps(tag))
@@ -229,8 +264,9 @@ def test_check_tracking_uri_schemes_and_closed_port(tmp_path):
     t0 = time.time()
     problem = check_tracking_uri(f"http://127.0.0.1:{free_port()}")
     assert time.time() - t0 < 5
-    assert problem.startswith("tracking.uri http://127.0.0.1:") and problem.endswith("no MLflow server answers "
-                                                                                     "(Connection refused)")
+    assert problem.startswith("tracking.uri http://127.0.0.1:") and problem.endswith(
+        "no MLflow server answers (Connection refused)"
+    )
     with socket.socket() as s:  # a port that accepts connections but never answers
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -242,7 +278,6 @@ def test_check_tracking_uri_schemes_and_closed_port(tmp_path):
 @pytest.mark.slow
 def test_check_tracking_uri_against_a_real_server(mlflow_server):  # noqa: F811
     assert check_tracking_uri(mlflow_server) is None
-
 
 
 def test_mlflow_gives_up_on_a_dead_server_within_seconds():

@@ -32,8 +32,16 @@ if not os.environ.get("SOCE_REQUIRE_BROWSER"):  # CI sets it: a missing browser 
 
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-        "--disable-background-networking", "--disable-component-update"]  # closed network: no background calls
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+]  # closed network: no background calls
 WAIT_MS = 30_000
 
 pytestmark = pytest.mark.slow
@@ -43,16 +51,43 @@ pytestmark = pytest.mark.slow
 def sweep(tmp_path_factory, tiny_demo_root):
     """A strategy x tau sweep (uniform's soup does not depend on tau) on the fast demo, and its MLflow UI."""
     tmp = tmp_path_factory.mktemp("ui")
-    p = subprocess.run(soce_cmd("-m", "strategy=uniform,soce_weighted", "selection.tau=0.3,0.6", "debug=fast",
-                                "save_soup=false", f"paths.root_dir={tmp}", f"demo.root={tiny_demo_root}",
-                                f"hydra.sweep.dir={tmp / 'sweep'}"),
-                       capture_output=True, text=True, cwd=tmp, timeout=1800)
+    p = subprocess.run(
+        soce_cmd(
+            "-m",
+            "strategy=uniform,soce_weighted",
+            "selection.tau=0.3,0.6",
+            "debug=fast",
+            "save_soup=false",
+            f"paths.root_dir={tmp}",
+            f"demo.root={tiny_demo_root}",
+            f"hydra.sweep.dir={tmp / 'sweep'}",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+        timeout=1800,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     port = free_port()
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    server = subprocess.Popen([mlflow_bin, "ui", "--backend-store-uri", f"sqlite:///{tmp / 'outputs' / 'mlflow.db'}",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            mlflow_bin,
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{tmp / 'outputs' / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_for(base + "/health")
@@ -90,8 +125,12 @@ def fresh_page(browser) -> Page:
 
 def printed(tmp: Path, base: str) -> dict[str, str]:
     """The addresses `python -m soce.report url` prints: {what: address}."""
-    p = subprocess.run([sys.executable, "-m", "soce.report", "url", f"root={tmp}", f"base={base}"],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "soce.report", "url", f"root={tmp}", f"base={base}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     out = {}
     for line in p.stdout.splitlines():
@@ -129,8 +168,10 @@ def test_printed_jobs_view_shows_exactly_the_distinct_job_runs(sweep, browser):
     urls = printed(tmp, base)
     jobs_url = next(u for w, u in urls.items() if w.startswith("jobs of sweep"))
     want, every = shown_jobs(tmp)
-    assert want == {"uniform tau=0.3,0.6", "soce_weighted tau=0.3", "soce_weighted tau=0.6"} or \
-        want == {"uniform tau=0.3,0.6", "soce_weighted tau=0.3,0.6"}, want  # uniform once, for both taus
+    assert want == {"uniform tau=0.3,0.6", "soce_weighted tau=0.3", "soce_weighted tau=0.6"} or want == {
+        "uniform tau=0.3,0.6",
+        "soce_weighted tau=0.3,0.6",
+    }, want  # uniform once, for both taus
     page = fresh_page(browser)
     page.goto(jobs_url)
     page.get_by_text(f"{len(want)} matching runs").wait_for()
@@ -193,8 +234,10 @@ def test_sweep_report_shows_its_figures(sweep, browser):
     assert all(re.search(rf"^!\[[^\]]+\]\({re.escape(f)}\)$", md, re.M) for f in figures), md  # image syntax
     parent = json.loads((tmp / "sweep" / "mlflow_parent.json").read_text())
     page = fresh_page(browser)
-    page.goto(f"{base}/#/experiments/{parent['experiment_id']}/runs/{parent['run_id']}/artifacts/report.html"
-              "?workflowType=machine_learning")
+    page.goto(
+        f"{base}/#/experiments/{parent['experiment_id']}/runs/{parent['run_id']}/artifacts/report.html"
+        "?workflowType=machine_learning"
+    )
     frame = None
     for _ in range(60):
         frame = next((f for f in page.frames if f != page.main_frame and f.url.startswith("blob:")), None)
@@ -203,5 +246,6 @@ def test_sweep_report_shows_its_figures(sweep, browser):
         page.wait_for_timeout(500)
     assert frame is not None, [f.url for f in page.frames]
     shown = frame.evaluate("Array.from(document.images).map(i => [i.alt, i.complete && i.naturalWidth > 0])")
-    assert sorted(a for a, ok in shown if ok) == sorted(["scores by job", "soup weights", "category correlation"]), \
+    assert sorted(a for a, ok in shown if ok) == sorted(["scores by job", "soup weights", "category correlation"]), (
         shown
+    )

@@ -32,8 +32,7 @@ class Evaluator(Protocol):
 
     benchmark: BenchmarkConfig
 
-    def score(self, model: Any, tokenizer: Any, split: str,
-              items: dict[str, list[str]] | None = None) -> Scores: ...
+    def score(self, model: Any, tokenizer: Any, split: str, items: dict[str, list[str]] | None = None) -> Scores: ...
 
     def fingerprint(self) -> str:
         """Hash of everything that changes scores (task files, data, settings, package versions)."""

@@ -43,14 +43,15 @@ from soce.config import BenchmarkConfig, ConfigError
 
 SIMPLE = ("simple", "java", "javascript")
 NON_LIVE = (*SIMPLE, "multiple", "parallel", "parallel_multiple", "irrelevance")
-LIVE = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple", "live_irrelevance",
-        "live_relevance")
+LIVE = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple", "live_irrelevance", "live_relevance")
 MULTI_TURN = ("multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param", "multi_turn_long_context")
 CATEGORIES = (*NON_LIVE, *LIVE, *MULTI_TURN)  # the 17 v3 categories
 # handler option -> (bfcl-eval module, class, a registered model of that format: the AST checker looks up
 # its underscore_to_dot flag when function names contain dots)
-HANDLERS = {"llama": ("llama", "LlamaHandler", "meta-llama/Llama-3.1-8B-Instruct"),
-            "xlam": ("salesforce_llama", "SalesforceLlamaHandler", "Salesforce/Llama-xLAM-2-8b-fc-r")}
+HANDLERS = {
+    "llama": ("llama", "LlamaHandler", "meta-llama/Llama-3.1-8B-Instruct"),
+    "xlam": ("salesforce_llama", "SalesforceLlamaHandler", "Salesforce/Llama-xLAM-2-8b-fc-r"),
+}
 OPTION_KEYS = ("handler", "max_new_tokens", "stop_tokens", "max_batch_tokens", "engine")
 ENGINES = ("auto", "hf")
 _RUNS = itertools.count()
@@ -65,8 +66,12 @@ def official_overall(scores: dict[str, float], counts: dict[str, int]) -> float:
     """BFCL v3's Overall: mean(NonLive, Live, MultiTurn), unweighted; NonLive = mean(Simple, multiple, parallel,
     parallel_multiple, irrelevance) with Simple = mean(simple, java, javascript); Live = the live categories'
     mean weighted by ``counts`` (items per category); MultiTurn = mean of the multi_turn categories."""
-    non_live = _mean([_mean([scores[c] for c in SIMPLE]),
-                      *(scores[c] for c in ("multiple", "parallel", "parallel_multiple", "irrelevance"))])
+    non_live = _mean(
+        [
+            _mean([scores[c] for c in SIMPLE]),
+            *(scores[c] for c in ("multiple", "parallel", "parallel_multiple", "irrelevance")),
+        ]
+    )
     live = sum(scores[c] * counts[c] for c in LIVE) / sum(counts[c] for c in LIVE)
     return _mean([non_live, live, _mean([scores[c] for c in MULTI_TURN])])
 
@@ -96,8 +101,9 @@ def check_config(benchmark: BenchmarkConfig) -> None:
     """ConfigError (one line) for a bfcl benchmark that cannot run: unknown categories, objective, options."""
     bad = [c for c in benchmark.categories if c not in CATEGORIES]
     if bad:
-        raise ConfigError(f"benchmark {benchmark.name!r}: {bad[0]!r} is not a BFCL v3 category "
-                          f"(categories: {', '.join(CATEGORIES)})")
+        raise ConfigError(
+            f"benchmark {benchmark.name!r}: {bad[0]!r} is not a BFCL v3 category (categories: {', '.join(CATEGORIES)})"
+        )
     if benchmark.objective == "official" and set(benchmark.categories) != set(CATEGORIES):
         raise ConfigError("benchmark.objective=official needs all 17 BFCL v3 categories")
     options(benchmark)
@@ -162,8 +168,15 @@ def new_model_name() -> str:
     return f"soce_bfcl_{os.getpid()}_{next(_RUNS)}_{uuid.uuid4().hex[:8]}"
 
 
-def check_category(category: str, entries: list[dict], answers: list[dict] | None, results: dict[str, Any],
-                   handler: Any, names: tuple[str, str], score_dir: Path) -> list[float]:
+def check_category(
+    category: str,
+    entries: list[dict],
+    answers: list[dict] | None,
+    results: dict[str, Any],
+    handler: Any,
+    names: tuple[str, str],
+    score_dir: Path,
+) -> list[float]:
     """0/1 per entry (in ``entries``' order) from bfcl-eval's runner for ``category``; ``names`` are (the
     evaluation's unique model name, a registered model name of the prompt format), ``score_dir`` scratch."""
     bfcl = bfcl_sdk.load()
@@ -185,8 +198,10 @@ def check_category(category: str, entries: list[dict], answers: list[dict] | Non
     failed = {row["id"] for row in lines[1:]}
     samples = [0.0 if e["id"] in failed else 1.0 for e in entries]
     if lines[0]["correct_count"] != sum(samples):
-        raise RuntimeError(f"bfcl-eval {category}: {lines[0]['correct_count']} correct, but "
-                           f"{len(entries) - len(failed)} entries not listed as failed")
+        raise RuntimeError(
+            f"bfcl-eval {category}: {lines[0]['correct_count']} correct, but "
+            f"{len(entries) - len(failed)} entries not listed as failed"
+        )
     return samples
 
 
@@ -204,16 +219,28 @@ class Evaluator:
         check_config(self.benchmark)
         self.handler, self.settings = options(self.benchmark)
         bfcl_sdk.load()
-        log.info("BFCL v3 (bfcl-eval %s): handler %s (%s), %s, batch %d; vendor SDKs stood in for: %s",
-                 bfcl_sdk.BFCL_VERSION, self.handler, HANDLERS[self.handler][1], self.settings,
-                 self.benchmark.batch_size, ", ".join(sorted({n.split(".")[0] for n in bfcl_sdk.STAND_INS})) or "none")
+        log.info(
+            "BFCL v3 (bfcl-eval %s): handler %s (%s), %s, batch %d; vendor SDKs stood in for: %s",
+            bfcl_sdk.BFCL_VERSION,
+            self.handler,
+            HANDLERS[self.handler][1],
+            self.settings,
+            self.benchmark.batch_size,
+            ", ".join(sorted({n.split(".")[0] for n in bfcl_sdk.STAND_INS})) or "none",
+        )
 
     def fingerprint(self) -> str:
         """Hash of the package version, categories, handler, holdout, generation settings and data files."""
         b, h = self.benchmark, self.benchmark.holdout
-        settings = {"bfcl_eval": bfcl_sdk.BFCL_VERSION, "categories": sorted(b.categories), "handler": self.handler,
-                    "generation": dataclasses.asdict(self.settings), "limit": b.limit, "batch_size": b.batch_size,
-                    "holdout": [h.split, h.select_fraction, h.seed, b.select_split] if h.split else None}
+        settings = {
+            "bfcl_eval": bfcl_sdk.BFCL_VERSION,
+            "categories": sorted(b.categories),
+            "handler": self.handler,
+            "generation": dataclasses.asdict(self.settings),
+            "limit": b.limit,
+            "batch_size": b.batch_size,
+            "holdout": [h.split, h.select_fraction, h.seed, b.select_split] if h.split else None,
+        }
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         bfcl = bfcl_sdk.load()
         for c in sorted(b.categories):
@@ -229,7 +256,7 @@ class Evaluator:
         from soce.benchmarks.holdout import carve, side
 
         b = self.benchmark
-        ids = {c: [e["id"] for e in load_category(c)[0]][:b.limit] for c in b.categories}
+        ids = {c: [e["id"] for e in load_category(c)[0]][: b.limit] for c in b.categories}
         if not b.holdout.split:
             return ids
         try:
@@ -298,8 +325,9 @@ class Evaluator:
         module, cls, _ = HANDLERS[self.handler]
         return getattr(getattr(bfcl_sdk.load(), module), cls)
 
-    def _check(self, kind: type, name: str, picked: dict[str, list[dict]],
-               results: dict[str, Any]) -> dict[str, list[float]]:
+    def _check(
+        self, kind: type, name: str, picked: dict[str, list[dict]], results: dict[str, Any]
+    ) -> dict[str, list[float]]:
         checker = kind(name, 0.0)
         names = (name, HANDLERS[self.handler][2])
         out = {}

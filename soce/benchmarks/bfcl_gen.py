@@ -71,16 +71,18 @@ def hf_generator(model: Any, tokenizer: Any, settings: GenSettings) -> Generate:
 
     stops = stop_ids(tokenizer, settings.stop_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, eos_token_id=stops,
-                              pad_token_id=pad)
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad
+    )
     device = next(model.parameters()).device
 
     def run(prompts: list[str]) -> list[Generation]:
-        enc = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left",
-                        return_tensors="pt").to(device)
+        enc = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt").to(
+            device
+        )
         with torch.inference_mode():
             out = model.generate(**enc, generation_config=config)
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
         lens = enc["attention_mask"].sum(dim=1).tolist()
         gens = []
         for row, n in zip(new, lens, strict=True):
@@ -321,8 +323,11 @@ def live_handler(kind: type, model_name: str, batcher: Batcher | Streamer) -> An
 
                 @override
                 def _parse_query_response_prompting(self, api_response: any) -> dict:
-                    return {"model_responses": api_response.text, "input_token": api_response.prompt_tokens,
-                            "output_token": api_response.new_tokens}
+                    return {
+                        "model_responses": api_response.text,
+                        "input_token": api_response.prompt_tokens,
+                        "output_token": api_response.new_tokens,
+                    }
 
             LiveHandler.__name__ = LiveHandler.__qualname__ = f"Live{kind.__name__}"
             _LIVE[kind] = LiveHandler
@@ -331,8 +336,7 @@ def live_handler(kind: type, model_name: str, batcher: Batcher | Streamer) -> An
     return handler
 
 
-def run_entries(kind: type, model_name: str, entries: list[dict], generate: Generate,
-                workers: int) -> dict[str, Any]:
+def run_entries(kind: type, model_name: str, entries: list[dict], generate: Generate, workers: int) -> dict[str, Any]:
     """Each entry's raw model result (bfcl-eval's ``result``: a string for single-turn entries, a list of
     turns of step strings for multi-turn ones), by entry id; entries are consumed (mutated). The package's
     progress lines go to a discarded buffer; the first error of any worker is raised. An

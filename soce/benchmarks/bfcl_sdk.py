@@ -29,8 +29,17 @@ BFCL_VERSION = "2025.6.15"  # the v3 leaderboard's data (2025-06-14 checkpoint);
 INSTALL_HINT = "benchmark.backend=bfcl needs bfcl-eval: make bfcl"
 # SDKs bfcl-eval imports at module level for API models (none is called by soce), and its MiniCPM handler's
 # code generator
-STAND_IN_ROOTS = ("openai", "anthropic", "mistralai", "cohere", "vertexai", "google", "writerai", "boto3",
-                  "datamodel_code_generator")  # google: for google.api_core (and the namespace, when absent)
+STAND_IN_ROOTS = (
+    "openai",
+    "anthropic",
+    "mistralai",
+    "cohere",
+    "vertexai",
+    "google",
+    "writerai",
+    "boto3",
+    "datamodel_code_generator",
+)  # google: for google.api_core (and the namespace, when absent)
 
 
 class StandInError(RuntimeError):
@@ -55,8 +64,10 @@ class _StandIn(Exception, metaclass=_StandInType):
         super().__init__()
 
     def __getattr__(self, name: str) -> Any:
-        raise StandInError(f"{type(self).__module__}.{type(self).__name__}.{name}: this vendor SDK is a "
-                           f"stand-in (soce.benchmarks.bfcl_sdk); install the real one to use it")
+        raise StandInError(
+            f"{type(self).__module__}.{type(self).__name__}.{name}: this vendor SDK is a "
+            f"stand-in (soce.benchmarks.bfcl_sdk); install the real one to use it"
+        )
 
 
 class _StandInModule(types.ModuleType):
@@ -113,9 +124,16 @@ def project_root() -> Path:
     return Path(os.environ["BFCL_PROJECT_ROOT"])
 
 
-MODULES = ("constants.category_mapping", "constants.eval_config", "utils", "eval_checker.eval_runner",
-           "eval_checker.multi_turn_eval.multi_turn_utils", "model_handler.local_inference.llama",
-           "model_handler.local_inference.salesforce_llama", "_llm_response_generation")
+MODULES = (
+    "constants.category_mapping",
+    "constants.eval_config",
+    "utils",
+    "eval_checker.eval_runner",
+    "eval_checker.multi_turn_eval.multi_turn_utils",
+    "model_handler.local_inference.llama",
+    "model_handler.local_inference.salesforce_llama",
+    "_llm_response_generation",
+)
 
 
 @functools.cache
@@ -129,8 +147,7 @@ def load() -> types.SimpleNamespace:
     except PackageNotFoundError:
         raise ConfigError(INSTALL_HINT) from None
     if found != BFCL_VERSION:
-        raise ConfigError(f"benchmark.backend=bfcl needs bfcl-eval=={BFCL_VERSION} (BFCL v3), found {found}: "
-                          f"make bfcl")
+        raise ConfigError(f"benchmark.backend=bfcl needs bfcl-eval=={BFCL_VERSION} (BFCL v3), found {found}: make bfcl")
     project_root()
     try:
         mods = _import_with_stand_ins([f"bfcl_eval.{m}" for m in MODULES])

@@ -89,8 +89,10 @@ def _who(names: list[str]) -> str:
 
 def _too_long(demands: list[Demand], tok: Any, ctx: int, names: list[str]) -> str | None:
     """One line when a prompt plus its new tokens exceeds the context ``ctx`` (the worst category named)."""
-    need = {d.category: (max((len(tok(p, verbose=False)["input_ids"]) for p in d.prompts), default=0),
-                         d.new_tokens) for d in demands}
+    need = {
+        d.category: (max((len(tok(p, verbose=False)["input_ids"]) for p in d.prompts), default=0), d.new_tokens)
+        for d in demands
+    }
     over = [c for c, (n, new) in need.items() if n + new > ctx]
     if not over:
         return None
@@ -99,9 +101,11 @@ def _too_long(demands: list[Demand], tok: Any, ctx: int, names: list[str]) -> st
     fix = "use models with a longer context (another pool)"
     if tokens < ctx:
         fix = f"set benchmark.max_new_tokens={ctx - tokens} or less, or " + fix
-    return (f"{_who(names)}: a prompt of category {worst!r} is {tokens:,} tokens + {new:,} new tokens, more than "
-            f"the models' context of {ctx:,} tokens ({len(over)} of {len(demands)} categories do not fit); {fix}, "
-            f"or leave those categories out of benchmark.categories")
+    return (
+        f"{_who(names)}: a prompt of category {worst!r} is {tokens:,} tokens + {new:,} new tokens, more than "
+        f"the models' context of {ctx:,} tokens ({len(over)} of {len(demands)} categories do not fit); {fix}, "
+        f"or leave those categories out of benchmark.categories"
+    )
 
 
 def _no_markup(demands: list[Demand], tok: Any, names: list[str]) -> str | None:
@@ -111,9 +115,11 @@ def _no_markup(demands: list[Demand], tok: Any, names: list[str]) -> str | None:
     if not missing:
         return None
     fixes = sorted({d.fix for d in demands if d.fix})
-    return (f"{_who(names)}: the tokenizer has no {', '.join(missing)}, which the benchmark's prompt format writes "
-            f"(the models were not trained on it); use models trained on that chat format (another pool)"
-            + "".join(f", or {f}" for f in fixes))
+    return (
+        f"{_who(names)}: the tokenizer has no {', '.join(missing)}, which the benchmark's prompt format writes "
+        f"(the models were not trained on it); use models trained on that chat format (another pool)"
+        + "".join(f", or {f}" for f in fixes)
+    )
 
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -122,8 +128,11 @@ _TOKENIZERS: dict[str, Any] = {}
 def _tokenizer_key(path: str) -> str:
     """Checkpoints whose tokenizer files are byte-identical share one key (one base: one tokenizer)."""
     p = Path(path)
-    files = sorted(f for f in p.glob("*") if f.is_file() and (f.name.startswith(("tokenizer", "vocab", "merges",
-                                                                                "special_tokens"))))
+    files = sorted(
+        f
+        for f in p.glob("*")
+        if f.is_file() and (f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")))
+    )
     if not files:
         return str(path)
     h = hashlib.sha256()

@@ -181,8 +181,14 @@ class _Pool:
         self._pending.clear()
 
 
-def _layers_forward(model: Any, pool: _Pool, tokens: torch.Tensor, pos: torch.Tensor, write: torch.Tensor,
-                    attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+def _layers_forward(
+    model: Any,
+    pool: _Pool,
+    tokens: torch.Tensor,
+    pos: torch.Tensor,
+    write: torch.Tensor,
+    attend: Callable[..., torch.Tensor],
+) -> torch.Tensor:
     """Final hidden states ``[B, T, hidden]`` of ``tokens`` ``[B, T]`` at positions ``pos``; each token's K/V is
     written to pool index ``write`` ``[B*T]`` first, then ``attend(q, k_pool, v_pool)`` reads the pool."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -261,8 +267,9 @@ def _block_mask(num: torch.Tensor, idx: torch.Tensor, mask_mod: Any, q_block: in
     from torch.nn.attention.flex_attention import BlockMask
 
     try:
-        return BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=(q_block, page), mask_mod=mask_mod,
-                                        seq_lengths=lengths, compute_q_blocks=False)
+        return BlockMask.from_kv_blocks(
+            num, idx, BLOCK_SIZE=(q_block, page), mask_mod=mask_mod, seq_lengths=lengths, compute_q_blocks=False
+        )
     except TypeError:  # older torch: no compute_q_blocks
         return BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=(q_block, page), mask_mod=mask_mod, seq_lengths=lengths)
 
@@ -286,8 +293,9 @@ class _Decoder:
 
         pool, io = self.pool, self.io
         q_seq, q_pos = io[3][:, None], io[1][:, None]
-        mask = _block_mask(self.num, self.idx, _flex_mask(pool, q_seq, q_pos), 128, pool.page,
-                           (1, pool.pages * pool.page))
+        mask = _block_mask(
+            self.num, self.idx, _flex_mask(pool, q_seq, q_pos), 128, pool.page, (1, pool.pages * pool.page)
+        )
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
@@ -329,8 +337,10 @@ class Engine:
             raise ValueError("empty prompt")
         need = math.ceil((len(req.ids) + req.max_new) / self.page)
         if need > self.pool.pages - 1:
-            raise ValueError(f"a prompt of {len(req.ids)} tokens + {req.max_new} new needs {need} KV pages; "
-                             f"the pool has {self.pool.pages - 1}")
+            raise ValueError(
+                f"a prompt of {len(req.ids)} tokens + {req.max_new} new needs {need} KV pages; "
+                f"the pool has {self.pool.pages - 1}"
+            )
         self.waiting.append(_Seq(req, next(self._sids)))
 
     def busy(self) -> bool:
@@ -508,8 +518,11 @@ class Engine:
                 finished.append(s.req)
         self._sync()
         st = self.stats
-        st.prefill_passes, st.prefill_tokens, st.prefill_padded = st.prefill_passes + 1, st.prefill_tokens + real, \
-            st.prefill_padded + size
+        st.prefill_passes, st.prefill_tokens, st.prefill_padded = (
+            st.prefill_passes + 1,
+            st.prefill_tokens + real,
+            st.prefill_padded + size,
+        )
         st.prefill_s += time.perf_counter() - t0
         return finished
 
@@ -530,10 +543,9 @@ class Engine:
         blocks = []
         for j in range(0, size, qb):
             need: dict[int, int] = {}
-            for sid, q in zip(seq[j:j + qb], pos[j:j + qb], strict=True):
+            for sid, q in zip(seq[j : j + qb], pos[j : j + qb], strict=True):
                 need[sid] = max(need.get(sid, 0), q // self.page + 1)
-            blocks.append([pg for sid, n in need.items()
-                           for pg in (pages_of[sid].pages[:n] if sid >= 0 else [0])])
+            blocks.append([pg for sid, n in need.items() for pg in (pages_of[sid].pages[:n] if sid >= 0 else [0])])
         return _Pass([tokens], [pos], [seq], [write], [blocks])
 
     def _run_prefill(self, p: _Pass) -> torch.Tensor:
@@ -542,8 +554,7 @@ class Engine:
         q_seq = torch.tensor(p.seq, device=dev)
         write = torch.tensor(p.write, device=dev).flatten()
         if not self.flex:
-            return _layers_forward(self.model, self.pool, tokens, pos, write,
-                                   _dense_attend(self.pool, p, q_seq, pos))
+            return _layers_forward(self.model, self.pool, tokens, pos, write, _dense_attend(self.pool, p, q_seq, pos))
         return _layers_forward(self.model, self.pool, tokens, pos, write, self._flex_attend(p, q_seq, pos))
 
     def _flex_attend(self, p: _Pass, q_seq: torch.Tensor, q_pos: torch.Tensor) -> Callable[..., torch.Tensor]:
@@ -552,8 +563,10 @@ class Engine:
 
         size = len(p.tokens[0])
         if size not in self._prefill_masks:  # one mask_mod (and compiled kernel) per pass length
-            bufs = (torch.zeros(1, size, dtype=torch.long, device=q_seq.device),
-                    torch.zeros(1, size, dtype=torch.long, device=q_seq.device))
+            bufs = (
+                torch.zeros(1, size, dtype=torch.long, device=q_seq.device),
+                torch.zeros(1, size, dtype=torch.long, device=q_seq.device),
+            )
             self._prefill_masks[size] = (*bufs, _flex_mask(self.pool, *bufs))
         seq_buf, pos_buf, mask_mod = self._prefill_masks[size]
         seq_buf.copy_(q_seq)
@@ -602,8 +615,13 @@ class Engine:
 
     def _decode_dense(self, live: list[_Seq]) -> list[int]:
         rows = [self._row_inputs(s) for s in live]
-        p = _Pass([[r[0]] for r in rows], [[r[1]] for r in rows], [[r[3]] for r in rows], [[r[2]] for r in rows],
-                  [[s.pages[: s.kv_len // self.page + 1]] for s in live])
+        p = _Pass(
+            [[r[0]] for r in rows],
+            [[r[1]] for r in rows],
+            [[r[3]] for r in rows],
+            [[r[2]] for r in rows],
+            [[s.pages[: s.kv_len // self.page + 1]] for s in live],
+        )
         h = self._run_prefill(p)
         return self.model.lm_head(h[:, 0]).argmax(-1).tolist()
 
@@ -624,8 +642,11 @@ class Engine:
             cols += range(first, n)
             vals += s.pages[first:n]
             d.seen[s.slot] = (s.sid, n)
-        for slot in [k for k, (sid, _) in d.seen.items() if self.rows[k] is None or self.rows[k].sid != sid
-                     or self.rows[k].kv_len < self.rows[k].target]:
+        for slot in [
+            k
+            for k, (sid, _) in d.seen.items()
+            if self.rows[k] is None or self.rows[k].sid != sid or self.rows[k].kv_len < self.rows[k].target
+        ]:
             d.seen.pop(slot)
             rows.append(slot)
             cols.append(0)
@@ -635,7 +656,8 @@ class Engine:
         if rows:
             dev = d.idx.device
             d.idx[torch.tensor(rows, device=dev), 0, 0, torch.tensor(cols, device=dev)] = torch.tensor(
-                vals, dtype=torch.int32, device=dev)
+                vals, dtype=torch.int32, device=dev
+            )
         out = d.step()
         return out[[s.slot for s in live]].tolist()
 

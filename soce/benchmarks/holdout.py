@@ -17,8 +17,9 @@ def _rank(seed: int, category: str, item_id: str) -> str:
     return hashlib.sha256(f"{seed}\0{category}\0{item_id}".encode()).hexdigest()
 
 
-def carve(item_ids: Mapping[str, Sequence[str]], select_fraction: float,
-          seed: int = 0) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+def carve(
+    item_ids: Mapping[str, Sequence[str]], select_fraction: float, seed: int = 0
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(selection ids, report ids) per category, each list in the input's order.
 
     Every category with at least two items gets at least one item on each side."""
@@ -44,5 +45,7 @@ def side(benchmark_select_split: str, benchmark_report_split: str, split: str) -
         return 0
     if split == benchmark_report_split:
         return 1
-    raise ValueError(f"split {split!r} is neither select_split {benchmark_select_split!r} "
-                     f"nor report_split {benchmark_report_split!r}")
+    raise ValueError(
+        f"split {split!r} is neither select_split {benchmark_select_split!r} "
+        f"nor report_split {benchmark_report_split!r}"
+    )

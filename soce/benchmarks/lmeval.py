@@ -47,8 +47,14 @@ Benchmark = BenchmarkConfig  # the typed config is the benchmark (declared once,
 def benchmark_fingerprint(benchmark: BenchmarkConfig) -> str:
     """Hash of the task definitions and data files, and the settings that change scores."""
     h = hashlib.sha256()
-    settings = [benchmark.task, sorted(benchmark.categories), benchmark.metric, benchmark.num_fewshot,
-                benchmark.limit, FEWSHOT_SEED]
+    settings = [
+        benchmark.task,
+        sorted(benchmark.categories),
+        benchmark.metric,
+        benchmark.num_fewshot,
+        benchmark.limit,
+        FEWSHOT_SEED,
+    ]
     if benchmark.max_new_tokens is not None:  # absent: keys of earlier runs unchanged
         settings.append(["max_new_tokens", benchmark.max_new_tokens])
     if benchmark.holdout.split:  # carved halves: which items each side holds (absent: keys unchanged)
@@ -94,7 +100,6 @@ def lm_eval_version() -> str:
     return version("lm-eval")
 
 
-
 def task_manager(task_dir: str | None, include_defaults: bool) -> Any:
     """lm-eval's TaskManager over ``task_dir`` (and its ~15k built-in tasks if ``include_defaults``), indexed
     once per process while the folder's YAML files stay as they are: the preflight's task check and every
@@ -114,6 +119,7 @@ def _task_manager(task_dir: str | None, include_defaults: bool, stamp: tuple) ->
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=[task_dir] if task_dir else None, include_defaults=include_defaults)
+
 
 @dataclass
 class Evaluator:
@@ -173,8 +179,14 @@ class Evaluator:
         self.tasks(split)
         return dict(self._metrics[self.benchmark.source_split(split)])
 
-    def score(self, model: Any, tokenizer: Any, split: str, items: dict[str, list[str]] | None = None,
-              log_samples: bool = True) -> dict[str, Any]:
+    def score(
+        self,
+        model: Any,
+        tokenizer: Any,
+        split: str,
+        items: dict[str, list[str]] | None = None,
+        log_samples: bool = True,
+    ) -> dict[str, Any]:
         """Scores of ``model`` on ``split`` (the :mod:`soce.benchmarks` contract); ``items`` restricts each
         category to those doc ids (lm-eval's ``samples``)."""
         from lm_eval.evaluator import evaluate
@@ -190,8 +202,9 @@ class Evaluator:
             log_samples=log_samples or chosen is not None,
             verbosity="WARNING",
         )
-        return category_scores(results, self.benchmark, split, log_samples or chosen is not None, chosen,
-                               self.metrics(split))
+        return category_scores(
+            results, self.benchmark, split, log_samples or chosen is not None, chosen, self.metrics(split)
+        )
 
     def item_ids(self, split: str) -> dict[str, list[str]]:
         """Every item id (lm-eval doc id) of ``split`` per category, carved halves applied."""
@@ -233,8 +246,9 @@ class Evaluator:
         question under another id is the same item (:mod:`soce.benchmarks.splits` compares splits with it)."""
         b = self.benchmark
         leaf = {t.config.task: t for t in _leaf_tasks(self.tasks(split))}
-        return {c: [content_key(d) for d in list(leaf[b.task_name(c, split)].eval_docs)[: b.limit]]
-                for c in b.categories}
+        return {
+            c: [content_key(d) for d in list(leaf[b.task_name(c, split)].eval_docs)[: b.limit]] for c in b.categories
+        }
 
     def doc_ids(self, split: str, items: dict[str, list[str]] | None) -> dict[str, list[int]] | None:
         """lm-eval ``samples`` per category for ``split`` and ``items``; None: the whole split."""
@@ -336,23 +350,34 @@ def task_metric(task: Any, asked: str | None) -> str:
         name, filt = name.strip(), filt.strip() or None
     filt = filt or ("none" if "none" in filters else filters[0])
     if name not in computed or filt not in filters:
-        raise ConfigError(f"task {cfg.task!r} reports no metric '{name},{filt}' (it reports: {reports}); set "
-                          f"benchmark.metric (one name, or {{category: name}}) to one of them")
+        raise ConfigError(
+            f"task {cfg.task!r} reports no metric '{name},{filt}' (it reports: {reports}); set "
+            f"benchmark.metric (one name, or {{category: name}}) to one of them"
+        )
     if name in NOT_FRACTIONS:
-        raise ConfigError(f"task {cfg.task!r}: metric {name!r} is not a fraction in [0, 1] (it reports: {reports}); "
-                          f"set benchmark.metric to an accuracy-like one")
+        raise ConfigError(
+            f"task {cfg.task!r}: metric {name!r} is not a fraction in [0, 1] (it reports: {reports}); "
+            f"set benchmark.metric to an accuracy-like one"
+        )
     return f"{name},{filt}"
 
 
-def category_scores(results: dict[str, Any], benchmark: Benchmark, split: str, log_samples: bool = True,
-                    chosen: dict[str, list[int]] | None = None,
-                    metrics: dict[str, str] | None = None) -> dict[str, Any]:
+def category_scores(
+    results: dict[str, Any],
+    benchmark: Benchmark,
+    split: str,
+    log_samples: bool = True,
+    chosen: dict[str, list[int]] | None = None,
+    metrics: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Per-category scores (+ "overall", their mean, + "samples" and "item_ids" per item, by doc_id) from the
     output of ``lm_eval.evaluator.evaluate``, each category by its metric key (``metrics``, from
     :func:`task_metric`; default: ``benchmark.metric``'s, "acc" if unset). Categories with no chosen item
     are left out of the scores. A category score outside [0, 1] is a ConfigError naming task and metric."""
-    keys = {c: "{},{}".format(*metric_key((metrics or {}).get(c) or benchmark.metric_of(c) or "acc"))
-            for c in benchmark.categories}
+    keys = {
+        c: "{},{}".format(*metric_key((metrics or {}).get(c) or benchmark.metric_of(c) or "acc"))
+        for c in benchmark.categories
+    }
     cats = [c for c in benchmark.categories if chosen is None or chosen.get(c)]
     out: dict[str, Any] = {}
     for c in cats:
@@ -360,12 +385,16 @@ def category_scores(results: dict[str, Any], benchmark: Benchmark, split: str, l
         res = results["results"][task]
         if key not in res:
             have = sorted(k for k in res if "," in k and not k.split(",")[0].endswith("_stderr"))
-            raise ConfigError(f"task {task!r} reports no metric {key!r} (it reports: {', '.join(have)}; "
-                             f"set benchmark.metric to one of them)")
+            raise ConfigError(
+                f"task {task!r} reports no metric {key!r} (it reports: {', '.join(have)}; "
+                f"set benchmark.metric to one of them)"
+            )
         out[c] = float(res[key])
         if not 0 <= out[c] <= 1:
-            raise ConfigError(f"task {task!r}: metric {key!r} = {out[c]:g} is not a fraction in [0, 1]; "
-                              f"set benchmark.metric to an accuracy-like one")
+            raise ConfigError(
+                f"task {task!r}: metric {key!r} = {out[c]:g} is not a fraction in [0, 1]; "
+                f"set benchmark.metric to an accuracy-like one"
+            )
     if len(cats) == len(benchmark.categories):
         out["overall"] = sum(out[c] for c in cats) / len(cats)
     if log_samples:
@@ -374,8 +403,10 @@ def category_scores(results: dict[str, Any], benchmark: Benchmark, split: str, l
             out["item_ids"] = {}
         for c in cats:
             name, filt = keys[c].split(",", 1)
-            rows = sorted((s for s in results["samples"][benchmark.task_name(c, split)]
-                           if s.get("filter", "none") == filt), key=lambda s: s["doc_id"])
+            rows = sorted(
+                (s for s in results["samples"][benchmark.task_name(c, split)] if s.get("filter", "none") == filt),
+                key=lambda s: s["doc_id"],
+            )
             out["samples"][c] = [float(s[name]) for s in rows]
             if chosen is not None:
                 out["item_ids"][c] = [str(s["doc_id"]) for s in rows]

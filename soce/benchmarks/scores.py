@@ -157,8 +157,9 @@ class ScoreCache:
         blob = json.dumps({"mix": mix, **context}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
-    def get_or_compute(self, key: str, compute: Callable[[], dict[str, Any]],
-                       categories: list[str] | None = None) -> dict[str, Any]:
+    def get_or_compute(
+        self, key: str, compute: Callable[[], dict[str, Any]], categories: list[str] | None = None
+    ) -> dict[str, Any]:
         """The cached evaluation for ``key``, else ``compute()`` (stored). ``categories``: those every entry
         must score (pass the benchmark's). A computed value that fails the schema raises ValueError."""
         path = Path(self.root) / key[:2] / f"{key}.json"
@@ -197,8 +198,9 @@ def score_table(results: Mapping[str, Mapping[str, float]], categories: list[str
 SCALES = ("percent", "fraction")  # the units a score table may be stated in (pool.scale)
 
 
-def read_score_csv(path: str | Path, categories: list[str] | None = None,
-                   scale: str | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+def read_score_csv(
+    path: str | Path, categories: list[str] | None = None, scale: str | None = None
+) -> tuple[pd.DataFrame, dict[str, str]]:
     """(scores, paths) from a CSV: first column = model name, then one numeric column per category,
     optional ``path`` column. Scores come back as fractions in [0, 1].
 
@@ -230,8 +232,11 @@ def read_score_csv(path: str | Path, categories: list[str] | None = None,
     over = next(((c, cell) for c, col in cells.items() for cell in col if cell[3] or cell[2] > 1), None)
     if unit == "fraction" and over is not None:
         raise ConfigError(f"{path}: pool.scale=fraction but model {over[1][0]!r} has {over[1][1]} in {over[0]!r}")
-    table = pd.DataFrame({c: [v / 100 if unit == "percent" else v for _, _, v, _ in cells[c]] for c in cats},
-                         index=raw.index, dtype=float)
+    table = pd.DataFrame(
+        {c: [v / 100 if unit == "percent" else v for _, _, v, _ in cells[c]] for c in cats},
+        index=raw.index,
+        dtype=float,
+    )
     table.index.name = "model"
     return table, paths
 
@@ -264,6 +269,7 @@ def _parse_column(path: str | Path, category: str, cells: pd.Series) -> list[Cel
 def _table_unit(path: str | Path, cells: dict[str, list[Cell]]) -> str:
     """``fraction`` when no cell of the table is > 1 or marked ``%``, else ``percent``; in a percent table a
     column with no such cell is refused (its unit is not the table's, or must be stated)."""
+
     def percent_cell(col: list[Cell]) -> Cell | None:
         return next((c for c in col if c[3] or c[2] > 1), None)
 
@@ -276,12 +282,14 @@ def _table_unit(path: str | Path, cells: dict[str, list[Cell]]) -> str:
             raise ConfigError(
                 f"{path}: column {cat!r} holds only values <= 1 ({lo:g} to {hi:g}) but the table is in percent "
                 f"(model {witness[1][0]!r} has {witness[1][1]} in {witness[0]!r}): one unit per table; state it "
-                f"with pool.scale=percent if {cat!r} is in percent too, else convert the file")
+                f"with pool.scale=percent if {cat!r} is in percent too, else convert the file"
+            )
     return "percent"
 
 
-def with_population_csv(population: pd.DataFrame, path: str | None, categories: list[str],
-                        scale: str | None = None) -> pd.DataFrame:
+def with_population_csv(
+    population: pd.DataFrame, path: str | None, categories: list[str], scale: str | None = None
+) -> pd.DataFrame:
     """``population`` plus the models of the score table at ``path`` (selection.population_csv) it lacks;
     ``scale``: the table's stated unit (pool.scale), None: auto (:func:`read_score_csv`)."""
     if not path:

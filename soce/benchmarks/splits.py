@@ -46,15 +46,24 @@ class SplitCheck:
         """One line saying which items were used (report.md, result.json)."""
         n_sel, n_rep = sum(self.select.values()), sum(self.report.values())
         if self.mode == "same_split":
-            return (f"selected and reported on the same {n_rep} items of `{self.report_split}` (the paper's "
-                    "protocol): the gains are optimistic")
+            return (
+                f"selected and reported on the same {n_rep} items of `{self.report_split}` (the paper's "
+                "protocol): the gains are optimistic"
+            )
         if self.mode == "disjoint":
-            return (f"selected on {n_sel} items of `{self.select_split}`, reported on {n_rep} other items of "
-                    f"`{self.report_split}` (no item in both)")
-        why = (f"the splits `{self.select_split}` and `{self.report_split}` shared {sum(self.shared.values())} "
-               "items, so soce carved them" if self.mode == "carved" else "benchmark.holdout")
-        return (f"selected on {n_sel} items and reported on {n_rep} other items, disjoint halves of "
-                f"`{self.source}` ({why})")
+            return (
+                f"selected on {n_sel} items of `{self.select_split}`, reported on {n_rep} other items of "
+                f"`{self.report_split}` (no item in both)"
+            )
+        why = (
+            f"the splits `{self.select_split}` and `{self.report_split}` shared {sum(self.shared.values())} "
+            "items, so soce carved them"
+            if self.mode == "carved"
+            else "benchmark.holdout"
+        )
+        return (
+            f"selected on {n_sel} items and reported on {n_rep} other items, disjoint halves of `{self.source}` ({why})"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "statement": self.statement()}
@@ -83,15 +92,24 @@ def check_splits(benchmark: BenchmarkConfig, evaluator: Any) -> tuple[BenchmarkC
     if not any(shared.values()):
         return b, SplitCheck("disjoint", sel_name, rep_name, _counts(sel), _counts(rep), shared)
     worst = max(b.categories, key=lambda c: shared[c])
-    what = (f"benchmark {b.name!r}: select_split {sel_name!r} and report_split {rep_name!r} share "
-            f"{sum(shared.values())} items ({shared[worst]} of {len(rep[worst])} in category {worst!r})")
+    what = (
+        f"benchmark {b.name!r}: select_split {sel_name!r} and report_split {rep_name!r} share "
+        f"{sum(shared.values())} items ({shared[worst]} of {len(rep[worst])} in category {worst!r})"
+    )
     if b.strict_splits:
-        raise ConfigError(f"{what}; held-out scores need disjoint items: set benchmark.holdout.split={rep_name} to "
-                          f"carve halves, point the splits at disjoint data, or set benchmark.strict_splits=false")
+        raise ConfigError(
+            f"{what}; held-out scores need disjoint items: set benchmark.holdout.split={rep_name} to "
+            f"carve halves, point the splits at disjoint data, or set benchmark.strict_splits=false"
+        )
     carved = dataclasses.replace(b, holdout=HoldoutConfig(split=b.source_split(rep_name)))
-    log.warning("%s: carving disjoint halves of %r instead (benchmark.holdout, select_fraction %.2f, seed %d; "
-                "benchmark.strict_splits=true refuses instead)", what, carved.holdout.split,
-                carved.holdout.select_fraction, carved.holdout.seed)
+    log.warning(
+        "%s: carving disjoint halves of %r instead (benchmark.holdout, select_fraction %.2f, seed %d; "
+        "benchmark.strict_splits=true refuses instead)",
+        what,
+        carved.holdout.split,
+        carved.holdout.select_fraction,
+        carved.holdout.seed,
+    )
     evaluator.benchmark = carved
     return carved, _carved_check("carved", carved, evaluator, shared)
 

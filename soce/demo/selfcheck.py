@@ -98,8 +98,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     set_threads(1)
     manifest = build_demo(DemoConfig(seed=args.seed, preset=args.preset, root=args.root, device=args.device))
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     cats = manifest["categories"]
     data = Path(manifest["dir"]) / "data"
     items = {s: {c: tasks.read_items(data / f"{c}_{s}.jsonl") for c in cats} for s in manifest["splits"]}

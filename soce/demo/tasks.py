@@ -189,8 +189,9 @@ def make_eval_items(seed: int, category: str, sizes: dict[str, int], knobs: Knob
 class TrainSampler:
     """Endless stream of training items of one category, never repeating a dev/test prompt."""
 
-    def __init__(self, seed: int, category: str, exclude: set[str], stream: str = "train",
-                 knobs: Knobs = Knobs()) -> None:
+    def __init__(
+        self, seed: int, category: str, exclude: set[str], stream: str = "train", knobs: Knobs = Knobs()
+    ) -> None:
         self.rng, self.ctx = _rng(seed, category, stream), Ctx(cipher_table(seed), knobs)
         self.make, self.exclude = _ALL[category].make, exclude
 
@@ -205,9 +206,10 @@ def knobs(k: Knobs = Knobs()) -> dict[str, object]:
     """The task definitions in force (part of the zoo's cache fingerprint): knobs, categories and their
     output types, the task YAML and generation settings."""
     return {
-        **asdict(k), "categories": [[c.name, c.family, c.output] for c in CATEGORIES],
-        "offbench": [c.name for c in OFFBENCH], "yaml": task_yaml("x", Path("x"), "f", GENERATE, 1) + task_yaml(
-            "x", Path("x"), "f", LOGLIKELIHOOD, 1),
+        **asdict(k),
+        "categories": [[c.name, c.family, c.output] for c in CATEGORIES],
+        "offbench": [c.name for c in OFFBENCH],
+        "yaml": task_yaml("x", Path("x"), "f", GENERATE, 1) + task_yaml("x", Path("x"), "f", LOGLIKELIHOOD, 1),
     }
 
 
@@ -271,12 +273,7 @@ def task_yaml(name: str, data_file: Path, family: str, output: str = LOGLIKELIHO
     elif output != LOGLIKELIHOOD:
         raise ValueError(f"unknown output type {output!r}")
     return head + (
-        "metric_list:\n"
-        "  - metric: acc\n"
-        "    aggregation: mean\n"
-        "    higher_is_better: true\n"
-        "metadata:\n"
-        "  version: 2.0\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 2.0\n"
     )
 
 

@@ -56,8 +56,6 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: generate_until categories, per-preset knobs, manifest 'outputs'
 
 
-
-
 @dataclass(frozen=True)
 class Recipe:
     """One fine-tune from the base. ``mix``: family or category name -> relative weight (``"*"`` =
@@ -119,28 +117,56 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         sizes={"dev": 200, "test": 500},
         shape=ModelShape(hidden=128, layers=4, heads=4, mlp=512, max_len=64),
-        base_steps=500, base_batch=64, base_lr=2e-3, ft_steps=200, ft_batch=32, ft_lr=4e-4,
+        base_steps=500,
+        base_batch=64,
+        base_lr=2e-3,
+        ft_steps=200,
+        ft_batch=32,
+        ft_lr=4e-4,
     ),
     "tiny": Preset(  # mechanics only (seconds): models barely trained, scores near 0
         sizes={"dev": 40, "test": 60},
         shape=ModelShape(hidden=32, layers=2, heads=2, mlp=64, max_len=64),
-        base_steps=40, base_batch=16, base_lr=3e-3, ft_steps=12, ft_batch=8, ft_lr=1e-3, threads=1,
+        base_steps=40,
+        base_batch=16,
+        base_lr=3e-3,
+        ft_steps=12,
+        ft_batch=8,
+        ft_lr=1e-3,
+        threads=1,
     ),
     "small": Preset(  # the cpu zoo, shorter training, 40/60 items per split (~10 min on 2 cores)
         sizes={"dev": 40, "test": 60},
         shape=ModelShape(hidden=128, layers=4, heads=4, mlp=512, max_len=64),
-        base_steps=300, base_batch=64, base_lr=2e-3, ft_steps=120, ft_batch=32, ft_lr=4e-4,
+        base_steps=300,
+        base_batch=64,
+        base_lr=2e-3,
+        ft_steps=120,
+        ft_batch=32,
+        ft_lr=4e-4,
     ),
     "fast": Preset(  # debug=fast, `make smoke`, end-to-end tests: 0.14M params, shorter items, ~20 s on 2 cores
         sizes={"dev": 40, "test": 60},
         shape=ModelShape(hidden=64, layers=2, heads=2, mlp=256, max_len=64),
-        base_steps=400, base_batch=32, base_lr=3e-3, ft_steps=80, ft_batch=32, ft_lr=1e-3,
-        recipes=FAST_RECIPES, threads=1, knobs=tasks.Knobs(num=(2, 4), str=(2, 5), sort=(2, 6), cipher=(2, 6)),
+        base_steps=400,
+        base_batch=32,
+        base_lr=3e-3,
+        ft_steps=80,
+        ft_batch=32,
+        ft_lr=1e-3,
+        recipes=FAST_RECIPES,
+        threads=1,
+        knobs=tasks.Knobs(num=(2, 4), str=(2, 5), sort=(2, 6), cipher=(2, 6)),
     ),
     "gpu": Preset(
         sizes={"dev": 200, "test": 500},
         shape=ModelShape(hidden=512, layers=8, heads=8, mlp=2048, max_len=64),
-        base_steps=300, base_batch=128, base_lr=6e-4, ft_steps=150, ft_batch=64, ft_lr=1.5e-4,
+        base_steps=300,
+        base_batch=128,
+        base_lr=6e-4,
+        ft_steps=150,
+        ft_batch=64,
+        ft_lr=1.5e-4,
     ),
 }
 
@@ -201,12 +227,17 @@ def train_zoo(
         steps = max(2, round(r.steps * p.ft_steps))
         keep = {max(1, round(f * steps)): f for f in r.keep}
         spec = TrainSpec(
-            steps, p.ft_batch, r.lr * p.ft_lr, mixture(r.mix), warmup=max(1, steps // 10),
-            final_lr_frac=0.5, save_at=tuple(sorted(keep)), seed=cfg.seed * 1000 + i + 1,
+            steps,
+            p.ft_batch,
+            r.lr * p.ft_lr,
+            mixture(r.mix),
+            warmup=max(1, steps // 10),
+            final_lr_frac=0.5,
+            save_at=tuple(sorted(keep)),
+            seed=cfg.seed * 1000 + i + 1,
         )
         saved: list[tuple[int, dict[str, torch.Tensor]]] = []
-        train(model, spec, samplers, on_save=lambda s, m, saved=saved: saved.append((s, _copy(m))),
-              on_step=bar.step)
+        train(model, spec, samplers, on_save=lambda s, m, saved=saved: saved.append((s, _copy(m))), on_step=bar.step)
         final = _copy(model)
         for s, state in saved:
             model.load_state_dict(state)
@@ -249,11 +280,14 @@ def _fingerprint(cfg: DemoConfig) -> str:
     p = PRESETS[cfg.preset]
     blob = json.dumps(
         {
-            "seed": cfg.seed, "preset": cfg.preset, "format": FORMAT_VERSION,
+            "seed": cfg.seed,
+            "preset": cfg.preset,
+            "format": FORMAT_VERSION,
             "p": asdict(p) | {"recipes": [asdict(r) for r in p.recipes]},
             "knobs": tasks.knobs(p.knobs),
         },
-        sort_keys=True, default=str,
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -372,4 +406,3 @@ def _build_into(cfg: DemoConfig, tmp: Path, final: Path, progress: bool) -> dict
         "sizes": dict(p.sizes),
         "params": sum(t.numel() for t in model.parameters()),
     }
-

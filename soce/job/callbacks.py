@@ -62,24 +62,36 @@ class MlflowSweepCallback(Callback):
         uri, sweep_dir = str(t.uri), Path(str(config.hydra.sweep.dir))
         overrides = list(config.hydra.overrides.task)
         key = sweep_key(overrides)
-        tags = {"soce.kind": "sweep", "soce.version": __version__, "soce.sweep_dir": str(sweep_dir),
-                "soce.overrides": " ".join(overrides)[:5000], "soce.varying": json.dumps(varying_keys(overrides))}
+        tags = {
+            "soce.kind": "sweep",
+            "soce.version": __version__,
+            "soce.sweep_dir": str(sweep_dir),
+            "soce.overrides": " ".join(overrides)[:5000],
+            "soce.varying": json.dumps(varying_keys(overrides)),
+        }
         # find-or-create under one lock: two launches of the same sweep cannot both start (or resume) it
         with store_lock(uri, sweep_dir.parent):
             exp = ensure_experiment(uri, sweep_experiment(config), t.artifact_location)
             for run_id in reap_orphans(uri, exp):
                 log.info("MLflow run %s was left RUNNING by a process that is gone: marked KILLED", run_id)
             try:
-                run_id, resumed = resume_or_start(uri, exp, f"sweep {sweep_dir.name}", "soce.sweep_key", key,
-                                                  tags=tags)
+                run_id, resumed = resume_or_start(uri, exp, f"sweep {sweep_dir.name}", "soce.sweep_key", key, tags=tags)
             except RunBusy as e:
                 fail(f"the same sweep is already running ({e}); wait for it to end, or change an override")
         if resumed:
             log.info("resuming the interrupted sweep of MLflow run %s", run_id)
         _HEARTBEATS[run_id] = Heartbeat(uri, run_id)  # not on self: the callback is pickled to the workers
-        write_json_atomic(sweep_dir / PARENT_FILE, {"run_id": run_id, "experiment_id": exp, "uri": uri,
-                                                     "sweep_key": key, "varying": varying_keys(overrides),
-                                                     "owner": this_owner()})
+        write_json_atomic(
+            sweep_dir / PARENT_FILE,
+            {
+                "run_id": run_id,
+                "experiment_id": exp,
+                "uri": uri,
+                "sweep_key": key,
+                "varying": varying_keys(overrides),
+                "owner": this_owner(),
+            },
+        )
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
@@ -136,10 +148,14 @@ def label_job_run(config: DictConfig, uri: str, varying: list[str]) -> None:
     c = client(uri)
     if not run_id or c.get_run(run_id).data.tags.get("soce.label"):
         return
-    name = job_name(list(OmegaConf.select(config, "hydra.overrides.task") or []), varying,
-                    OmegaConf.select(config, "strategy.name"))
-    for k, v in {"mlflow.runName": name.label[:240], "soce.label": name.label[:5000],
-                 "soce.overrides": json.dumps(name.overrides)[:5000]}.items():
+    name = job_name(
+        list(OmegaConf.select(config, "hydra.overrides.task") or []), varying, OmegaConf.select(config, "strategy.name")
+    )
+    for k, v in {
+        "mlflow.runName": name.label[:240],
+        "soce.label": name.label[:5000],
+        "soce.overrides": json.dumps(name.overrides)[:5000],
+    }.items():
         c.set_tag(run_id, k, v)
     log_swept_params(c, run_id, name.overrides, varying)
 

@@ -52,8 +52,11 @@ def gather(config: Config) -> Inputs:
         return _from_score_table(config)
     benchmark, candidates, population, base = _checkpoints(config)
     if benchmark.select_split == benchmark.report_split:
-        log.warning("select_split == report_split (%s): experts and weights are chosen on the scores "
-                    "that are reported (the paper's protocol); reported gains are optimistic", benchmark.select_split)
+        log.warning(
+            "select_split == report_split (%s): experts and weights are chosen on the scores "
+            "that are reported (the paper's protocol); reported gains are optimistic",
+            benchmark.select_split,
+        )
     everyone = {**population, **candidates}
     evaluator = _backend(config, benchmark)
     benchmark, items = check_benchmark(benchmark, evaluator, {**candidates, **population})  # before evaluating
@@ -61,19 +64,27 @@ def gather(config: Config) -> Inputs:
     metrics = _metrics(evaluator, benchmark)
     log.info("items: %s; metrics: %s", items.statement(), ", ".join(f"{c} {m}" for c, m in metrics.items()))
     sel = benchmark.select_split
-    log.info("scoring %d checkpoints on %s and %d candidates on %s (cached after the first run)",
-             len(everyone), sel, len(candidates), "+".join(benchmark.splits))
+    log.info(
+        "scoring %d checkpoints on %s and %d candidates on %s (cached after the first run)",
+        len(everyone),
+        sel,
+        len(candidates),
+        "+".join(benchmark.splits),
+    )
     cand = {s: {n: soups.scores({n: 1.0}, s) for n in candidates} for s in benchmark.splits}
     pop = {n: soups.scores({n: 1.0}, sel) for n in _progress(everyone, config.progress, "scoring models")}
     cats = benchmark.categories
-    population_table = with_population_csv(score_table(pop, cats)[cats], config.selection.population_csv, cats,
-                                           config.pool.scale)
-    return Inputs(benchmark, candidates, cand, population_table, soups, config.tracking.experiment, items, metrics,
-                  base)
+    population_table = with_population_csv(
+        score_table(pop, cats)[cats], config.selection.population_csv, cats, config.pool.scale
+    )
+    return Inputs(
+        benchmark, candidates, cand, population_table, soups, config.tracking.experiment, items, metrics, base
+    )
 
 
-def check_benchmark(benchmark: BenchmarkConfig, evaluator: Any,
-                    models: dict[str, str]) -> tuple[BenchmarkConfig, SplitCheck]:
+def check_benchmark(
+    benchmark: BenchmarkConfig, evaluator: Any, models: dict[str, str]
+) -> tuple[BenchmarkConfig, SplitCheck]:
     """Before any evaluation: held-out items disjoint from the selection's (carved or refused:
     :mod:`soce.benchmarks.splits`), and every model able to run the items (:mod:`soce.benchmarks.fitness`)."""
     from soce.benchmarks.fitness import check_fitness
@@ -98,17 +109,32 @@ def _metrics(evaluator: Any, benchmark: BenchmarkConfig) -> dict[str, str]:
     return fn(benchmark.select_split) if fn is not None else {c: "accuracy" for c in benchmark.categories}
 
 
-def make_soup_evaluator(config: Config, benchmark: BenchmarkConfig, models: dict[str, str],
-                        candidates: list[str], evaluator: Any = None, base: str | None = None) -> SoupEvaluator:
+def make_soup_evaluator(
+    config: Config,
+    benchmark: BenchmarkConfig,
+    models: dict[str, str],
+    candidates: list[str],
+    evaluator: Any = None,
+    base: str | None = None,
+) -> SoupEvaluator:
     """The in-memory merge evaluator of a job: benchmark backend (``evaluator``, else a new one), device, dtype,
     merge operator (with the candidates' ``base``) and caches from the config."""
     from soce.benchmarks.lmeval import pick_device
 
     evaluator = evaluator if evaluator is not None else _backend(config, benchmark)
     cache = ScoreCache(Path(config.paths.cache_dir))
-    return SoupEvaluator(models, candidates, evaluator, cache, pick_device(config.device), config.dtype,
-                         item_cache=_item_cache(Path(config.paths.cache_dir)), allow_nonfinite=config.allow_nonfinite,
-                         merge=dict(config.merge), base=base)
+    return SoupEvaluator(
+        models,
+        candidates,
+        evaluator,
+        cache,
+        pick_device(config.device),
+        config.dtype,
+        item_cache=_item_cache(Path(config.paths.cache_dir)),
+        allow_nonfinite=config.allow_nonfinite,
+        merge=dict(config.merge),
+        base=base,
+    )
 
 
 def _item_cache(root: Path) -> Any:
@@ -131,11 +157,13 @@ def _checkpoints(config: Config) -> tuple[BenchmarkConfig, dict[str, str], dict[
     manifest = build_demo(config.demo, progress=config.progress)
     unknown = [c for c in benchmark.categories if c not in manifest["categories"]]
     if unknown:
-        raise ConfigError(f"benchmark category {unknown[0]!r} is not in the demo zoo "
-                          f"(it has: {', '.join(manifest['categories'])})")
+        raise ConfigError(
+            f"benchmark category {unknown[0]!r} is not in the demo zoo (it has: {', '.join(manifest['categories'])})"
+        )
     families = {c: f for c, f in manifest["families"].items() if c in benchmark.categories}
-    benchmark = dataclasses.replace(benchmark, task_dir=benchmark.task_dir or manifest["task_dir"],
-                                    families=benchmark.families or families)
+    benchmark = dataclasses.replace(
+        benchmark, task_dir=benchmark.task_dir or manifest["task_dir"], families=benchmark.families or families
+    )
     return benchmark, dict(manifest["candidates"]), dict(manifest["population"]), base or manifest["base"]
 
 
@@ -152,8 +180,10 @@ def table_benchmark(benchmark: BenchmarkConfig, columns: list[str], csv: str) ->
         return benchmark
     if have:
         missing = [c for c in benchmark.categories if c not in columns]
-        raise ConfigError(f"pool.csv {csv}: no column for benchmark category {missing[0]!r} (the table has: "
-                          f"{', '.join(columns)}); set benchmark.categories to the columns you mean")
+        raise ConfigError(
+            f"pool.csv {csv}: no column for benchmark category {missing[0]!r} (the table has: "
+            f"{', '.join(columns)}); set benchmark.categories to the columns you mean"
+        )
     name = known_benchmark(columns) or Path(csv).stem
     return dataclasses.replace(benchmark, name=name, categories=list(columns), families={})
 
@@ -178,8 +208,12 @@ def _from_score_table(config: Config) -> Inputs:
     benchmark = table_benchmark(config.benchmark, list(table.columns), str(config.pool.csv))
     experiment = config.tracking.experiment
     if benchmark is not config.benchmark:
-        log.warning("pool.csv's categories are not benchmark %r's: the benchmark is the table's own (%r, %d "
-                    "categories)", config.benchmark.name, benchmark.name, len(benchmark.categories))
+        log.warning(
+            "pool.csv's categories are not benchmark %r's: the benchmark is the table's own (%r, %d categories)",
+            config.benchmark.name,
+            benchmark.name,
+            len(benchmark.categories),
+        )
         if experiment == f"soce-{config.benchmark.name}":
             experiment = f"soce-{benchmark.name}"
     cats = benchmark.categories

@@ -38,7 +38,6 @@ FLOATS = "%.6g"  # floats in CSV artifacts: 6 significant digits (0.150000000000
 class JobResult:
     """What a job decided and measured; written as ``result.json`` and logged to MLflow."""
 
-
     strategy: str
     benchmark: str
     pool: str
@@ -139,9 +138,14 @@ def merge_params(config: Config) -> dict[str, Any]:
 
 def recipe(config: Config, inputs: Inputs, plan: Plan) -> dict[str, Any]:
     """The soup's recipe (model card, safetensors metadata, recipe.yaml)."""
-    return {"strategy": config.strategy.name, "benchmark": inputs.benchmark.name, "pool": config.pool.name,
-            "weights": {n: w for n, w in plan.weights.items() if w > 0}, "soce_version": __version__,
-            "merge": merge_params(config)}
+    return {
+        "strategy": config.strategy.name,
+        "benchmark": inputs.benchmark.name,
+        "pool": config.pool.name,
+        "weights": {n: w for n, w in plan.weights.items() if w > 0},
+        "soce_version": __version__,
+        "merge": merge_params(config),
+    }
 
 
 def write_final_soup(config: Config, inputs: Inputs, plan: Plan, out_dir: Path) -> Path | None:
@@ -154,20 +158,32 @@ def write_final_soup(config: Config, inputs: Inputs, plan: Plan, out_dir: Path) 
     from soce.job.preflight import HUB_ID
     from soce.soup import write_soup
 
-    rec = {**recipe(config, inputs, plan), "split": inputs.benchmark.select_split,
-           "objective": inputs.benchmark.objective}
+    rec = {
+        **recipe(config, inputs, plan),
+        "split": inputs.benchmark.select_split,
+        "objective": inputs.benchmark.objective,
+    }
     hub_ids = {n: p for n, p in paths.items() if HUB_ID.match(p) and not Path(p).exists()}
     if hub_ids:  # the model card's base_model (local paths stay in the recipe)
         rec["hub_ids"] = hub_ids
     if inputs.soups is not None:  # where it was chosen: its selection-split score (cached by the search)
         rec["score"] = round(float(inputs.soups.scores(ingredients, inputs.benchmark.select_split)["overall"]), 6)
     merge = dict(config.merge) if len(ingredients) > 1 else None  # one ingredient: that checkpoint itself
-    return write_soup(paths, ingredients, out_dir / "soup", overwrite=True, recipe=rec,
-                      allow_nonfinite=config.allow_nonfinite, merge=merge, base=inputs.base)
+    return write_soup(
+        paths,
+        ingredients,
+        out_dir / "soup",
+        overwrite=True,
+        recipe=rec,
+        allow_nonfinite=config.allow_nonfinite,
+        merge=merge,
+        base=inputs.base,
+    )
 
 
-def analyses(config: Config, inputs: Inputs, plan: Plan, result: JobResult,
-             out_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+def analyses(
+    config: Config, inputs: Inputs, plan: Plan, result: JobResult, out_dir: Path
+) -> tuple[dict[str, float], dict[str, Any]]:
     """The paper's analyses (``analysis`` group) from the job's own cached evaluations, their tables and
     figures in ``out_dir/artifacts``: (metrics for MLflow, summary for result.json)."""
     a = config.analysis
@@ -210,13 +226,21 @@ def _consistency(inputs: Inputs, plan: Plan, art: Path, metrics: dict, summary: 
         return
     res = consistency(inputs.population[cats], soups)
     plots.consistency_figure(res, art / "consistency.png")
-    pd.DataFrame({"mean_r": [res.mean_r_candidates, res.mean_r_soups],
-                  "mean_abs_r": [res.mean_abs_r_candidates, res.mean_abs_r_soups]},
-                 index=["population", "soups"]).to_csv(art / "consistency.csv", float_format=FLOATS)
-    metrics.update({"consistency.mean_r_population": res.mean_r_candidates,
-                    "consistency.mean_r_soups": res.mean_r_soups})
-    summary["consistency"] = {"mean_r_population": res.mean_r_candidates, "mean_r_soups": res.mean_r_soups,
-                              "excluded": list(res.excluded)}
+    pd.DataFrame(
+        {
+            "mean_r": [res.mean_r_candidates, res.mean_r_soups],
+            "mean_abs_r": [res.mean_abs_r_candidates, res.mean_abs_r_soups],
+        },
+        index=["population", "soups"],
+    ).to_csv(art / "consistency.csv", float_format=FLOATS)
+    metrics.update(
+        {"consistency.mean_r_population": res.mean_r_candidates, "consistency.mean_r_soups": res.mean_r_soups}
+    )
+    summary["consistency"] = {
+        "mean_r_population": res.mean_r_candidates,
+        "mean_r_soups": res.mean_r_soups,
+        "excluded": list(res.excluded),
+    }
 
 
 def _emergent(inputs: Inputs, ingredients: dict[str, float], art: Path, metrics: dict, summary: dict) -> None:
@@ -229,14 +253,25 @@ def _emergent(inputs: Inputs, ingredients: dict[str, float], art: Path, metrics:
     pooled = emergent_solves({n: sum((per[n][c] for c in cats), []) for n in per}, sum((soup[c] for c in cats), []))
     metrics["emergent.share"] = pooled.share_emergent
     metrics.update({f"emergent.kept.{n}": k.share_kept for n, k in pooled.per_ingredient.items()})
-    summary["emergent"] = {"split": split, "n_all_fail": pooled.n_all_fail,
-                           "n_soup_solves_all_fail": pooled.n_soup_solves_all_fail,
-                           "share_emergent": pooled.share_emergent,
-                           "share_kept": {n: k.share_kept for n, k in pooled.per_ingredient.items()}}
+    summary["emergent"] = {
+        "split": split,
+        "n_all_fail": pooled.n_all_fail,
+        "n_soup_solves_all_fail": pooled.n_soup_solves_all_fail,
+        "share_emergent": pooled.share_emergent,
+        "share_kept": {n: k.share_kept for n, k in pooled.per_ingredient.items()},
+    }
 
 
-def record(tracker: JobTracker, config: Config, inputs: Inputs, selection: Selection, plan: Plan,
-           result: JobResult, out_dir: Path, analysis_metrics: dict[str, float]) -> None:
+def record(
+    tracker: JobTracker,
+    config: Config,
+    inputs: Inputs,
+    selection: Selection,
+    plan: Plan,
+    result: JobResult,
+    out_dir: Path,
+    analysis_metrics: dict[str, float],
+) -> None:
     """Write the artifacts and ``result.json`` and log them with the job's params and metrics."""
     art = write_artifacts(config, inputs, selection, plan, out_dir / "artifacts")
     write_json_atomic(out_dir / "result.json", result.to_json())
@@ -256,15 +291,30 @@ def write_artifacts(config: Config, inputs: Inputs, selection: Selection, plan: 
     table.to_csv(art / "candidate_scores.csv", float_format=FLOATS)
     inputs.population.to_csv(art / "population_scores.csv", float_format=FLOATS)
     selection.correlation.to_csv(art / "correlation.csv", float_format=FLOATS)
-    correlation_heatmap(selection.correlation, art / "correlation.png",
-                        title=f"{bench.name}: category correlation across {len(inputs.population)} models ({sel})")
+    correlation_heatmap(
+        selection.correlation,
+        art / "correlation.png",
+        title=f"{bench.name}: category correlation across {len(inputs.population)} models ({sel})",
+    )
     if plan.trace is not None:
         plan.trace.to_csv(art / "search_trace.csv", index=False, float_format=FLOATS)
-    chosen = {"experts": selection.kept, "weak_set": selection.weak, "tau": config.selection.tau,
-              **({"dropped": selection.dropped, "max_experts": selection.cap} if selection.dropped else {})}
-    (art / "recipe.yaml").write_text(yaml.safe_dump(
-        {**recipe(config, inputs, plan), **(chosen if STRATEGIES[config.strategy.name].selects else {}),
-         "select_split": sel, "candidates": dict(inputs.candidates)}, sort_keys=False))
+    chosen = {
+        "experts": selection.kept,
+        "weak_set": selection.weak,
+        "tau": config.selection.tau,
+        **({"dropped": selection.dropped, "max_experts": selection.cap} if selection.dropped else {}),
+    }
+    (art / "recipe.yaml").write_text(
+        yaml.safe_dump(
+            {
+                **recipe(config, inputs, plan),
+                **(chosen if STRATEGIES[config.strategy.name].selects else {}),
+                "select_split": sel,
+                "candidates": dict(inputs.candidates),
+            },
+            sort_keys=False,
+        )
+    )
     (art / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     return art
 
@@ -272,18 +322,32 @@ def write_artifacts(config: Config, inputs: Inputs, selection: Selection, plan: 
 def job_params(config: Config, inputs: Inputs, selection: Selection, result: JobResult) -> dict[str, Any]:
     """The job's MLflow params: what was configured and what was selected."""
     sel = config.selection
-    chosen = {"tau": sel.tau, "tie_break": sel.tie_break, "selection_method": sel.method,
-              "max_experts": sel.max_experts, "experts": ",".join(m for m in result.experts if result.weights.get(m)),
-              "weak_set": ",".join(result.weak_set), **({"dropped": ",".join(dict.fromkeys(result.dropped.values()))}
-                                                        if result.dropped else {})}
-    return {"strategy": result.strategy, "pool": result.pool, "benchmark": result.benchmark,
-            **(chosen if result.selects else {}), "search": config.search.name,
-            "categories": ",".join(result.categories), "select_split": result.select_split,
-            "report_split": result.report_split, "objective": result.objective, "best_single": result.best_single,
-            "metric": metric_param(result.metrics), "items": result.items.get("mode", "scores"),
-            **{f"merge.{k}" if k != "method" else "merge": v for k, v in result.merge.items()},
-            **({"merge.base": result.base} if result.base else {}),
-            **{f"w.{n}": weight(w) for n, w in result.weights.items()}}
+    chosen = {
+        "tau": sel.tau,
+        "tie_break": sel.tie_break,
+        "selection_method": sel.method,
+        "max_experts": sel.max_experts,
+        "experts": ",".join(m for m in result.experts if result.weights.get(m)),
+        "weak_set": ",".join(result.weak_set),
+        **({"dropped": ",".join(dict.fromkeys(result.dropped.values()))} if result.dropped else {}),
+    }
+    return {
+        "strategy": result.strategy,
+        "pool": result.pool,
+        "benchmark": result.benchmark,
+        **(chosen if result.selects else {}),
+        "search": config.search.name,
+        "categories": ",".join(result.categories),
+        "select_split": result.select_split,
+        "report_split": result.report_split,
+        "objective": result.objective,
+        "best_single": result.best_single,
+        "metric": metric_param(result.metrics),
+        "items": result.items.get("mode", "scores"),
+        **{f"merge.{k}" if k != "method" else "merge": v for k, v in result.merge.items()},
+        **({"merge.base": result.base} if result.base else {}),
+        **{f"w.{n}": weight(w) for n, w in result.weights.items()},
+    }
 
 
 def weight(w: float) -> float:
@@ -313,5 +377,6 @@ def job_metrics(inputs: Inputs, plan: Plan, result: JobResult, analysis: dict[st
 
 def matrix(df: pd.DataFrame) -> dict[str, dict[str, float | None]]:
     """A correlation matrix as nested dicts, NaN as None (JSON has no NaN)."""
-    return {c: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
-            for c, row in df.to_dict("index").items()}
+    return {
+        c: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()} for c, row in df.to_dict("index").items()
+    }

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 __all__ = ["ConfigError", "JobResult", "run", "validate"]
 
 
-def run(cfg: Config | Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None = None,
-        name: JobName | None = None) -> JobResult:
+def run(
+    cfg: Config | Mapping[str, Any], out_dir: str | Path, parent_run_id: str | None = None, name: JobName | None = None
+) -> JobResult:
     """Run one job; write ``result.json`` (and the soup) into ``out_dir``.
 
     ``name`` (:func:`soce.tracking.naming.job_name`; default: the strategy's name) is the job's one name: its
@@ -69,8 +70,10 @@ def select_experts(config: Config, inputs: Inputs) -> Selection:
     if STRATEGIES[config.strategy.name].selects:
         log.info("selection: %s", selection.describe())
         if len(selection.ingredients) == 1 and config.strategy.name in ("soce_selected", "soce_weighted"):
-            log.warning("every category in L picks %s: the soup collapses to that one model (no weights to search)",
-                        selection.ingredients[0])
+            log.warning(
+                "every category in L picks %s: the soup collapses to that one model (no weights to search)",
+                selection.ingredients[0],
+            )
         check_experts(config, selection.ingredients)
     else:
         log.info("strategy %s uses no selection (experts are not its ingredients)", config.strategy.name)
@@ -99,11 +102,21 @@ def plan_soup(config: Config, inputs: Inputs, selection: Selection, tracker: Job
     workers = _workers(config, soups)
     evaluate_many = None
     if workers:
+
         def evaluate_many(points: list[dict[str, float]]) -> list[dict[str, float]]:
             return [objective_scores(s, bench) for s in soups.scores_many(points, sel, workers)]
 
-    ctx = Context(inputs.table(sel), selection, config.search, evaluate, on_point, config.strategy,
-                  evaluate_items, item_ids, evaluate_many)
+    ctx = Context(
+        inputs.table(sel),
+        selection,
+        config.search,
+        evaluate,
+        on_point,
+        config.strategy,
+        evaluate_items,
+        item_ids,
+        evaluate_many,
+    )
     try:
         return STRATEGIES[config.strategy.name].plan(ctx)
     except method.SelectionError as e:
@@ -123,8 +136,9 @@ def _workers(config: Config, soups: Any) -> list[Any] | None:
     from soce.search.evaluator import on_devices
 
     par = config.parallel
-    workers = on_devices(soups, par.workers, lambda d: make_evaluator(soups.evaluator.benchmark, d),
-                         par.gpus_per_worker)
+    workers = on_devices(
+        soups, par.workers, lambda d: make_evaluator(soups.evaluator.benchmark, d), par.gpus_per_worker
+    )
     for w in workers:
         if par.expert_placement is not None and w.device_map is not None:
             w.expert_placement = par.expert_placement
@@ -140,8 +154,9 @@ def objective_scores(scores: Mapping[str, Any], benchmark: Any) -> dict[str, flo
     return out
 
 
-def make_result(config: Config, inputs: Inputs, selection: Selection, plan: Plan, soup_path: Path | None,
-                tracker: JobTracker) -> JobResult:
+def make_result(
+    config: Config, inputs: Inputs, selection: Selection, plan: Plan, soup_path: Path | None, tracker: JobTracker
+) -> JobResult:
     """The job's result: the final soup scored on every split (cached), candidates' scores, what it cost."""
     bench, soups = inputs.benchmark, inputs.soups
     ingredients = {n: float(w) for n, w in plan.weights.items() if w > 0}  # as searched: the cache keys match
@@ -152,20 +167,36 @@ def make_result(config: Config, inputs: Inputs, selection: Selection, plan: Plan
     chosen = selection if STRATEGIES[config.strategy.name].selects else None  # a selection the soup is made of
     merge = outputs.merge_params(config)
     return JobResult(
-        strategy=config.strategy.name, benchmark=bench.name, pool=config.pool.name,
-        experts=chosen.ingredients if chosen else [], weak_set=chosen.weak if chosen else [],
-        expert_of=chosen.kept if chosen else {}, dropped=chosen.dropped if chosen else {},
-        max_experts=config.selection.max_experts, selects=chosen is not None,
-        categories=bench.categories, families=bench.families, select_split=bench.select_split,
-        report_split=bench.report_split, correlation=outputs.matrix(selection.correlation), weights=weights,
+        strategy=config.strategy.name,
+        benchmark=bench.name,
+        pool=config.pool.name,
+        experts=chosen.ingredients if chosen else [],
+        weak_set=chosen.weak if chosen else [],
+        expert_of=chosen.kept if chosen else {},
+        dropped=chosen.dropped if chosen else {},
+        max_experts=config.selection.max_experts,
+        selects=chosen is not None,
+        categories=bench.categories,
+        families=bench.families,
+        select_split=bench.select_split,
+        report_split=bench.report_split,
+        correlation=outputs.matrix(selection.correlation),
+        weights=weights,
         scores=scores,
         candidate_scores={n: {s: _summary(inputs.candidate_scores[s][n]) for s in have} for n in inputs.candidates},
         best_single=str(method.overall(inputs.table(bench.select_split)).idxmax()),
-        soup_path=str(soup_path) if soup_path else None, mlflow_run_id=tracker.run_id,
-        evaluated=soups.cache.evaluated if soups else 0, cached=soups.cache.cached if soups else 0,
-        objective=bench.objective, search=dict(plan.notes), timing=soups.timing_summary() if soups else {},
-        metrics=dict(inputs.metrics), items=inputs.items.to_json() if inputs.items else {},
-        merge=merge, base=inputs.base if merge["method"] != "linear" else None)
+        soup_path=str(soup_path) if soup_path else None,
+        mlflow_run_id=tracker.run_id,
+        evaluated=soups.cache.evaluated if soups else 0,
+        cached=soups.cache.cached if soups else 0,
+        objective=bench.objective,
+        search=dict(plan.notes),
+        timing=soups.timing_summary() if soups else {},
+        metrics=dict(inputs.metrics),
+        items=inputs.items.to_json() if inputs.items else {},
+        merge=merge,
+        base=inputs.base if merge["method"] != "linear" else None,
+    )
 
 
 @contextlib.contextmanager
@@ -184,4 +215,3 @@ def finished_or_failed(tracker: JobTracker) -> Iterator[None]:
 def _summary(scores: Mapping[str, Any]) -> dict[str, float]:
     """Category scores and overall, without the per-item results."""
     return {k: v for k, v in scores.items() if k not in ("samples", "item_ids")}
-

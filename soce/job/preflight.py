@@ -45,8 +45,9 @@ def check_experts(config: Config, experts: list[str]) -> None:
             method.weight_grid(len(experts), s.step, s.min_weight, s.include_uniform)
         except method.SelectionError as e:
             cap = "lower selection.max_experts" if config.selection.max_experts else "set selection.max_experts"
-            raise ConfigError(f"{e} (the selection chose {len(experts)} experts: lower search.min_weight or "
-                              f"{cap})") from None
+            raise ConfigError(
+                f"{e} (the selection chose {len(experts)} experts: lower search.min_weight or {cap})"
+            ) from None
 
 
 def _tasks(config: Config) -> None:
@@ -59,8 +60,12 @@ def _tasks(config: Config) -> None:
     if config.pool.source != "demo" or b.task_dir or b.include_default_tasks:
         known |= _task_index(b.task_dir, b.include_default_tasks)
     split_names = list(dict.fromkeys(b.source_split(s) for s in (b.select_split, b.report_split)))
-    missing = [b.task.format(category=c, split=s) for c in b.categories for s in split_names
-               if b.task.format(category=c, split=s) not in known]
+    missing = [
+        b.task.format(category=c, split=s)
+        for c in b.categories
+        for s in split_names
+        if b.task.format(category=c, split=s) not in known
+    ]
     if missing:
         where = f" in task_dir={b.task_dir}" if b.task_dir else ""
         hint = "" if b.include_default_tasks else " (benchmark.include_default_tasks=true indexes lm-eval's own)"
@@ -118,8 +123,9 @@ def _runtime(config: Config) -> None:
 
         n = torch.cuda.device_count()
         if n and par.workers * par.gpus_per_worker > n:
-            raise ConfigError(f"parallel.workers x gpus_per_worker = {par.workers * par.gpus_per_worker} GPUs, "
-                              f"but {n} are visible")
+            raise ConfigError(
+                f"parallel.workers x gpus_per_worker = {par.workers * par.gpus_per_worker} GPUs, but {n} are visible"
+            )
     if config.device.startswith("cuda"):
         import torch
 
@@ -171,8 +177,10 @@ def _score_table(config: Config) -> None:
     pool, sel, s = config.pool, config.selection, config.strategy
     if STRATEGIES[s.name].evaluates:
         no_eval = [n for n, st in STRATEGIES.items() if not st.evaluates]
-        raise ConfigError(f"strategy {s.name!r} evaluates soups and needs checkpoints; with pool.source=csv "
-                          f"use one of {', '.join(no_eval)}")
+        raise ConfigError(
+            f"strategy {s.name!r} evaluates soups and needs checkpoints; with pool.source=csv "
+            f"use one of {', '.join(no_eval)}"
+        )
     from soce.job.inputs import table_benchmark
 
     table = read_score_csv(pool.csv, scale=pool.scale)[0]
@@ -192,8 +200,10 @@ def _paths(config: Config) -> None:
         if str(path).startswith(("/", ".", "~")) or not HUB_ID.match(str(path)):
             raise ConfigError(f"pool {pool.name!r}: checkpoint {name!r} not found at {path}")
         if offline and not _in_hub_cache(str(path)):
-            raise ConfigError(f"pool {pool.name!r}: checkpoint {name!r}: no local dir {path} (relative to "
-                              f"{os.getcwd()}), not in the local hub cache, and HF_HUB_OFFLINE=1 forbids a download")
+            raise ConfigError(
+                f"pool {pool.name!r}: checkpoint {name!r}: no local dir {path} (relative to "
+                f"{os.getcwd()}), not in the local hub cache, and HF_HUB_OFFLINE=1 forbids a download"
+            )
     if config.selection.population_csv is None:
         _population_size(len({**pool.population, **pool.candidates}))
     _candidate_configs(pool.candidates)
@@ -242,8 +252,10 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 def _population_size(n: int) -> None:
     if n < 3:
-        raise ConfigError(f"the category correlation needs at least 3 models in the population, got {n} "
-                          "(add pool.population entries or selection.population_csv)")
+        raise ConfigError(
+            f"the category correlation needs at least 3 models in the population, got {n} "
+            "(add pool.population entries or selection.population_csv)"
+        )
 
 
 def _tracking(config: Config) -> None:

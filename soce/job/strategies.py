@@ -33,8 +33,15 @@ class Context:
     evaluate_many: Callable[[list[dict[str, float]]], list[dict[str, float]]] | None = None  # points at once
 
     def search_context(self) -> SearchContext:
-        return SearchContext(self.selection.ingredients, self.evaluate_soup, self.search, self.on_point,
-                             self.evaluate_items, self.item_ids, self.evaluate_many)
+        return SearchContext(
+            self.selection.ingredients,
+            self.evaluate_soup,
+            self.search,
+            self.on_point,
+            self.evaluate_items,
+            self.item_ids,
+            self.evaluate_many,
+        )
 
 
 @dataclass
@@ -60,8 +67,9 @@ class Strategy:
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def strategy(name: str, evaluates: bool = False,
-             selects: bool = False) -> Callable[[Callable[[Context], Plan]], Callable[[Context], Plan]]:
+def strategy(
+    name: str, evaluates: bool = False, selects: bool = False
+) -> Callable[[Callable[[Context], Plan]], Callable[[Context], Plan]]:
     """Register ``fn(ctx) -> Plan`` as the strategy ``name`` (``conf/strategy/<name>.yaml`` selects it)."""
 
     def register(fn: Callable[[Context], Plan]) -> Callable[[Context], Plan]:
@@ -117,5 +125,6 @@ def fixed(ctx: Context) -> Plan:
     if not names or len(names) != len(ws) or unknown or min(ws) < 0 or sum(ws) <= 0:
         raise method.SelectionError(
             f"strategy=fixed needs strategy.ingredients (candidates) and as many non-negative weights; got "
-            f"{names} / {ws}" + (f"; unknown candidate {unknown[0]!r}" if unknown else ""))
+            f"{names} / {ws}" + (f"; unknown candidate {unknown[0]!r}" if unknown else "")
+        )
     return Plan({n: w / sum(ws) for n, w in zip(names, ws, strict=True)})

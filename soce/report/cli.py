@@ -1,11 +1,11 @@
 """``python -m soce.report``: comparison tables of a sweep, read back from MLflow (or a multirun folder).
 
-    python -m soce.report                       # the most recent sweep of any experiment, report split
-    python -m soce.report experiment=soce-demo parent=<run id> split=test out=DIR
-    python -m soce.report dir=outputs/multirun/<date>   # from a multirun directory's result.json files
+python -m soce.report                       # the most recent sweep of any experiment, report split
+python -m soce.report experiment=soce-demo parent=<run id> split=test out=DIR
+python -m soce.report dir=outputs/multirun/<date>   # from a multirun directory's result.json files
 
-    python -m soce.report by=tau                 # overall, one column per value of a swept override
-    python -m soce.report url                    # the MLflow UI addresses of the latest sweep (make ui)
+python -m soce.report by=tau                 # overall, one column per value of a swept override
+python -m soce.report url                    # the MLflow UI addresses of the latest sweep (make ui)
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
-USAGE = ("usage: python -m soce.report [experiment=NAME] [parent=RUN_ID] [dir=MULTIRUN_DIR] [split=test] "
-         "[by=OVERRIDE_KEY] [root=.] [uri=MLFLOW_URI] [out=DIR]\n"
-         "       python -m soce.report url [base=http://127.0.0.1:5000] [experiment=..] [parent=..] [root=.] [uri=..]\n"
-         "Prints the comparison table of a sweep; without experiment= or parent=, the most recent sweep of any "
-         "experiment in the store (outputs/mlflow.db under root=).")
+USAGE = (
+    "usage: python -m soce.report [experiment=NAME] [parent=RUN_ID] [dir=MULTIRUN_DIR] [split=test] "
+    "[by=OVERRIDE_KEY] [root=.] [uri=MLFLOW_URI] [out=DIR]\n"
+    "       python -m soce.report url [base=http://127.0.0.1:5000] [experiment=..] [parent=..] [root=.] [uri=..]\n"
+    "Prints the comparison table of a sweep; without experiment= or parent=, the most recent sweep of any "
+    "experiment in the store (outputs/mlflow.db under root=)."
+)
 KEYS = ("experiment", "parent", "dir", "split", "by", "root", "uri", "out", "base")
 
 
@@ -109,8 +111,10 @@ def swept_key(by: str, varying: list[str]) -> str:
     short = short_keys(varying)
     key = next((k for k, s in short.items() if s == by), by)
     if key == "strategy":
-        raise LookupError("by=strategy: the strategy names the rows already; by= takes another swept override "
-                          f"({', '.join(s for k, s in short.items() if k != 'strategy') or 'none was swept'})")
+        raise LookupError(
+            "by=strategy: the strategy names the rows already; by= takes another swept override "
+            f"({', '.join(s for k, s in short.items() if k != 'strategy') or 'none was swept'})"
+        )
     return key
 
 
@@ -133,14 +137,19 @@ def print_urls(args: dict[str, str]) -> None:
     exp_id = str(jobs["experiment_id"].iloc[0])
     view = c.get_run(parent).data.tags.get("soce.view")
     print(f"jobs of sweep {parent}: " + ui_url(base, exp_id, view, None if view else sweep_filter(parent)))
-    print(f"  experiment {args['experiment']} (all its job runs): " + ui_url(base, exp_id, search_filter="")
-          + f"\n  experiments: {root_url(base)}\n  (MLflow 3.17 opens its GenAI screens unless told otherwise: these "
-          f"addresses say workflowType=machine_learning; for the plain root, open {base.rstrip('/')}/ and click "
-          "'Model training' at the top once: this browser then keeps it)")
+    print(
+        f"  experiment {args['experiment']} (all its job runs): "
+        + ui_url(base, exp_id, search_filter="")
+        + f"\n  experiments: {root_url(base)}\n  (MLflow 3.17 opens its GenAI screens unless told otherwise: these "
+        f"addresses say workflowType=machine_learning; for the plain root, open {base.rstrip('/')}/ and click "
+        "'Model training' at the top once: this browser then keeps it)"
+    )
     for lab, (_, job) in zip(run_labels(jobs), jobs.iterrows(), strict=True):
         if isinstance(job.get("tags.soce.view"), str) and job.get("tags.soce.distinct") != "false":
-            print(f"  search points of {lab} (parallel coordinates): "
-                  + ui_url(base, exp_id, job["tags.soce.view"], mode="CHART"))
+            print(
+                f"  search points of {lab} (parallel coordinates): "
+                + ui_url(base, exp_id, job["tags.soce.view"], mode="CHART")
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,5 +183,3 @@ def main(argv: list[str] | None = None) -> int:
         table.to_csv(out / "comparison.csv", float_format="%.2f")
         (out / "comparison.md").write_text(md + "\n")
     return 0
-
-

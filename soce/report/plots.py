@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from soce.report.analyses import ConsistencyResult, ShapleyResult
 
 
-
 def correlation_heatmap(corr: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Write the category correlation matrix as an annotated heatmap PNG."""
     import matplotlib
@@ -41,7 +40,6 @@ def correlation_heatmap(corr: pd.DataFrame, path: str | Path, title: str = "") -
     return Path(path)
 
 
-
 def _new_figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
@@ -64,8 +62,15 @@ def _heatmap(ax, corr: pd.DataFrame, title: str, annotate: bool):
         for i in range(n):
             for j in range(n):
                 v = corr.iat[i, j]
-                ax.text(j, i, "n/a" if pd.isna(v) else f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if not pd.isna(v) and abs(v) > 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    "n/a" if pd.isna(v) else f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if not pd.isna(v) and abs(v) > 0.6 else "black",
+                )
     ax.set_title(title, fontsize=9)
     return im
 
@@ -80,11 +85,18 @@ def consistency_figure(result: ConsistencyResult, path: str | Path) -> Path:
     fig = _new_figure(2 * side + 0.8, side + 0.4)
     axes = fig.subplots(1, 2)
     annotate = n <= 14
-    _heatmap(axes[0], result.corr_candidates,
-             f"candidates: mean r = {result.mean_r_candidates:.2f} (|r| {result.mean_abs_r_candidates:.2f})",
-             annotate)
-    im = _heatmap(axes[1], result.corr_soups,
-                  f"soups: mean r = {result.mean_r_soups:.2f} (|r| {result.mean_abs_r_soups:.2f})", annotate)
+    _heatmap(
+        axes[0],
+        result.corr_candidates,
+        f"candidates: mean r = {result.mean_r_candidates:.2f} (|r| {result.mean_abs_r_candidates:.2f})",
+        annotate,
+    )
+    im = _heatmap(
+        axes[1],
+        result.corr_soups,
+        f"soups: mean r = {result.mean_r_soups:.2f} (|r| {result.mean_abs_r_soups:.2f})",
+        annotate,
+    )
     fig.colorbar(im, ax=list(axes), label="Pearson r", shrink=0.8)
     sup = f"category correlation, {result.n_pairs} pairs"
     if result.excluded:
@@ -107,11 +119,21 @@ def shapley_figure(result: ShapleyResult, path: str | Path) -> Path:
     ax.axvline(0.0, color="black", lw=0.8)
     ends = df["shapley"] + np.sign(df["shapley"]) * (0.0 if xerr is None else xerr)
     for y, (v, end) in enumerate(zip(df["shapley"], ends, strict=True)):
-        ax.annotate(f"{v:.3g}", (end, y), xytext=(4 if v >= 0 else -4, 0), textcoords="offset points",
-                    ha="left" if v >= 0 else "right", va="center", fontsize=8)
+        ax.annotate(
+            f"{v:.3g}",
+            (end, y),
+            xytext=(4 if v >= 0 else -4, 0),
+            textcoords="offset points",
+            ha="left" if v >= 0 else "right",
+            va="center",
+            fontsize=8,
+        )
     how = "exact" if result.method == "exact" else f"sampled, {result.n_permutations} permutations, 95% CI"
-    ax.set_title(f"Shapley values ({how}; {result.evaluations} soups evaluated)\n"
-                 f"sum = v(all) - v(empty) = {result.grand_value - result.empty_value:.3g}", fontsize=9)
+    ax.set_title(
+        f"Shapley values ({how}; {result.evaluations} soups evaluated)\n"
+        f"sum = v(all) - v(empty) = {result.grand_value - result.empty_value:.3g}",
+        fontsize=9,
+    )
     ax.set_xlabel("contribution to the soup's score")
     ax.margins(x=0.15)
     return _save(fig, path)
@@ -202,12 +224,13 @@ def scores_figure(table: pd.DataFrame, path: str | Path, overall: str = "overall
             rel = np.where(span > 0, (vals - np.nanmin(vals, axis=0)) / span, 0.5)
         ax_map.imshow(rel, cmap="Greens", vmin=-0.15, vmax=1.15, aspect="auto")
         col_max = np.nanmax(np.where(np.isfinite(vals), vals, -np.inf), axis=0)
-        for i in range(n):
-            for j in range(k):
-                v = vals[i, j]
-                ax_map.text(j, i, "n/a" if not np.isfinite(v) else f"{v:.1f}", ha="center", va="center",
-                            fontsize=7, fontweight="bold" if v == col_max[j] and span[j] > 0 else "normal",
-                            color="white" if np.isfinite(rel[i, j]) and rel[i, j] > 0.7 else "black")
+        for i, j in np.ndindex(n, k):
+            v, dark = vals[i, j], bool(np.isfinite(rel[i, j]) and rel[i, j] > 0.7)
+            weight = "bold" if v == col_max[j] and span[j] > 0 else "normal"
+            text = "n/a" if not np.isfinite(v) else f"{v:.1f}"
+            ax_map.text(
+                j, i, text, ha="center", va="center", fontsize=7, fontweight=weight, color="white" if dark else "black"
+            )
         ax_map.set_xticks(range(k), [str(c) for c in cats], rotation=45, ha="right", fontsize=8)
         ax_map.set_title("per category\n(shade: best in column darkest)", fontsize=9)
         ax_map.set_yticks(y, [""] * n)

@@ -34,8 +34,9 @@ def sweep_runs(uri: str, experiment: str, parent: str | None = None) -> tuple[st
 
     if parent is not None:
         return parent, jobs_of(parent)
-    sweeps = mlflow.search_runs([exp.experiment_id], filter_string="tags.`soce.kind` = 'sweep'",
-                                order_by=["start_time DESC"], max_results=50)
+    sweeps = mlflow.search_runs(
+        [exp.experiment_id], filter_string="tags.`soce.kind` = 'sweep'", order_by=["start_time DESC"], max_results=50
+    )
     if sweeps.empty:
         raise LookupError(f"experiment {experiment!r} has no sweep (parent) run yet")
     for run_id in sweeps["run_id"]:  # the latest sweep that has job runs (one that failed at start has none)
@@ -53,8 +54,12 @@ def latest_experiment(uri: str, parent: str | None = None) -> str:
     mlflow.set_tracking_uri(uri)
     if parent is not None:
         return mlflow.get_experiment(mlflow.get_run(parent).info.experiment_id).name
-    sweeps = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`soce.kind` = 'sweep'",
-                                order_by=["start_time DESC"], max_results=1)
+    sweeps = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string="tags.`soce.kind` = 'sweep'",
+        order_by=["start_time DESC"],
+        max_results=1,
+    )
     if sweeps.empty:
         raise LookupError(f"no sweep in {uri} yet (a multirun makes one: python -m soce -m strategy=a,b)")
     return mlflow.get_experiment(str(sweeps["experiment_id"].iloc[0])).name
@@ -69,6 +74,7 @@ def baseline_runs(uri: str, experiment_id: str, parent: str) -> pd.DataFrame:
 
 def run_labels(jobs: pd.DataFrame) -> list[str]:
     """Each job run's label (tag soce.label, else its run name, else its strategy), made unique."""
+
     def one(job: pd.Series) -> str:
         for col in ("tags.soce.label", "tags.mlflow.runName", "params.strategy"):
             if isinstance(job.get(col), str) and job[col]:
@@ -103,20 +109,23 @@ def comparison_table(jobs: pd.DataFrame, split: str, baselines: pd.DataFrame | N
         raise LookupError(f"no job of the sweep has scores on split {split!r} yet")
     prefix = f"metrics.{split}."
     cols = [c for c in jobs.columns if c.startswith(prefix) and not c.startswith(f"{prefix}overall")]
-    cats = [c[len(prefix):] for c in cols]
+    cats = [c[len(prefix) :] for c in cols]
     if "params.categories" in jobs.columns and isinstance(jobs["params.categories"].iloc[0], str):
         cats = [metric_name(c) for c in jobs["params.categories"].iloc[0].split(",")]
     cats = [*cats, "overall"]
     jobs = jobs.sort_values("start_time")
-    rows = {lab: {c: percent(job[prefix + c]) for c in cats} for lab, (_, job) in zip(run_labels(jobs),
-                                                                                     jobs.iterrows(), strict=True)}
+    rows = {
+        lab: {c: percent(job[prefix + c]) for c in cats}
+        for lab, (_, job) in zip(run_labels(jobs), jobs.iterrows(), strict=True)
+    }
     best = _best_baseline(baselines)
     if best is not None and prefix + "overall" in best:
         rows[str(best["tags.soce.label"])] = {c: percent(best.get(prefix + c, float("nan"))) for c in cats}
     elif f"metrics.best_single.{split}.overall" in jobs.columns:
         first = jobs.iloc[0]
         rows[f"best single ({first['params.best_single']})"] = {
-            c: percent(first[f"metrics.best_single.{split}.{c}"]) for c in cats}
+            c: percent(first[f"metrics.best_single.{split}.{c}"]) for c in cats
+        }
     return pd.DataFrame.from_dict(rows, orient="index")[cats]
 
 
@@ -248,7 +257,7 @@ def family_correlation(corr: pd.DataFrame, families: dict[str, str]) -> tuple[fl
     within, across = [], []
     cats = [c for c in corr.columns if c in families]
     for i, a in enumerate(cats):
-        for b in cats[i + 1:]:
+        for b in cats[i + 1 :]:
             r = corr.at[a, b]
             if pd.notna(r):
                 (within if families[a] == families[b] else across).append(abs(r))
@@ -256,8 +265,11 @@ def family_correlation(corr: pd.DataFrame, families: dict[str, str]) -> tuple[fl
     return mean(within), mean(across)
 
 
-FIGURES = (("scores.png", "scores by job"), ("weights.png", "soup weights"),
-           ("correlation.png", "category correlation"))  # (file, alt text) of report.md's figures
+FIGURES = (
+    ("scores.png", "scores by job"),
+    ("weights.png", "soup weights"),
+    ("correlation.png", "category correlation"),
+)  # (file, alt text) of report.md's figures
 
 ORDERINGS = (  # (claim, larger row, smaller row, strict)
     ("soce_weighted > best single", "soce_weighted", "best", True),
@@ -279,7 +291,7 @@ def orderings(table: pd.DataFrame, strategies: dict[str, str] | None = None) -> 
     strategies = strategies or {str(i): str(i) for i in table.index if i != best}
     groups: dict[str, dict[str, str]] = {}
     for lab, strat in strategies.items():
-        rest = lab[len(strat):].strip() if lab.startswith(strat) else lab
+        rest = lab[len(strat) :].strip() if lab.startswith(strat) else lab
         groups.setdefault(rest, {})[strat] = lab
     out = []
     for rest, rows in groups.items():
@@ -291,8 +303,9 @@ def orderings(table: pd.DataFrame, strategies: dict[str, str] | None = None) -> 
     return out
 
 
-def sweep_report(results: list[dict], split: str | None = None,
-                 figures: list[tuple[str, str]] | tuple = FIGURES) -> str:
+def sweep_report(
+    results: list[dict], split: str | None = None, figures: list[tuple[str, str]] | tuple = FIGURES
+) -> str:
     """A short markdown report of one sweep: the overrides that varied, one row per job, heatmap, experts and
     weights per job, families, orderings."""
     first = results[0]
@@ -300,17 +313,29 @@ def sweep_report(results: list[dict], split: str | None = None,
     table = comparison_from_results(results, split)
     corr = pd.DataFrame(first["correlation"]).T.astype(float)
     varied = ", ".join(f"`{k}`" for k in first.get("varying", [])) or "none"
-    lines = [f"# SoCE sweep report: {first['benchmark']} / pool {first['pool']}", "",
-             f"{len(results)} jobs; overrides that varied: {varied}. Rows are named by them.", "",
-             f"Selection split `{first.get('select_split')}` (correlation, experts, weights); "
-             f"reported split `{split}` (accuracy %).", "", *_items_lines(first), to_markdown(table), ""]
+    lines = [
+        f"# SoCE sweep report: {first['benchmark']} / pool {first['pool']}",
+        "",
+        f"{len(results)} jobs; overrides that varied: {varied}. Rows are named by them.",
+        "",
+        f"Selection split `{first.get('select_split')}` (correlation, experts, weights); "
+        f"reported split `{split}` (accuracy %).",
+        "",
+        *_items_lines(first),
+        to_markdown(table),
+        "",
+    ]
     if first.get("select_split") == split:
-        lines += ["**Warning:** selection and report splits are the same (the paper's protocol): "
-                  "the gains are optimistic.", ""]
+        lines += [
+            "**Warning:** selection and report splits are the same (the paper's protocol): the gains are optimistic.",
+            "",
+        ]
     strategies = {_label(r): r["strategy"] for r in results if split in r["scores"]}
     lines += ["## Orderings of the paper", ""]
-    lines += [f"- {'holds' if ok else 'does NOT hold'}: {claim} ({m:+.2f} points)"
-              for claim, ok, m in orderings(table, strategies)]
+    lines += [
+        f"- {'holds' if ok else 'does NOT hold'}: {claim} ({m:+.2f} points)"
+        for claim, ok, m in orderings(table, strategies)
+    ]
     lines += ["", "## Selection", ""]
     for r in results:
         ws = ", ".join(f"{m} {w:.2f}" for m, w in r["weights"].items() if w > 0)
@@ -318,13 +343,19 @@ def sweep_report(results: list[dict], split: str | None = None,
     fam = first.get("families") or {}
     if fam:
         w, a = family_correlation(corr, fam)
-        lines += ["", f"Mean |correlation| within families {w:.2f}, across families {a:.2f} "
-                      f"(families: {', '.join(sorted(set(fam.values())))})."]
+        lines += [
+            "",
+            f"Mean |correlation| within families {w:.2f}, across families {a:.2f} "
+            f"(families: {', '.join(sorted(set(fam.values())))}).",
+        ]
     same = [r for r in results if r.get("same_soup")]
     if same:
-        lines += ["", "Jobs that made the same soup are shown once: "
-                  + "; ".join(f"`{r['label']}` stands for {', '.join(f'`{x}`' for x in r['same_soup'])}" for r in same)
-                  + "."]
+        lines += [
+            "",
+            "Jobs that made the same soup are shown once: "
+            + "; ".join(f"`{r['label']}` stands for {', '.join(f'`{x}`' for x in r['same_soup'])}" for r in same)
+            + ".",
+        ]
     for file, alt in figures:
         lines += ["", f"![{alt}]({file})"]
     return "\n".join([*lines, ""])
@@ -394,8 +425,10 @@ def markdown_html(md: str, folder: Path) -> str:
         return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(f.read_bytes()).decode()})"
 
     body = MarkdownIt("commonmark").enable("table").render(re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", embed, md))
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:1em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:1em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}"
+    )
     return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{body}</body></html>"
 
 
@@ -463,25 +496,43 @@ def save_sweep_views(parent: ParentInfo, results: list[dict]) -> dict[str, str]:
     c = client(parent.uri)
     _tag_distinct(c, results, kept)
     swept = list(short_keys(first.get("varying") or []).values())
-    cols = [*(column("params", k) for k in swept), column("metrics", f"{main_split}.overall"),
-            column("metrics", f"{sel}.overall"), column("params", "experts")]
+    cols = [
+        *(column("params", k) for k in swept),
+        column("metrics", f"{main_split}.overall"),
+        column("metrics", f"{sel}.overall"),
+        column("params", "experts"),
+    ]
     flt = sweep_filter(parent.run_id) + " and tags.`soce.distinct` = 'true'"
-    keys = {"jobs": save_view(parent.uri, parent.experiment_id, f"soce-{parent.run_id}", flt,
-                              list(dict.fromkeys(cols)), order_by=column("metrics", f"{main_split}.overall"),
-                              name=f"soce sweep {parent.run_id[:8]}: jobs, best first (scores 0-1)")}
+    keys = {
+        "jobs": save_view(
+            parent.uri,
+            parent.experiment_id,
+            f"soce-{parent.run_id}",
+            flt,
+            list(dict.fromkeys(cols)),
+            order_by=column("metrics", f"{main_split}.overall"),
+            name=f"soce sweep {parent.run_id[:8]}: jobs, best first (scores 0-1)",
+        )
+    }
     c.set_tag(parent.run_id, "soce.view", keys["jobs"])
     for r in kept:
         run_id = r.get("mlflow_run_id")
-        if not run_id or not find_runs(parent.uri, parent.experiment_id,
-                                       {"mlflow.parentRunId": run_id, "soce.kind": "search_point"}):
+        if not run_id or not find_runs(
+            parent.uri, parent.experiment_id, {"mlflow.parentRunId": run_id, "soce.kind": "search_point"}
+        ):
             continue
         ws = [mlflow_key(f"w.{m}") for m in r.get("experts") or [m for m, w in r["weights"].items() if w > 0]]
         metric = f"{sel}.overall"
-        keys[_label(r)] = save_view(parent.uri, parent.experiment_id, f"soce-points-{run_id}",
-                                    sweep_filter(run_id, "search_point"),
-                                    [column("params", w) for w in ws] + [column("metrics", metric)],
-                                    order_by=column("metrics", metric), parallel=(ws, [metric]),
-                                    name=f"soce {_label(r)}: weight search points (scores 0-1)")
+        keys[_label(r)] = save_view(
+            parent.uri,
+            parent.experiment_id,
+            f"soce-points-{run_id}",
+            sweep_filter(run_id, "search_point"),
+            [column("params", w) for w in ws] + [column("metrics", metric)],
+            order_by=column("metrics", metric),
+            parallel=(ws, [metric]),
+            name=f"soce {_label(r)}: weight search points (scores 0-1)",
+        )
         c.set_tag(run_id, "soce.view", keys[_label(r)])
     return keys
 

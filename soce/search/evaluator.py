@@ -49,9 +49,14 @@ class SoupEvaluator:
         if not self.fingerprints:
             memo = Path(self.cache.root) / "fingerprints"  # full hashes of large checkpoints, once per change
             self.fingerprints = {name: model_fingerprint(path, memo_dir=memo) for name, path in self.models.items()}
-        self.context = {"benchmark": self.evaluator.fingerprint(), "metric": self.evaluator.benchmark.metric,
-                        "dtype": self.dtype, "device": self.device.split(":")[0], "lm_eval": lm_eval_version(),
-                        "format": CACHE_FORMAT}
+        self.context = {
+            "benchmark": self.evaluator.fingerprint(),
+            "metric": self.evaluator.benchmark.metric,
+            "dtype": self.dtype,
+            "device": self.device.split(":")[0],
+            "lm_eval": lm_eval_version(),
+            "format": CACHE_FORMAT,
+        }
         self.operator = _operator(self.merge)
         if self.operator is not None:  # soups of several ingredients differ by operator (and base)
             memo = Path(self.cache.root) / "fingerprints"
@@ -70,8 +75,11 @@ class SoupEvaluator:
     def scores(self, weights: dict[str, float], split: str) -> Scores:
         """Scores of the soup ``weights`` ({name: weight}, any positive sum) on the whole ``split``."""
         live = _live(weights)
-        return self.cache.get_or_compute(self.key(live, split), lambda: self._evaluate(live, split, None),
-                                         categories=self.evaluator.benchmark.categories)
+        return self.cache.get_or_compute(
+            self.key(live, split),
+            lambda: self._evaluate(live, split, None),
+            categories=self.evaluator.benchmark.categories,
+        )
 
     def item_scores(self, weights: dict[str, float], split: str, items: dict[str, list[str]]) -> Scores:
         """Per-item scores of the soup on ``items`` of ``split`` ({category: [item id]}), cached per item:
@@ -123,15 +131,25 @@ class SoupEvaluator:
         if not set(live) <= set(resident):
             names = [n for n in self.candidates if n in live or n in resident]
             self._remixer = None  # free the old experts before loading the new set
-            self._remixer = Remixer({n: self.models[n] for n in names}, dtype=self.dtype,
-                                    device=None if self.device_map is not None else self.device,
-                                    device_map=self.device_map, max_memory=self.max_memory,
-                                    expert_placement=self.expert_placement, merge=self.merge or None,
-                                    base=self.base)
+            self._remixer = Remixer(
+                {n: self.models[n] for n in names},
+                dtype=self.dtype,
+                device=None if self.device_map is not None else self.device,
+                device_map=self.device_map,
+                max_memory=self.max_memory,
+                expert_placement=self.expert_placement,
+                merge=self.merge or None,
+                base=self.base,
+            )
         return self._remixer
 
-    def scores_many(self, points: list[dict[str, float]], split: str, workers: list[SoupEvaluator] | None = None,
-                    on_done: Any = None) -> list[Scores]:
+    def scores_many(
+        self,
+        points: list[dict[str, float]],
+        split: str,
+        workers: list[SoupEvaluator] | None = None,
+        on_done: Any = None,
+    ) -> list[Scores]:
         """:meth:`scores` of several soups, spread over ``workers`` (SoupEvaluators, one per GPU or GPU group:
         :func:`on_devices`) when given; results in point order, the same as the serial loop."""
         from functools import partial
@@ -155,12 +173,17 @@ class SoupEvaluator:
         mix = sorted(t[0] for t in self.timings)
         ev = sorted(t[1] for t in self.timings)
         mid = len(self.timings) // 2
-        return {"soups": len(self.timings), "mix_s_median": round(mix[mid], 5), "eval_s_median": round(ev[mid], 4),
-                "mix_over_eval": round(mix[mid] / ev[mid], 5) if ev[mid] else float("nan")}
+        return {
+            "soups": len(self.timings),
+            "mix_s_median": round(mix[mid], 5),
+            "eval_s_median": round(ev[mid], 4),
+            "mix_over_eval": round(mix[mid] / ev[mid], 5) if ev[mid] else float("nan"),
+        }
 
 
-def on_devices(base: SoupEvaluator, n_workers: int, make_evaluator: Any, gpus_per_worker: int = 1,
-               n_gpus: int | None = None) -> list[SoupEvaluator]:
+def on_devices(
+    base: SoupEvaluator, n_workers: int, make_evaluator: Any, gpus_per_worker: int = 1, n_gpus: int | None = None
+) -> list[SoupEvaluator]:
     """``n_workers`` SoupEvaluators for a parallel search: one per GPU (or group of ``gpus_per_worker`` GPUs, the
     live model sharded over it; no GPU: all on ``base.device``), sharing ``base``'s models, caches and
     fingerprints, each with its own benchmark evaluator (``make_evaluator(device)``: threads must not share
@@ -182,8 +205,17 @@ def on_devices(base: SoupEvaluator, n_workers: int, make_evaluator: Any, gpus_pe
         if not out and not place and same and base.device_map is None:
             out.append(base)
         else:
-            out.append(dataclasses.replace(base, evaluator=make_evaluator(device), device=device, timings=[],
-                                           _remixer=None, _tokenizer=None, **place))
+            out.append(
+                dataclasses.replace(
+                    base,
+                    evaluator=make_evaluator(device),
+                    device=device,
+                    timings=[],
+                    _remixer=None,
+                    _tokenizer=None,
+                    **place,
+                )
+            )
     return out
 
 

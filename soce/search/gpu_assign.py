@@ -67,8 +67,9 @@ def _try_slots(slots: list[list[str]], lock_dir: Path) -> tuple[list[str], int] 
     return None
 
 
-def claim(gpus_per_job: int = 1, lock_dir: str | Path | None = None, poll_s: float = 1.0,
-          timeout_s: float | None = None) -> list[str] | None:
+def claim(
+    gpus_per_job: int = 1, lock_dir: str | Path | None = None, poll_s: float = 1.0, timeout_s: float | None = None
+) -> list[str] | None:
     """Claim a free slot of ``gpus_per_job`` GPUs for this process (once; later calls return the same) and set
     ``CUDA_VISIBLE_DEVICES`` to it. Returns the GPU ids, or None when there are no GPUs (CPU jobs). Waits
     (polling every ``poll_s`` seconds, up to ``timeout_s``; None: forever) while every slot is taken. Raises
@@ -82,7 +83,7 @@ def claim(gpus_per_job: int = 1, lock_dir: str | Path | None = None, poll_s: flo
         raise RuntimeError("gpu_assign: CUDA is already initialised in this process; claim a GPU before any CUDA call")
     if gpus_per_job < 1 or gpus_per_job > len(gpus):
         raise ValueError(f"gpu_assign: gpus_per_job={gpus_per_job} with {len(gpus)} GPUs visible")
-    slots = [gpus[s:s + gpus_per_job] for s in range(0, len(gpus) - gpus_per_job + 1, gpus_per_job)]
+    slots = [gpus[s : s + gpus_per_job] for s in range(0, len(gpus) - gpus_per_job + 1, gpus_per_job)]
     d = _lock_dir(lock_dir)
     t0 = time.monotonic()
     while (got := _try_slots(slots, d)) is None:

@@ -71,8 +71,9 @@ def evaluate_points(workers: Sequence[Worker], points: Sequence[Point], on_done:
                 with lock:
                     on_done(i, points[i], r)
 
-    threads = [threading.Thread(target=drive, args=(w,), name=f"soce-points-{k}", daemon=True)
-               for k, w in enumerate(workers)]
+    threads = [
+        threading.Thread(target=drive, args=(w,), name=f"soce-points-{k}", daemon=True) for k, w in enumerate(workers)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -115,8 +116,12 @@ class ProcessWorker:
     def __init__(self, factory: Callable[..., Worker], *args: Any, env: Mapping[str, str] | None = None):
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, factory, args, dict(env or {})), daemon=True,
-                                 name=f"soce-worker-{getattr(factory, '__name__', 'factory')}")
+        self._proc = ctx.Process(
+            target=_serve,
+            args=(child, factory, args, dict(env or {})),
+            daemon=True,
+            name=f"soce-worker-{getattr(factory, '__name__', 'factory')}",
+        )
         self._proc.start()
         child.close()
         self.pid: int | None = None

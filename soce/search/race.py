@@ -67,14 +67,18 @@ class RaceSettings:
 
     def check(self) -> None:
         """Raise SelectionError (one line) on a value the rule cannot use."""
-        problems = [(not 0 < self.delta < 1, f"search.race_delta must be in (0, 1), got {self.delta}"),
-                    (not 0 < self.start <= 1, f"search.race_start must be in (0, 1], got {self.start}"),
-                    (not self.growth > 1, f"search.race_growth must be > 1, got {self.growth}"),
-                    (self.finalists < 1, f"search.race_finalists must be >= 1, got {self.finalists}"),
-                    (self.min_items < 2, f"race min_items must be >= 2, got {self.min_items}"),
-                    (not 0 < self.keep <= 1, f"search.race_keep must be in (0, 1], got {self.keep}"),
-                    (self.budget is not None and not self.budget > 0,
-                     f"search.budget must be > 0 full selection-split evaluations, got {self.budget}")]
+        problems = [
+            (not 0 < self.delta < 1, f"search.race_delta must be in (0, 1), got {self.delta}"),
+            (not 0 < self.start <= 1, f"search.race_start must be in (0, 1], got {self.start}"),
+            (not self.growth > 1, f"search.race_growth must be > 1, got {self.growth}"),
+            (self.finalists < 1, f"search.race_finalists must be >= 1, got {self.finalists}"),
+            (self.min_items < 2, f"race min_items must be >= 2, got {self.min_items}"),
+            (not 0 < self.keep <= 1, f"search.race_keep must be in (0, 1], got {self.keep}"),
+            (
+                self.budget is not None and not self.budget > 0,
+                f"search.budget must be > 0 full selection-split evaluations, got {self.budget}",
+            ),
+        ]
         for bad, message in problems:
             if bad:
                 raise SelectionError(message)
@@ -98,6 +102,7 @@ class RaceOutcome:
 
 def item_order(item_ids: dict[str, list[str]], seed: int) -> dict[str, list[str]]:
     """Each category's items in the race's deterministic order (a seeded hash of category and id)."""
+
     def rank(c: str, i: str) -> str:
         return hashlib.sha256(f"{seed}\0{c}\0{i}".encode()).hexdigest()
 
@@ -162,8 +167,13 @@ def z_level(delta: float, n_points: int, n_rounds: int) -> float:
     return NormalDist().inv_cdf(1 - delta / (max(1, n_points - 1) * max(1, n_rounds)))
 
 
-def race(n_points: int, item_ids: dict[str, list[str]], score_items: ScoreItems, settings: RaceSettings,
-         category_weights: dict[str, float] | None = None) -> RaceOutcome:
+def race(
+    n_points: int,
+    item_ids: dict[str, list[str]],
+    score_items: ScoreItems,
+    settings: RaceSettings,
+    category_weights: dict[str, float] | None = None,
+) -> RaceOutcome:
     """Race points ``0..n_points-1`` on the selection split's items (module docstring); return the winner."""
     settings.check()
     if n_points < 1:
@@ -171,8 +181,9 @@ def race(n_points: int, item_ids: dict[str, list[str]], score_items: ScoreItems,
     cats = [c for c in item_ids if item_ids[c]]
     if not cats:
         raise SelectionError("the race needs selection-split items; the split has none")
-    state = _Race(n_points, {c: item_ids[c] for c in cats}, score_items, settings,
-                  objective_weights(cats, category_weights))
+    state = _Race(
+        n_points, {c: item_ids[c] for c in cats}, score_items, settings, objective_weights(cats, category_weights)
+    )
     return state.run()
 
 
@@ -197,16 +208,21 @@ class _Race:
         self.z = z_level(s.delta, self.n_points, len(self.plan) - 1)
         self.cap = None if s.budget is None else math.floor(s.budget * self.total + 1e-9)
         first = sum(self.plan[0].values())
-        least = (self.n_points * self.total if self.n_points <= s.finalists or len(self.plan) == 1
-                 else self.n_points * first + self.total - first)
+        least = (
+            self.n_points * self.total
+            if self.n_points <= s.finalists or len(self.plan) == 1
+            else self.n_points * first + self.total - first
+        )
         rest = self.total - first
-        self.k_max = (self.n_points if self.cap is None or not rest
-                      else max(1, (self.cap - self.n_points * first) // rest))  # finalists the budget allows
+        self.k_max = (
+            self.n_points if self.cap is None or not rest else max(1, (self.cap - self.n_points * first) // rest)
+        )  # finalists the budget allows
         if self.cap is not None and least > self.cap:
             raise SelectionError(
                 f"search.budget={s.budget} full selection-split evaluations is below the race's minimum "
                 f"{least / self.total:.2f} for {self.n_points} points ({100 * s.start:g}% of the items each, then "
-                f"one finalist on the rest); raise search.budget or lower search.race_start")
+                f"one finalist on the rest); raise search.budget or lower search.race_start"
+            )
 
     def run(self) -> RaceOutcome:
         alive = list(range(self.n_points))
@@ -237,8 +253,9 @@ class _Race:
                     try:
                         have[c][i] = float(got[c][i])
                     except (KeyError, TypeError):
-                        raise SelectionError(f"point {p}: item evaluation returned no score for item {i!r} "
-                                             f"of category {c!r}") from None
+                        raise SelectionError(
+                            f"point {p}: item evaluation returned no score for item {i!r} of category {c!r}"
+                        ) from None
             self.spent += sum(len(ids) for ids in new.values())
 
     def _scores(self, p: int, m: dict[str, int]) -> dict[str, np.ndarray]:
@@ -261,9 +278,18 @@ class _Race:
             for p in cut:
                 self.dropped[p] = r + 1
             keep = [p for p in keep if p not in set(cut)]
-        self.rounds.append({"round": r + 1, "items_per_point": sum(m.values()), "fraction": sum(m.values()) /
-                            self.total, "alive": len(alive), "dropped": len(alive) - len(keep),
-                            "leader": leader, "leader_estimate": est[leader], "items_spent": self.spent})
+        self.rounds.append(
+            {
+                "round": r + 1,
+                "items_per_point": sum(m.values()),
+                "fraction": sum(m.values()) / self.total,
+                "alive": len(alive),
+                "dropped": len(alive) - len(keep),
+                "leader": leader,
+                "leader_estimate": est[leader],
+                "items_spent": self.spent,
+            }
+        )
         return keep
 
     def _affordable(self, alive: list[int], r: int) -> bool:
@@ -291,12 +317,23 @@ class _Race:
         ys = {p: self._scores(p, full) for p in finalists}
         overall = {p: estimate(ys[p], self.a) for p in finalists}
         best = min(finalists, key=lambda p: (-overall[p], p))
-        self.rounds.append({"round": r + 1, "items_per_point": self.total, "fraction": 1.0, "alive": len(finalists),
-                            "dropped": len(finalists) - 1, "leader": best, "leader_estimate": overall[best],
-                            "items_spent": self.spent, "finals": True})
+        self.rounds.append(
+            {
+                "round": r + 1,
+                "items_per_point": self.total,
+                "fraction": 1.0,
+                "alive": len(finalists),
+                "dropped": len(finalists) - 1,
+                "leader": best,
+                "leader_estimate": overall[best],
+                "items_spent": self.spent,
+                "finals": True,
+            }
+        )
         scores = {c: float(ys[best][c].mean()) for c in self.order}
-        return RaceOutcome(best, {**scores, "overall": overall[best]}, self._table(overall), self.rounds,
-                           self.spent, self.total)
+        return RaceOutcome(
+            best, {**scores, "overall": overall[best]}, self._table(overall), self.rounds, self.spent, self.total
+        )
 
     def _table(self, full: dict[int, float]) -> list[dict]:
         rows = []
@@ -305,7 +342,14 @@ class _Race:
             n = sum(len(v) for v in have.values())
             reached = next((k + 1 for k, m in enumerate(self.plan) if sum(m.values()) >= n), 0) if n else 0
             sub = {c: np.array(list(have[c].values())) for c in have} if n else {}
-            rows.append({"point": p, "items": n, "rounds": reached, "dropped_in_round": self.dropped.get(p),
-                         "estimate": estimate(sub, self.a) if n else float("nan"),
-                         "full_overall": full.get(p, float("nan"))})
+            rows.append(
+                {
+                    "point": p,
+                    "items": n,
+                    "rounds": reached,
+                    "dropped_in_round": self.dropped.get(p),
+                    "estimate": estimate(sub, self.a) if n else float("nan"),
+                    "full_overall": full.get(p, float("nan")),
+                }
+            )
         return rows

@@ -69,8 +69,11 @@ def spent(points: int, full_evaluations: float, item_ids: dict[str, list[str]] |
     """What a search spent, for ``SearchResult.notes``: points tried, items evaluated (None when the split's
     items are unknown) and full selection-split equivalents (items / items in the split)."""
     n = sum(len(v) for v in item_ids.values()) if item_ids else None
-    return {"points": points, "items_evaluated": None if n is None else round(full_evaluations * n),
-            "full_split_equivalents": full_evaluations}
+    return {
+        "points": points,
+        "items_evaluated": None if n is None else round(full_evaluations * n),
+        "full_split_equivalents": full_evaluations,
+    }
 
 
 @search("grid")
@@ -82,7 +85,8 @@ def grid(ctx: SearchContext) -> method.SearchResult:
     if c.budget is not None and len(points) > c.budget:
         raise method.SelectionError(
             f"search=grid needs {len(points)} full selection-split evaluations for {len(ctx.ingredients)} experts, "
-            f"over search.budget={c.budget:g}; raise the budget, or use search=race or search=optuna")
+            f"over search.budget={c.budget:g}; raise the budget, or use search=race or search=optuna"
+        )
     evaluate = ctx.evaluate
     if ctx.evaluate_many is not None:  # every point at once over the workers, then the serial search replayed
         from soce.search import parallel
@@ -106,8 +110,16 @@ def optuna(ctx: SearchContext) -> method.SearchResult:
     if c.budget is not None and c.budget < n_trials:
         n_trials = max(1, math.floor(c.budget))
         log.info("search.budget=%g caps optuna at %d trials (n_trials=%d)", c.budget, n_trials, c.n_trials)
-    result = method.optuna_points(ctx.ingredients, ctx.evaluate, n_trials, c.seed, c.storage,
-                                  min_weight=c.min_weight, on_point=ctx.on_point, sampler=c.sampler)
+    result = method.optuna_points(
+        ctx.ingredients,
+        ctx.evaluate,
+        n_trials,
+        c.seed,
+        c.storage,
+        min_weight=c.min_weight,
+        on_point=ctx.on_point,
+        sampler=c.sampler,
+    )
     distinct = len(result.trace[[f"w.{n}" for n in ctx.ingredients]].drop_duplicates())  # repeats: cached
     result.notes = {**spent(len(result.trace), float(distinct), ctx.item_ids), "trials": n_trials}
     return result
@@ -115,8 +127,13 @@ def optuna(ctx: SearchContext) -> method.SearchResult:
 
 def race_settings(c: SearchConfig) -> racing.RaceSettings:
     """The racing rule's settings from ``search.race_*`` (null: the rule's own default) and seed/budget."""
-    given = {"delta": c.race_delta, "start": c.race_start, "growth": c.race_growth, "finalists": c.race_finalists,
-             "keep": c.race_keep}
+    given = {
+        "delta": c.race_delta,
+        "start": c.race_start,
+        "growth": c.race_growth,
+        "finalists": c.race_finalists,
+        "keep": c.race_keep,
+    }
     return racing.RaceSettings(**{k: v for k, v in given.items() if v is not None}, seed=c.seed, budget=c.budget)
 
 
@@ -126,25 +143,40 @@ def race(ctx: SearchContext) -> method.SearchResult:
     optuna's proposals (``search.proposal``), dropped on paired confidence bounds, finalists on the whole split."""
     c, names = ctx.config, ctx.ingredients
     if ctx.evaluate_items is None or not ctx.item_ids:
-        raise method.SelectionError("search=race needs item-level evaluations of the selection split; this job's "
-                                    "evaluator has none (use search=grid or search=optuna)")
+        raise method.SelectionError(
+            "search=race needs item-level evaluations of the selection split; this job's "
+            "evaluator has none (use search=grid or search=optuna)"
+        )
     settings = race_settings(c)
     memo = _ItemMemo(ctx)
     points = race_points(ctx, settings, memo)
-    outcome = racing.race(len(points), ctx.item_ids, lambda p, items: memo.get(points[p], items), settings,
-                          ctx.category_weights)
+    outcome = racing.race(
+        len(points), ctx.item_ids, lambda p, items: memo.get(points[p], items), settings, ctx.category_weights
+    )
     best = dict(zip(names, points[outcome.best], strict=True))
-    rows = [{**{f"w.{n}": w for n, w in zip(names, points[r["point"]], strict=True)}, **r,
-             "overall": r.pop("full_overall")} for r in outcome.points]
+    rows = [
+        {**{f"w.{n}": w for n, w in zip(names, points[r["point"]], strict=True)}, **r, "overall": r.pop("full_overall")}
+        for r in outcome.points
+    ]
     for r in rows:
         if not math.isnan(r["overall"]) and ctx.on_point is not None:
             ctx.on_point(r["point"], dict(zip(names, points[r["point"]], strict=True)), {"overall": r["overall"]})
-    notes = {**spent(len(points), outcome.full_split_equivalents, ctx.item_ids),
-             "items_evaluated": outcome.items_evaluated, "rounds": outcome.rounds,
-             "proposal": c.proposal, "rule": "paired z race (Bonferroni) + halving",
-             "delta": settings.delta, "budget": settings.budget}
-    log.info("race: %d points, %d items evaluated (%.2f full-split equivalents) -> %s", len(points),
-             outcome.items_evaluated, outcome.full_split_equivalents, best)
+    notes = {
+        **spent(len(points), outcome.full_split_equivalents, ctx.item_ids),
+        "items_evaluated": outcome.items_evaluated,
+        "rounds": outcome.rounds,
+        "proposal": c.proposal,
+        "rule": "paired z race (Bonferroni) + halving",
+        "delta": settings.delta,
+        "budget": settings.budget,
+    }
+    log.info(
+        "race: %d points, %d items evaluated (%.2f full-split equivalents) -> %s",
+        len(points),
+        outcome.items_evaluated,
+        outcome.full_split_equivalents,
+        best,
+    )
     return method.SearchResult(best, outcome.scores, pd.DataFrame(rows), notes)
 
 
@@ -162,8 +194,7 @@ def race_points(ctx: SearchContext, settings: racing.RaceSettings, memo: _ItemMe
         got = memo.get(tuple(weights[n] for n in names), first)
         return {"overall": sum(a[k] * sum(v.values()) / len(v) for k, v in got.items())}
 
-    trials = method.optuna_points(names, on_subset, c.n_trials, c.seed, None, min_weight=c.min_weight,
-                                  sampler=proposal)
+    trials = method.optuna_points(names, on_subset, c.n_trials, c.seed, None, min_weight=c.min_weight, sampler=proposal)
     return list(dict.fromkeys(tuple(float(r[f"w.{n}"]) for n in names) for _, r in trials.trace.iterrows()))
 
 
@@ -190,9 +221,12 @@ def item_table(scores: dict[str, Any]) -> dict[str, dict[str, float]]:
     """``{category: {item_id: score}}`` from an item evaluation: a :data:`soce.benchmarks.Scores` dict (``samples``
     and ``item_ids``, same order) or already ``{category: {item_id: score}}``."""
     if "samples" in scores and "item_ids" in scores:
-        return {c: {str(i): float(s) for i, s in zip(scores["item_ids"][c], scores["samples"][c], strict=True)}
-                for c in scores["samples"]}
+        return {
+            c: {str(i): float(s) for i, s in zip(scores["item_ids"][c], scores["samples"][c], strict=True)}
+            for c in scores["samples"]
+        }
     if all(isinstance(v, dict) for v in scores.values()):
         return {c: {str(i): float(s) for i, s in v.items()} for c, v in scores.items()}
-    raise method.SelectionError("an item evaluation returned neither per-item samples with item_ids nor "
-                                "{category: {item_id: score}}")
+    raise method.SelectionError(
+        "an item evaluation returned neither per-item samples with item_ids nor {category: {item_id: score}}"
+    )

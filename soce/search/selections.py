@@ -83,5 +83,6 @@ def select(population: pd.DataFrame, candidates: pd.DataFrame, cfg: SelectionCon
         raise method.SelectionError(f"unknown selection.method {cfg.method!r}; available: {', '.join(SELECTIONS)}")
     corr = method.category_correlation(population)
     weak, experts = SELECTIONS[cfg.method](corr, candidates, cfg)
-    return Selection(corr, weak, experts, method.distinct_experts(experts, candidates, cfg.max_experts),
-                     cfg.max_experts)
+    return Selection(
+        corr, weak, experts, method.distinct_experts(experts, candidates, cfg.max_experts), cfg.max_experts
+    )

@@ -26,5 +26,18 @@ from soce.soup.io import Checkpoint, SoupError, TensorInfo, open_checkpoint, rea
 from soce.soup.remix import Remixer
 from soce.soup.writer import parse_size, write_soup
 
-__all__ = ["Checkpoint", "Coefficients", "Remixer", "SoupError", "TensorInfo", "check_models", "check_weights",
-           "mix_into", "open_checkpoint", "parse_size", "read_header", "reference_soup", "write_soup"]
+__all__ = [
+    "Checkpoint",
+    "Coefficients",
+    "Remixer",
+    "SoupError",
+    "TensorInfo",
+    "check_models",
+    "check_weights",
+    "mix_into",
+    "open_checkpoint",
+    "parse_size",
+    "read_header",
+    "reference_soup",
+    "write_soup",
+]

@@ -26,17 +26,22 @@ class Coefficients:
     zero: torch.Tensor  # one +0.0 element: the accumulator's start, broadcast
 
     @staticmethod
-    def make(weights: list[float], acc: torch.dtype, device: torch.device | str = "cpu",
-             normalize: bool = True) -> Coefficients:
+    def make(
+        weights: list[float], acc: torch.dtype, device: torch.device | str = "cpu", normalize: bool = True
+    ) -> Coefficients:
         w = torch.tensor(weights, dtype=acc)
         den = w.sum()
         keep = normalize and bool(den != 1)
-        return Coefficients([w[j:j + 1].to(device) for j in range(len(weights))],
-                            den.reshape(1).to(device) if keep else None, torch.zeros(1, dtype=acc, device=device))
+        return Coefficients(
+            [w[j : j + 1].to(device) for j in range(len(weights))],
+            den.reshape(1).to(device) if keep else None,
+            torch.zeros(1, dtype=acc, device=device),
+        )
 
 
-def mix_into(out: torch.Tensor, srcs: list[torch.Tensor], co: Coefficients, acc: torch.Tensor,
-             tmp: torch.Tensor | None = None) -> None:
+def mix_into(
+    out: torch.Tensor, srcs: list[torch.Tensor], co: Coefficients, acc: torch.Tensor, tmp: torch.Tensor | None = None
+) -> None:
     """``out <- round(fma-accumulate(ws[j] * srcs[j]) / den)``: ``acc`` (accumulation dtype) starts at +0 and
     takes ``acc += w_j * src_j`` with one rounding per step (``addcmul_``, a fused multiply-add on CPU and
     GPU), in candidate order; then the division by the weights' sum when it is not 1, then one rounding to
@@ -73,8 +78,9 @@ def nonfinite_at(out: torch.Tensor, acc: torch.Tensor, srcs: list[torch.Tensor])
     return None
 
 
-def reference_soup(tensors: list[torch.Tensor], weights: list[float], dtype: torch.dtype | None = None,
-                   normalize: bool = True) -> torch.Tensor:
+def reference_soup(
+    tensors: list[torch.Tensor], weights: list[float], dtype: torch.dtype | None = None, normalize: bool = True
+) -> torch.Tensor:
     """Plain torch reference of one soup tensor, written independently of the streaming code: float32
     (float64 for float64 inputs) fused multiply-add accumulation from zero in order, divided by the weights'
     float32 sum unless that is 1, rounded to ``dtype`` (default: the inputs' dtype)."""

@@ -18,27 +18,34 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 CHOSEN_KEYS = ("benchmark", "split", "objective", "score")  # recipe keys shown as "where it was chosen"
 ARITHMETIC = {
     "linear": "float32 fused multiply-add from 0 in candidate order (float64 for float64 tensors), divided by"
-              " the float32 sum of the weights unless it is 1, rounded to the output dtype",
+    " the float32 sum of the weights unless it is 1, rounded to the output dtype",
     "task_vector": "mergekit 0.1.5's generalized task arithmetic in float32 (float64 for float64 tensors):"
-                   " tau_j = M_j - base, sparsified, times w_j, combined, normalised, times lambda, plus the"
-                   " base, rounded once to the output dtype",
+    " tau_j = M_j - base, sparsified, times w_j, combined, normalised, times lambda, plus the"
+    " base, rounded once to the output dtype",
 }
 DESCRIPTION = {
     "linear": "A linear model soup: every tensor is the weighted average of the candidates' tensors, accumulated"
-              " in float32 and rounded to the output dtype.",
+    " in float32 and rounded to the output dtype.",
     "task_arithmetic": "Task arithmetic: every tensor is base + lambda * sum_j w_j (M_j - base).",
     "ties": "TIES merging: each task vector M_j - base trimmed to its largest magnitudes (density), the sign"
-            " elected per element, the agreeing entries averaged by weight, added to the base.",
+    " elected per element, the agreeing entries averaged by weight, added to the base.",
     "dare_linear": "DARE: each task vector M_j - base keeps a random fraction (density) of its entries,"
-                   " rescaled, then task arithmetic.",
+    " rescaled, then task arithmetic.",
     "dare_ties": "DARE with TIES' sign election: random drop and rescale of each task vector, then TIES'"
-                 " election and weighted mean, added to the base.",
+    " election and weighted mean, added to the base.",
 }
 
 
-def recipe(ckpts: list[Checkpoint], ws: dict[str, float], donor: str, dtype: torch.dtype | None,
-           alias: dict[str, str], extra: Mapping[str, Any] | None, spec: MergeSpec,
-           base: Checkpoint | None = None) -> dict:
+def recipe(
+    ckpts: list[Checkpoint],
+    ws: dict[str, float],
+    donor: str,
+    dtype: torch.dtype | None,
+    alias: dict[str, str],
+    extra: Mapping[str, Any] | None,
+    spec: MergeSpec,
+    base: Checkpoint | None = None,
+) -> dict:
     """The recipe of a soup: soce version, operator and parameters, candidates with their weights (linear:
     normalised to sum 1 as well as given; task vectors: as given), base, donor, dtype, duplicates merged,
     plus ``extra`` (the caller's keys: strategy, split, objective, score...)."""
@@ -51,9 +58,12 @@ def recipe(ckpts: list[Checkpoint], ws: dict[str, float], donor: str, dtype: tor
         "method": spec.method,
         "accumulation": ARITHMETIC["linear" if linear else "task_vector"],
         "candidates": [
-            {"name": c.name, "path": str(c.path),
-             "weight": ws.get(c.name, 0.0) / total if linear else ws.get(c.name, 0.0),
-             "given_weight": ws.get(c.name, 0.0)}
+            {
+                "name": c.name,
+                "path": str(c.path),
+                "weight": ws.get(c.name, 0.0) / total if linear else ws.get(c.name, 0.0),
+                "given_weight": ws.get(c.name, 0.0),
+            }
             for c in ckpts
         ],
         "donor": donor,
@@ -90,20 +100,31 @@ def model_card(rec: dict, n_shards: int, copied: list[str]) -> str:
 
     used = [c for c in rec["candidates"] if c["weight"] > 0]
     hub = ([base_model(rec["base"])] if rec.get("base") else []) + [
-        base_model(c["path"], (rec.get("hub_ids") or {}).get(c["name"])) for c in used]
-    front = {**({"base_model": [h for h in hub if h]} if any(hub) else {}), "library_name": "transformers",
-             "tags": ["merge", "soce"] + ([rec["method"]] if rec["method"] != "linear" else [])}
+        base_model(c["path"], (rec.get("hub_ids") or {}).get(c["name"])) for c in used
+    ]
+    front = {
+        **({"base_model": [h for h in hub if h]} if any(hub) else {}),
+        "library_name": "transformers",
+        "tags": ["merge", "soce"] + ([rec["method"]] if rec["method"] != "linear" else []),
+    }
     rows = "\n".join(f"| {c['name']} | `{c['path']}` | {c['weight']:.6g} |" for c in rec["candidates"])
     chosen = "\n".join(f"- {k}: {rec[k]}" for k in CHOSEN_KEYS if rec.get(k) is not None)
     params = rec.get("merge") if rec["method"] != "linear" else None
-    op = (f"Operator **{rec['method']}** with {', '.join(f'{k}={v}' for k, v in params.items() if k != 'method')}"
-          f" over the base `{rec['base']}`.\n\n") if params else ""
+    op = (
+        (
+            f"Operator **{rec['method']}** with {', '.join(f'{k}={v}' for k, v in params.items() if k != 'method')}"
+            f" over the base `{rec['base']}`.\n\n"
+        )
+        if params
+        else ""
+    )
     extra = {k: v for k, v in rec.items() if k not in ("candidates",)}
     return (
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
         f"# Model soup: {rec.get('strategy', rec['method'])}, {len(used)} ingredient(s)\n\n"
-        f"{DESCRIPTION[rec['method']]} Written by soce {rec['soce_version']}.\n\n" + op +
-        "| candidate | path | weight |\n|---|---|---|\n"
+        f"{DESCRIPTION[rec['method']]} Written by soce {rec['soce_version']}.\n\n"
+        + op
+        + "| candidate | path | weight |\n|---|---|---|\n"
         f"{rows}\n\n"
         "## Where it was chosen\n\n" + (chosen or "Weights given by the caller (no benchmark recorded).") + "\n\n"
         f"Config, generation config and tokenizer copied from donor **{rec['donor']}**: "

@@ -16,22 +16,28 @@ from soce.soup.io import AVERAGED, DTYPE_NAMES, ST_DTYPES, Checkpoint, SoupError
 log = logging.getLogger(__name__)
 
 
-def nonfinite_error(key: str, index: int, sources: list[tuple[Path, torch.Tensor]], dtype: torch.dtype,
-                    offset: int = 0) -> SoupError:
+def nonfinite_error(
+    key: str, index: int, sources: list[tuple[Path, torch.Tensor]], dtype: torch.dtype, offset: int = 0
+) -> SoupError:
     """The one-line error for element ``index`` of a soup tensor that is NaN/inf: names the first source
     file whose value there is not finite, or says that the rounding to ``dtype`` overflowed. ``sources``:
     (file, 1-D tensor aligned with the soup's elements); ``offset`` is added to the element number shown."""
     for file, t in sources:
         v = float(t[index])
         if not math.isfinite(v):
-            return SoupError(f"{file}: tensor {key!r} holds {v} at element {offset + index}: refused in a soup"
-                             " (pass allow_nonfinite=true to mix it anyway)")
-    return SoupError(f"{sources[0][0]}: tensor {key!r}: the soup overflows {str(dtype).removeprefix('torch.')}"
-                     f" at element {offset + index} (pass allow_nonfinite=true to keep the inf)")
+            return SoupError(
+                f"{file}: tensor {key!r} holds {v} at element {offset + index}: refused in a soup"
+                " (pass allow_nonfinite=true to mix it anyway)"
+            )
+    return SoupError(
+        f"{sources[0][0]}: tensor {key!r}: the soup overflows {str(dtype).removeprefix('torch.')}"
+        f" at element {offset + index} (pass allow_nonfinite=true to keep the inf)"
+    )
 
 
-def check_finite(soup: Mapping[str, torch.Tensor], sources: list[tuple[Checkpoint, Mapping[str, torch.Tensor]]]
-                 ) -> None:
+def check_finite(
+    soup: Mapping[str, torch.Tensor], sources: list[tuple[Checkpoint, Mapping[str, torch.Tensor]]]
+) -> None:
     """SoupError (one line: tensor and source file) when a floating tensor of ``soup`` (file key -> tensor)
     holds NaN/inf. ``sources``: the mixed candidates and their tensors by file key. Costs one float32 sum per
     tensor and one synchronisation per device; the elementwise search runs only for a flagged tensor."""
@@ -130,14 +136,11 @@ def _check(ckpts: list[Checkpoint], mixed_ok: bool = False) -> None:
         for key, info in ref.tensors.items():
             other = c.tensors.get(key)
             if other is None:
-                raise SoupError(
-                    f"{c.path}: tensor {key!r} missing in candidate {c.name!r} (present in {info.file})"
-                )
+                raise SoupError(f"{c.path}: tensor {key!r} missing in candidate {c.name!r} (present in {info.file})")
             if other.shape != info.shape:
                 what = " (vocabulary rows differ)" if other.shape[1:] == info.shape[1:] else ""
                 raise SoupError(
-                    f"{other.file}: tensor {key!r} shape {list(other.shape)} != {list(info.shape)}"
-                    f" in {info.file}{what}"
+                    f"{other.file}: tensor {key!r} shape {list(other.shape)} != {list(info.shape)} in {info.file}{what}"
                 )
             floating = ST_DTYPES[other.dtype] in AVERAGED and ST_DTYPES[info.dtype] in AVERAGED
             if other.dtype != info.dtype and not (mixed_ok and floating):
@@ -148,8 +151,7 @@ def _check(ckpts: list[Checkpoint], mixed_ok: bool = False) -> None:
         extra = [k for k in c.tensors if k not in ref.tensors]
         if extra:
             raise SoupError(
-                f"{c.tensors[extra[0]].file}: tensor {extra[0]!r} only in candidate {c.name!r}"
-                f" (missing in {ref.path})"
+                f"{c.tensors[extra[0]].file}: tensor {extra[0]!r} only in candidate {c.name!r} (missing in {ref.path})"
             )
     fixed = [k for k, i in ref.tensors.items() if ST_DTYPES[i.dtype] not in AVERAGED and i.numel]
     if fixed and len(ckpts) > 1:
@@ -159,8 +161,10 @@ def _check(ckpts: list[Checkpoint], mixed_ok: bool = False) -> None:
                 first = maps.view(ref.tensors[k], 0, ref.tensors[k].numel)
                 for c in ckpts[1:]:
                     if not torch.equal(first, maps.view(c.tensors[k], 0, ref.tensors[k].numel)):
-                        raise SoupError(f"{c.tensors[k].file}: tensor {k!r} ({ref.tensors[k].dtype}) differs from"
-                                        f" {ref.tensors[k].file} and cannot be averaged")
+                        raise SoupError(
+                            f"{c.tensors[k].file}: tensor {k!r} ({ref.tensors[k].dtype}) differs from"
+                            f" {ref.tensors[k].file} and cannot be averaged"
+                        )
             del first
         finally:
             maps.close()
@@ -170,16 +174,55 @@ def _check(ckpts: list[Checkpoint], mixed_ok: bool = False) -> None:
 # config.json keys (at any depth, e.g. text_config.rope_theta) that define what the weights compute: a soup
 # of candidates differing in one is refused. Any other difference (eos ids, max_position_embeddings, versions)
 # is listed in one warning, and the donor's value is kept.
-ARCHITECTURE_KEYS = frozenset({
-    "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "hidden_activation", "activation_function",
-    "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta", "rope_scaling",
-    "rope_parameters", "rope_type", "partial_rotary_factor", "rotary_pct", "rotary_emb_base", "tie_word_embeddings",
-    "attention_bias", "mlp_bias", "qkv_bias", "sliding_window", "use_sliding_window", "layer_types",
-    "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "attn_logit_softcapping",
-    "final_logit_softcapping", "query_pre_attn_scalar", "parallel_residual", "position_embedding_type",
-    "use_qk_norm", "qk_layernorm", "embedding_multiplier", "logits_scaling", "residual_multiplier",
-    "attention_multiplier"})
+ARCHITECTURE_KEYS = frozenset(
+    {
+        "model_type",
+        "architectures",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "vocab_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "hidden_activation",
+        "activation_function",
+        "rms_norm_eps",
+        "layer_norm_eps",
+        "layer_norm_epsilon",
+        "norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "rope_type",
+        "partial_rotary_factor",
+        "rotary_pct",
+        "rotary_emb_base",
+        "tie_word_embeddings",
+        "attention_bias",
+        "mlp_bias",
+        "qkv_bias",
+        "sliding_window",
+        "use_sliding_window",
+        "layer_types",
+        "num_experts",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "query_pre_attn_scalar",
+        "parallel_residual",
+        "position_embedding_type",
+        "use_qk_norm",
+        "qk_layernorm",
+        "embedding_multiplier",
+        "logits_scaling",
+        "residual_multiplier",
+        "attention_multiplier",
+    }
+)
 _IGNORED_KEYS = frozenset({"_name_or_path"})  # where the file came from, not what it is
 
 
@@ -215,8 +258,10 @@ def check_configs(paths: Mapping[str, Path], warn: bool = True) -> list[str]:
         first = arch[0]
         a, *rest = diffs[first].items()
         other = next(x for x in rest if json.dumps(x[1], sort_keys=True) != json.dumps(a[1], sort_keys=True))
-        raise SoupError(f"config.json: candidates differ in {first!r}, which defines the architecture "
-                        f"({a[0]}: {a[1]!r}, {other[0]}: {other[1]!r}); they cannot be souped")
+        raise SoupError(
+            f"config.json: candidates differ in {first!r}, which defines the architecture "
+            f"({a[0]}: {a[1]!r}, {other[0]}: {other[1]!r}); they cannot be souped"
+        )
     notes = [f"{k} ({', '.join(f'{n}: {v!r}' for n, v in vs.items())})" for k, vs in diffs.items()]
     if notes and warn:
         log.warning("candidates' config.json differ in %s: the donor's values are kept", "; ".join(notes))

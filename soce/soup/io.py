@@ -15,22 +15,48 @@ import torch
 
 # safetensors dtype codes -> torch dtypes (the ones torch can hold).
 ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 DTYPE_NAMES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-    "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float64": torch.float64, "fp64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "fp64": torch.float64,
 }
 AVERAGED = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DONOR_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
-    "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -138,8 +164,10 @@ def _check_layout(file: Path, infos: list[TensorInfo], start: int, size: int) ->
     pos, prev = start, None
     for info in sorted(infos, key=lambda i: (i.begin, i.end)):
         if info.begin < pos:
-            raise SoupError(f"{file}: tensor {info.key!r}: data overlaps tensor {prev!r}"
-                            f" (bytes {info.begin - start}..{info.end - start} of the data section)")
+            raise SoupError(
+                f"{file}: tensor {info.key!r}: data overlaps tensor {prev!r}"
+                f" (bytes {info.begin - start}..{info.end - start} of the data section)"
+            )
         if info.begin > pos:
             where = f"after tensor {prev!r}" if prev else "at the start of the data section"
             raise SoupError(f"{file}: tensor {info.key!r}: {info.begin - pos} unused bytes {where}")
@@ -151,7 +179,7 @@ def _check_layout(file: Path, infos: list[TensorInfo], start: int, size: int) ->
 def _pickle_hint(path: Path, found: Path) -> SoupError:
     return SoupError(
         f"{path}: only pickle weights ({found.name}) found; pickles can run code and are refused. Convert once"
-        f" with: python -c \"from transformers import AutoModelForCausalLM as M;"
+        f' with: python -c "from transformers import AutoModelForCausalLM as M;'
         f" M.from_pretrained('{path}', dtype='auto').save_pretrained('{path}-safetensors')\""
     )
 
@@ -226,8 +254,7 @@ class _Maps:
         dt = ST_DTYPES[info.dtype]
         with warnings.catch_warnings():  # read-only map: torch warns that the tensor is not writable
             warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(self.get(info.file), dtype=dt, count=count,
-                                    offset=info.begin + start * dt.itemsize)
+            return torch.frombuffer(self.get(info.file), dtype=dt, count=count, offset=info.begin + start * dt.itemsize)
 
     def drop(self, info: TensorInfo, start: int = 0, count: int | None = None) -> None:
         """Release the pages of elements [start, start+count) from this process (they stay in the page

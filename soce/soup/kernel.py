@@ -36,8 +36,23 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _mix_kernel(out_ptr, x0, x1, x2, x3, x4, x5, x6, x7, w_ptr, den_ptr, n,
-                    N_SRC: tl.constexpr, HAS_DEN: tl.constexpr, BLOCK: tl.constexpr):
+    def _mix_kernel(
+        out_ptr,
+        x0,
+        x1,
+        x2,
+        x3,
+        x4,
+        x5,
+        x6,
+        x7,
+        w_ptr,
+        den_ptr,
+        n,
+        N_SRC: tl.constexpr,
+        HAS_DEN: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -61,8 +76,9 @@ if triton is not None:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def fused_mix(out: torch.Tensor, srcs: list[torch.Tensor], ws: torch.Tensor, den: torch.Tensor | None,
-              block: int = 1024) -> bool:
+def fused_mix(
+    out: torch.Tensor, srcs: list[torch.Tensor], ws: torch.Tensor, den: torch.Tensor | None, block: int = 1024
+) -> bool:
     """``out <- round(fma-accumulate(ws[j] * srcs[j]) / den)`` in one kernel; returns False (nothing done)
     where it does not apply: float64 anywhere, more than :data:`MAX_SOURCES` sources, or non-contiguous
     tensors. ``ws``: float32 tensor of the weights on ``out``'s device; ``den``: their float32 sum (one
@@ -77,15 +93,25 @@ def fused_mix(out: torch.Tensor, srcs: list[torch.Tensor], ws: torch.Tensor, den
     ptrs = list(srcs) + [srcs[0]] * (MAX_SOURCES - len(srcs))
     grid = (triton.cdiv(n, block),)
     # what Triton specialises on (dtypes, constexprs, 16-divisibility of sizes and pointers), and the device
-    spec = (out.device, len(srcs), den is not None, block, n % 16 == 0, out.dtype, out.data_ptr() % 16 == 0,
-            *((s.dtype, s.data_ptr() % 16 == 0) for s in srcs))
+    spec = (
+        out.device,
+        len(srcs),
+        den is not None,
+        block,
+        n % 16 == 0,
+        out.dtype,
+        out.data_ptr() % 16 == 0,
+        *((s.dtype, s.data_ptr() % 16 == 0) for s in srcs),
+    )
     with torch.cuda.device(out.device):  # Triton launches on the current device, not the tensors'
         if spec in _READY:
-            _mix_kernel[grid](out, *ptrs, ws, den if den is not None else ws, n,
-                              N_SRC=len(srcs), HAS_DEN=den is not None, BLOCK=block)
+            _mix_kernel[grid](
+                out, *ptrs, ws, den if den is not None else ws, n, N_SRC=len(srcs), HAS_DEN=den is not None, BLOCK=block
+            )
             return True
         with _FIRST_LAUNCH:  # a first launch may compile: one thread at a time (Remixers on several GPUs)
-            _mix_kernel[grid](out, *ptrs, ws, den if den is not None else ws, n,
-                              N_SRC=len(srcs), HAS_DEN=den is not None, BLOCK=block)
+            _mix_kernel[grid](
+                out, *ptrs, ws, den if den is not None else ws, n, N_SRC=len(srcs), HAS_DEN=den is not None, BLOCK=block
+            )
             _READY.add(spec)
     return True

@@ -108,8 +108,10 @@ class HostArena:
         if self.pin and self.nbytes and torch.cuda.is_available():
             err = int(torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), self.buf.numel(), 1))
             if err != 0:
-                raise SoupError(f"pinning {self.nbytes / 2**30:.1f} GiB of host memory for the experts failed"
-                                f" (cudaError {err}); pass pin_host=False")
+                raise SoupError(
+                    f"pinning {self.nbytes / 2**30:.1f} GiB of host memory for the experts failed"
+                    f" (cudaError {err}); pass pin_host=False"
+                )
             self.pinned = True
 
     def take(self, src: torch.Tensor) -> torch.Tensor:
@@ -119,7 +121,7 @@ class HostArena:
         if start + n > self.buf.numel():
             raise SoupError("host arena overflow (internal: sizes were planned from the headers)")
         self.used = start + n
-        return self.buf[start:start + n].view(src.dtype).copy_(src)
+        return self.buf[start : start + n].view(src.dtype).copy_(src)
 
     def close(self) -> None:
         if self.pinned:
@@ -140,9 +142,13 @@ def free_bytes(dev: torch.device) -> int:
     return 1 << 62
 
 
-def plan_experts(live: Mapping[str, torch.device], nbytes: Mapping[str, int], placement: str,
-                 headroom: int = HEADROOM_BYTES, free: Mapping[torch.device, int] | None = None
-                 ) -> dict[str, torch.device]:
+def plan_experts(
+    live: Mapping[str, torch.device],
+    nbytes: Mapping[str, int],
+    placement: str,
+    headroom: int = HEADROOM_BYTES,
+    free: Mapping[torch.device, int] | None = None,
+) -> dict[str, torch.device]:
     """Tensor key -> device of its experts. ``live``: key -> device of the live tensor; ``nbytes``: key -> bytes
     of all experts' copies of it. ``with_shard``: beside the live tensor (SoupError if a GPU lacks room),
     ``host``: host memory, ``auto``: beside it while the GPU keeps ``headroom`` bytes free, then host (keys in
@@ -164,7 +170,9 @@ def plan_experts(live: Mapping[str, torch.device], nbytes: Mapping[str, int], pl
             out[key] = HOST
         else:
             need = sum(nbytes[k] for k, d in live.items() if d == dev)
-            raise SoupError(f"expert_placement='with_shard': the experts of {dev}'s shard need {need / 2**30:.1f}"
-                            f" GiB, {dev} has {(avail[dev] - headroom) / 2**30:.1f} GiB to spare; use"
-                            " expert_placement='auto' or 'host', or spread the model over more devices")
+            raise SoupError(
+                f"expert_placement='with_shard': the experts of {dev}'s shard need {need / 2**30:.1f}"
+                f" GiB, {dev} has {(avail[dev] - headroom) / 2**30:.1f} GiB to spare; use"
+                " expert_placement='auto' or 'host', or spread the model over more devices"
+            )
     return out

@@ -47,8 +47,7 @@ class PrepQueue:
         self.tasks: list[_Task] = []
         self.cond = threading.Condition()
         self.closed = False
-        self.threads = [threading.Thread(target=self._work, name=f"soce-prep-{i}", daemon=True)
-                        for i in range(threads)]
+        self.threads = [threading.Thread(target=self._work, name=f"soce-prep-{i}", daemon=True) for i in range(threads)]
         for t in self.threads:
             t.start()
 

@@ -163,8 +163,10 @@ def output_path(output: str | Path, inputs: dict[str, Path]) -> Path:
         inside = rp.is_dir() and (out.is_relative_to(rp) or _id(rp) in out_ids)
         if same or over or inside:
             how = "is" if same else "lies inside" if inside else "contains"
-            raise SoupError(f"{output}: output overlaps candidate {name!r}: it resolves to {out}, which {how}"
-                            f" {rp}; the output must be a new directory outside every input")
+            raise SoupError(
+                f"{output}: output overlaps candidate {name!r}: it resolves to {out}, which {how}"
+                f" {rp}; the output must be a new directory outside every input"
+            )
     return out
 
 

@@ -98,10 +98,20 @@ class Remixer:
     ``trust_remote_code``). Inputs go to :attr:`device` (the input embeddings' execution device).
     """
 
-    def __init__(self, models: Mapping[str, str | Path], device: str | None = None, dtype: str | None = None, *,
-                 device_map: Mapping[str, Any] | str | None = None, max_memory: Mapping[Any, Any] | None = None,
-                 expert_placement: str | None = None, pin_host: bool = True, headroom: int = HEADROOM_BYTES,
-                 merge: MergeSpec | Mapping[str, Any] | None = None, base: str | Path | None = None):
+    def __init__(
+        self,
+        models: Mapping[str, str | Path],
+        device: str | None = None,
+        dtype: str | None = None,
+        *,
+        device_map: Mapping[str, Any] | str | None = None,
+        max_memory: Mapping[Any, Any] | None = None,
+        expert_placement: str | None = None,
+        pin_host: bool = True,
+        headroom: int = HEADROOM_BYTES,
+        merge: MergeSpec | Mapping[str, Any] | None = None,
+        base: str | Path | None = None,
+    ):
         mp, _, self.duplicates = _dedup(models)
         self.names = list(mp)
         self.spec = _merge_spec(merge)
@@ -127,8 +137,9 @@ class Remixer:
         self._arena = self._host_arena(resident, where, pin_host and not legacy)
         self.experts: dict[str, dict[str, torch.Tensor]] = {}
         for c in resident:
-            self.experts[c.name] = {k: self._load(info, where[k], self.targets[k].device)
-                                    for k, info in c.tensors.items()}
+            self.experts[c.name] = {
+                k: self._load(info, where[k], self.targets[k].device) for k, info in c.tensors.items()
+            }
         self.base_tensors = self.experts.pop(self.base_ckpt.name) if self.base_ckpt else None
         self._prep = self._prepare_all() if self.base_ckpt else {}
         devs = set(where.values())
@@ -136,8 +147,13 @@ class Remixer:
         self.devices = sorted({t.device for t in self.targets.values()} | devs, key=str)
         self._slots: dict[torch.device, _Slot] = {}
 
-    def _load_model(self, ckpt: Checkpoint, device: str | None, device_map: Mapping[str, Any] | str | None,
-                    max_memory: Mapping[Any, Any] | None) -> None:
+    def _load_model(
+        self,
+        ckpt: Checkpoint,
+        device: str | None,
+        device_map: Mapping[str, Any] | str | None,
+        max_memory: Mapping[Any, Any] | None,
+    ) -> None:
         """The live model, from ``ckpt`` (never remote code), on ``device`` or dispatched by ``device_map``."""
         from transformers import AutoModelForCausalLM
 
@@ -185,11 +201,14 @@ class Remixer:
         for key, info in ckpt.tensors.items():
             t = named.get(key)
             if t is None:
-                raise SoupError(f"{info.file}: tensor {key!r} has no parameter in the loaded"
-                                f" {type(model).__name__} (renamed at load time?); use write_soup instead")
+                raise SoupError(
+                    f"{info.file}: tensor {key!r} has no parameter in the loaded"
+                    f" {type(model).__name__} (renamed at load time?); use write_soup instead"
+                )
             if tuple(t.shape) != info.shape:
-                raise SoupError(f"{info.file}: tensor {key!r} shape {list(info.shape)} != model parameter"
-                                f" {list(t.shape)}")
+                raise SoupError(
+                    f"{info.file}: tensor {key!r} shape {list(info.shape)} != model parameter {list(t.shape)}"
+                )
             targets[key] = t
         ptrs = {(t.device, t.data_ptr()) for t in targets.values()}
         ties = place.tied_keys(model)
@@ -203,8 +222,9 @@ class Remixer:
                 aliases.setdefault(src, []).append(t)
                 ptrs.add((t.device, t.data_ptr()))
                 continue
-            raise SoupError(f"{ckpt.path}: model parameter {name!r} is not in the checkpoint files"
-                            " and not tied to one that is")
+            raise SoupError(
+                f"{ckpt.path}: model parameter {name!r} is not in the checkpoint files and not tied to one that is"
+            )
         return targets, aliases
 
     def _expert_device(self, ckpts: list[Checkpoint]) -> torch.device:
@@ -271,8 +291,9 @@ class Remixer:
             check_finite(self.targets, sources + ([(self.base_ckpt, self.base_tensors)] if self.base_ckpt else []))
         return self.model
 
-    def _mix_task(self, key: str, flat: torch.Tensor, srcs: list[torch.Tensor], coeffs: _TaskCoeffs,
-                  out_dt: torch.dtype) -> None:
+    def _mix_task(
+        self, key: str, flat: torch.Tensor, srcs: list[torch.Tensor], coeffs: _TaskCoeffs, out_dt: torch.dtype
+    ) -> None:
         """``flat`` (the live tensor, 1-D) <- a task-vector soup of ``srcs``, computed on ``flat``'s device in
         chunks (experts held elsewhere are copied there chunk by chunk): :func:`task_vectors.mix_chunk`."""
         dev = flat.device
@@ -283,14 +304,13 @@ class Remixer:
         chunk = CHUNK_ELEMS if dev.type == "cpu" else TASK_GPU_CHUNK_ELEMS
         slot = self._slot(dev)
         for s, n in _chunks(flat.numel(), chunk):
-            dst = flat[s:s + n] if flat.dtype == out_dt else slot.get("out", out_dt, n)
-            parts = [x[s:s + n].to(dev, non_blocking=True) for x in srcs]
-            mix_chunk(dst, parts, base[s:s + n].to(dev, non_blocking=True), self.spec, prep, co, s, slot.get)
+            dst = flat[s : s + n] if flat.dtype == out_dt else slot.get("out", out_dt, n)
+            parts = [x[s : s + n].to(dev, non_blocking=True) for x in srcs]
+            mix_chunk(dst, parts, base[s : s + n].to(dev, non_blocking=True), self.spec, prep, co, s, slot.get)
             if flat.dtype != out_dt:
-                flat[s:s + n].copy_(dst)
+                flat[s : s + n].copy_(dst)
 
-    def _mix_tensor(self, flat: torch.Tensor, srcs: list[torch.Tensor], coeffs: _Coeffs,
-                    out_dt: torch.dtype) -> None:
+    def _mix_tensor(self, flat: torch.Tensor, srcs: list[torch.Tensor], coeffs: _Coeffs, out_dt: torch.dtype) -> None:
         """``flat`` (the live tensor, 1-D) <- the soup of ``srcs``, computed where the experts are."""
         dev = srcs[0].device
         if flat.device != dev:
@@ -303,11 +323,11 @@ class Remixer:
         chunk = CHUNK_ELEMS if dev.type == "cpu" else GPU_CHUNK_ELEMS
         slot = self._slot(dev)
         for s, n in _chunks(flat.numel(), chunk):
-            dst = flat[s:s + n] if direct else slot.get("out", out_dt, n)
+            dst = flat[s : s + n] if direct else slot.get("out", out_dt, n)
             tmp = slot.get("tmp", acc_dt, n) if dev.type == "cpu" else None
-            mix_into(dst, [x[s:s + n] for x in srcs], coeffs.get(dev, acc_dt), slot.get("acc", acc_dt, n), tmp)
+            mix_into(dst, [x[s : s + n] for x in srcs], coeffs.get(dev, acc_dt), slot.get("acc", acc_dt, n), tmp)
             if not direct:
-                flat[s:s + n].copy_(dst)
+                flat[s : s + n].copy_(dst)
         return None
 
     def _stream(self, flat: torch.Tensor, srcs: list[torch.Tensor], coeffs: _Coeffs, out_dt: torch.dtype) -> None:
@@ -318,9 +338,10 @@ class Remixer:
         fused = coeffs.fused(dev)
         slot = self._slot(dev)
         for s, n in _chunks(flat.numel(), STREAM_CHUNK_ELEMS):
-            staged = [slot.get(f"src{j}", x.dtype, n).copy_(x[s:s + n], non_blocking=True)
-                      for j, x in enumerate(srcs)]
-            dst = flat[s:s + n]
+            staged = [
+                slot.get(f"src{j}", x.dtype, n).copy_(x[s : s + n], non_blocking=True) for j, x in enumerate(srcs)
+            ]
+            dst = flat[s : s + n]
             if flat.dtype == out_dt and fused is not None and gpu_mix.fused_mix(dst, staged, *fused):
                 continue
             out = dst if flat.dtype == out_dt else slot.get("out", out_dt, n)

@@ -43,8 +43,17 @@ def parse_size(size: int | str) -> int:
             raise SoupError(f"max_shard_size: {size} must be positive")
         return size
     s = str(size).strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "B": 1}
+    units = {
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "B": 1,
+    }
     for u, m in units.items():
         if s.endswith(u):
             try:
@@ -145,8 +154,9 @@ class _TaskTensor:
             self._prep = Prepared([None] * n, [None] * n, [None] * n)
         elif self._prep is None:
             parts = [f.result() for f in self.futures]
-            self._prep = Prepared([p.masks[0] for p in parts], [p.salts[0] for p in parts],
-                                  [p.scales[0] for p in parts])
+            self._prep = Prepared(
+                [p.masks[0] for p in parts], [p.salts[0] for p in parts], [p.scales[0] for p in parts]
+            )
         return self._prep
 
 
@@ -170,8 +180,9 @@ class _Soup:
     overwrite: bool
 
 
-def _jobs(soup: _Soup, keys: list[str], maps: _Maps, preps: dict[str, list[Future]] | None,
-          queue: PrepQueue | None) -> Iterator[_Job]:
+def _jobs(
+    soup: _Soup, keys: list[str], maps: _Maps, preps: dict[str, list[Future]] | None, queue: PrepQueue | None
+) -> Iterator[_Job]:
     """The chunks of ``keys`` in order; a task-vector soup's chunks carry their tensor's prep futures
     (``preps``, submitted to ``queue``, which learns how far the writer got)."""
     ws = [soup.ws[c.name] for c in soup.used]
@@ -206,8 +217,7 @@ def _submit_preps(soup: _Soup, maps: _Maps, queue: PrepQueue) -> dict[str, list[
         if ST_DTYPES[soup.base.tensors[k].dtype] in AVERAGED and numel:
             acc = _acc_dtype(ST_DTYPES[soup.base.tensors[k].dtype], *(ST_DTYPES[c.tensors[k].dtype] for c in soup.used))
             cost = numel * 20 if soup.spec.op.sparsify == "magnitude" else min(numel, 1 << 22) * 40
-            out[k] = [queue.submit(functools.partial(_prep_one, soup, k, c, acc, maps), cost, pos)
-                      for c in soup.used]
+            out[k] = [queue.submit(functools.partial(_prep_one, soup, k, c, acc, maps), cost, pos) for c in soup.used]
             for f in out[k]:
                 f.soce_pos = pos
         pos += numel
@@ -248,8 +258,9 @@ def _compute(maps: _Maps, job: _Job, slot: _Slot) -> torch.Tensor:
         mix_into(out, srcs, job.co, acc, slot.get("tmp", acc_dt, job.count))
         bad = nonfinite_at(out, acc, srcs) if job.finite else None
     if bad is not None:
-        raise nonfinite_error(infos[0].key, bad, [(i.file, x) for i, x in zip(infos, srcs, strict=True)],
-                              job.out_dtype, job.start)
+        raise nonfinite_error(
+            infos[0].key, bad, [(i.file, x) for i, x in zip(infos, srcs, strict=True)], job.out_dtype, job.start
+        )
     del srcs
     for i in infos:
         maps.drop(i, job.start, job.count)
@@ -341,9 +352,20 @@ def write_soup(
     writers are cleaned first. Memory: a few chunk buffers; TIES also one whole tensor's magnitudes and
     their sort per prep thread (~16 bytes per element of the largest tensor).
     """
-    soup = _plan_soup(models, weights, output, donor=donor, dtype=dtype, max_shard_size=max_shard_size,
-                      overwrite=overwrite, normalize=normalize, recipe=recipe, allow_nonfinite=allow_nonfinite,
-                      merge=merge, base=base)
+    soup = _plan_soup(
+        models,
+        weights,
+        output,
+        donor=donor,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        normalize=normalize,
+        recipe=recipe,
+        allow_nonfinite=allow_nonfinite,
+        merge=merge,
+        base=base,
+    )
     return _publish_soup(soup, workers or _default_workers())
 
 
@@ -363,14 +385,17 @@ def _base_path(spec: MergeSpec, base: str | Path | None, names: list[str]) -> tu
     if not spec.needs_base:
         return None
     if base is None or not str(base).strip():
-        raise SoupError(f"merge method {spec.method!r} needs a base checkpoint (base=..., pool.base): the task"
-                        " vectors are the candidates minus the model they were fine-tuned from")
+        raise SoupError(
+            f"merge method {spec.method!r} needs a base checkpoint (base=..., pool.base): the task"
+            " vectors are the candidates minus the model they were fine-tuned from"
+        )
     name = "base" if "base" not in names else "base-model"
     return name, Path(base).expanduser().resolve()
 
 
-def _plan_soup(models, weights, output, *, donor, dtype, max_shard_size, overwrite, normalize, recipe,
-               allow_nonfinite, merge, base) -> _Soup:
+def _plan_soup(
+    models, weights, output, *, donor, dtype, max_shard_size, overwrite, normalize, recipe, allow_nonfinite, merge, base
+) -> _Soup:
     """Every check, in the order of the arguments; nothing is written (stale temporaries are cleaned)."""
     spec = _merge_spec(merge)
     mp, wts_given, alias = _dedup(models, weights)
@@ -391,14 +416,29 @@ def _plan_soup(models, weights, output, *, donor, dtype, max_shard_size, overwri
         raise SoupError(f"{out}: output exists (pass overwrite=true to replace it)")
     ckpts = _open_all(inputs, mixed_ok=out_dt is not None)
     base_ck = ckpts.pop() if bp else None
-    specs = {k: ((out_dt if out_dt and ST_DTYPES[i.dtype] in AVERAGED else ST_DTYPES[i.dtype]), i.shape)
-             for k, i in ckpts[0].tensors.items()}
+    specs = {
+        k: ((out_dt if out_dt and ST_DTYPES[i.dtype] in AVERAGED else ST_DTYPES[i.dtype]), i.shape)
+        for k, i in ckpts[0].tensors.items()
+    }
     rec = card.recipe(ckpts, ws, donor, out_dt, alias, recipe, spec, base_ck)
     if allow_nonfinite:
         rec["allow_nonfinite"] = True
     shards = _plan_shards(specs, shard_bytes, {"format": "pt", "soce_recipe": json.dumps(rec, default=str)})
-    return _Soup(out, [c for c in ckpts if c.name in ws], ws, base_ck, spec, norm, specs, shards, rec,
-                 mp[donor], out_dt, not allow_nonfinite, overwrite)
+    return _Soup(
+        out,
+        [c for c in ckpts if c.name in ws],
+        ws,
+        base_ck,
+        spec,
+        norm,
+        specs,
+        shards,
+        rec,
+        mp[donor],
+        out_dt,
+        not allow_nonfinite,
+        overwrite,
+    )
 
 
 def _publish_soup(soup: _Soup, workers: int) -> Path:
@@ -460,8 +500,10 @@ def _write_extras(tmp: Path, src: Path, out_dt: torch.dtype | None, rec: dict, s
     """Index (when sharded), the donor's config/tokenizer files, the model card and the recipe."""
     if len(shards) > 1:
         weight_map = {k: sh.name for sh in shards for k in sh.keys}
-        idx = {"metadata": {"total_size": sum(s.size for s in shards), "soce_recipe": rec},
-               "weight_map": dict(sorted(weight_map.items()))}
+        idx = {
+            "metadata": {"total_size": sum(s.size for s in shards), "soce_recipe": rec},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (tmp / INDEX_NAME).write_text(json.dumps(idx, indent=2, default=str) + "\n")
     copied = []
     for fname in DONOR_FILES:
@@ -484,4 +526,4 @@ def _write_extras(tmp: Path, src: Path, out_dt: torch.dtype | None, rec: dict, s
 def _write_all(fh, data) -> None:
     mv = memoryview(data).cast("B")
     while mv:
-        mv = mv[fh.write(mv):]
+        mv = mv[fh.write(mv) :]

@@ -18,8 +18,9 @@ class JobName:
     overrides: dict[str, str] = field(default_factory=dict)
 
 
-def job_name(task_overrides: list[str], varying: list[str], strategy: str | None = None,
-             sweep: str | None = None) -> JobName:
+def job_name(
+    task_overrides: list[str], varying: list[str], strategy: str | None = None, sweep: str | None = None
+) -> JobName:
     """The name of the job with ``task_overrides`` in a sweep whose ``varying`` keys take several values;
     ``sweep`` is the sweep's key (:func:`sweep_key`), None outside a multirun. The one place a job is named."""
     key = sweep_key([sweep, *task_overrides]) if sweep is not None else None

@@ -32,6 +32,7 @@ STALE_AFTER_S = 300.0  # a run owned on ANOTHER host is gone after this long wit
 
 # ---- owners: who may reopen a RUNNING run ----------------------------------------------------------------
 
+
 def this_owner() -> str:
     """``host:pid:start`` of this process."""
     return f"{socket.gethostname()}:{os.getpid()}:{start_time(os.getpid()) or ''}"
@@ -93,8 +94,10 @@ class RunBusy(RuntimeError):
 
 # ---- runs --------------------------------------------------------------------------------------------------
 
-def start_run(uri: str, experiment_id: str, name: str, parent_run_id: str | None = None,
-              tags: Mapping[str, str] | None = None) -> str:
+
+def start_run(
+    uri: str, experiment_id: str, name: str, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
+) -> str:
     """A new run, owned by this process."""
     all_tags = {"mlflow.runName": name, **owner_tags(), **(tags or {})}
     if parent_run_id:
@@ -111,9 +114,16 @@ def split_metrics(scores: Mapping[str, Mapping[str, float]], prefix: str = "") -
     return {f"{prefix}{s}.{c}": score(v) for s, cats in scores.items() for c, v in cats.items()}
 
 
-def resume_or_start(uri: str, experiment_id: str, name: str, key_tag: str, key: str,
-                    parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
-                    resume_finished: bool = False) -> tuple[str, bool]:
+def resume_or_start(
+    uri: str,
+    experiment_id: str,
+    name: str,
+    key_tag: str,
+    key: str,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    resume_finished: bool = False,
+) -> tuple[str, bool]:
     """(run id, resumed): an interrupted run (RUNNING, FAILED or KILLED) with the same key whose owner is gone
     is reopened (and owned by this process) instead of starting a duplicate; a FINISHED one too if
     ``resume_finished``. Raises :class:`RunBusy` if such a run's owner is still alive."""
@@ -145,6 +155,7 @@ def reap_orphans(uri: str, experiment_id: str) -> list[str]:
 
 # ---- the parent marker, labels ---------------------------------------------------------------------------
 
+
 @dataclass
 class ParentInfo:
     """What a multirun's driver leaves in ``<sweep dir>/mlflow_parent.json`` for its jobs."""
@@ -167,8 +178,14 @@ def read_parent(sweep_dir: str | Path) -> ParentInfo | None:
 
 # ---- baselines: once per sweep ---------------------------------------------------------------------------
 
-def log_baselines(uri: str, experiment_id: str, parent_run_id: str,
-                  candidate_scores: Mapping[str, Mapping[str, Mapping[str, float]]], best: str) -> list[str]:
+
+def log_baselines(
+    uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    candidate_scores: Mapping[str, Mapping[str, Mapping[str, float]]],
+    best: str,
+) -> list[str]:
     """One run per candidate under the sweep's parent (tag soce.kind=baseline; ``soce.baseline`` is
     'best_single' for ``best``, else 'candidate'), metrics ``<split>.<category>``. Idempotent: a parent that
     already has baseline runs gets none again. Returns the baseline run ids."""
@@ -179,8 +196,13 @@ def log_baselines(uri: str, experiment_id: str, parent_run_id: str,
     for name, scores in candidate_scores.items():
         role = "best_single" if name == best else "candidate"
         label = f"best single ({name})" if name == best else f"candidate {name}"
-        run_id = start_run(uri, experiment_id, label[:240], parent_run_id,
-                           {"soce.kind": "baseline", "soce.baseline": role, "soce.label": label[:5000]})
+        run_id = start_run(
+            uri,
+            experiment_id,
+            label[:240],
+            parent_run_id,
+            {"soce.kind": "baseline", "soce.baseline": role, "soce.label": label[:5000]},
+        )
         log_values(uri, run_id, {"candidate": name}, split_metrics(scores))
         end_run(uri, run_id)
         ids.append(run_id)
@@ -188,6 +210,7 @@ def log_baselines(uri: str, experiment_id: str, parent_run_id: str,
 
 
 # ---- one job -----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class JobTracker:
@@ -206,8 +229,15 @@ class JobTracker:
     heartbeat: Heartbeat | None = None
 
     @classmethod
-    def start(cls, uri: str, experiment: str, artifact_location: str | None, name: JobName,
-              parent_run_id: str | None, tags: Mapping[str, str]) -> JobTracker:
+    def start(
+        cls,
+        uri: str,
+        experiment: str,
+        artifact_location: str | None,
+        name: JobName,
+        parent_run_id: str | None,
+        tags: Mapping[str, str],
+    ) -> JobTracker:
         """Open the job's run, named ``name.label`` (tag ``soce.label``; the overrides as JSON in tag
         ``soce.overrides``). With ``name.key``, an interrupted run of the same job is reopened instead."""
         exp = ensure_experiment(uri, experiment, artifact_location)
@@ -216,9 +246,16 @@ class JobTracker:
         if name.key is None:
             tracker = cls(uri, exp, start_run(uri, exp, run_name, parent_run_id, tags))
         else:
-            run_id, resumed = resume_or_start(uri, exp, run_name, "soce.job_key", name.key, parent_run_id,
-                                              {**tags, "mlflow.runName": run_name},
-                                              resume_finished=parent_run_id is not None)
+            run_id, resumed = resume_or_start(
+                uri,
+                exp,
+                run_name,
+                "soce.job_key",
+                name.key,
+                parent_run_id,
+                {**tags, "mlflow.runName": run_name},
+                resume_finished=parent_run_id is not None,
+            )
             tracker = cls(uri, exp, run_id)
             if resumed:
                 tracker._collect_points()
@@ -226,8 +263,9 @@ class JobTracker:
         return tracker
 
     def _collect_points(self) -> None:
-        for r in find_runs(self.uri, self.experiment_id, {"mlflow.parentRunId": self.run_id,
-                                                          "soce.kind": "search_point"}):
+        for r in find_runs(
+            self.uri, self.experiment_id, {"mlflow.parentRunId": self.run_id, "soce.kind": "search_point"}
+        ):
             if r.info.status == "FINISHED":
                 self.points_done[int(r.data.tags["soce.point"])] = r.info.run_id
             else:  # a point cut off by the interruption: drop it, it is logged again
@@ -236,14 +274,18 @@ class JobTracker:
     def log(self, params: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None) -> None:
         self.names.update(log_values(self.uri, self.run_id, params, metrics))
 
-    def log_point(self, index: int, weights: Mapping[str, float], scores: Mapping[str, float],
-                  split: str) -> None:
+    def log_point(self, index: int, weights: Mapping[str, float], scores: Mapping[str, float], split: str) -> None:
         """One weight-search point as a nested run: params w.<name> (6 decimals), metrics <split>.<category>
         (rounded as every score, :func:`soce.tracking.numbers.score`)."""
         if index in self.points_done:
             return
-        point = start_run(self.uri, self.experiment_id, f"point-{index:03d}", self.run_id,
-                          {"soce.kind": "search_point", "soce.point": str(index)})
+        point = start_run(
+            self.uri,
+            self.experiment_id,
+            f"point-{index:03d}",
+            self.run_id,
+            {"soce.kind": "search_point", "soce.point": str(index)},
+        )
         params = {"point": index, **{f"w.{k}": round(float(v), 6) for k, v in weights.items()}}
         self.names.update(log_values(self.uri, point, params, {f"{split}.{k}": score(v) for k, v in scores.items()}))
         end_run(self.uri, point)

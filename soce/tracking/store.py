@@ -41,7 +41,7 @@ def mlflow_key(name: str, limit: int = MAX_KEY) -> str:
     if posixpath.normpath(safe) != safe:
         safe = safe.replace("/", "_")
     digest = hashlib.sha1(name.encode()).hexdigest()[:6]
-    return f"{safe[:limit - 7]}_{digest}"
+    return f"{safe[: limit - 7]}_{digest}"
 
 
 def mlflow_keys(names: list[str]) -> dict[str, str]:
@@ -56,6 +56,7 @@ def mlflow_keys(names: list[str]) -> dict[str, str]:
 
 
 # ---- the tracking URI: checked up front, fail fast -------------------------------------------------------
+
 
 def check_tracking_uri(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> str | None:
     """The problem with ``uri`` as one line, or None. http(s): GET <uri>/health within ``timeout`` seconds;
@@ -105,7 +106,7 @@ def sqlite_path(uri: str) -> Path | None:
     """The file of an absolute ``sqlite:///`` URI, else None."""
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///"):]
+    path = uri[len("sqlite:///") :]
     return Path(path) if path.startswith("/") else None
 
 
@@ -172,8 +173,11 @@ def ensure_experiment(uri: str, name: str, artifact_location: str | None = None)
         with store_lock(uri):
             exp = c.get_experiment_by_name(name)
             if exp is None:
-                exp_id = c.create_experiment(name, artifact_location=artifact_location,
-                                             tags={"mlflow.experimentKind": "custom_model_development"})
+                exp_id = c.create_experiment(
+                    name,
+                    artifact_location=artifact_location,
+                    tags={"mlflow.experimentKind": "custom_model_development"},
+                )
                 return exp_id
     if exp.tags.get("mlflow.experimentKind") is None:
         c.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")
@@ -185,8 +189,9 @@ def metric_name(name: str) -> str:
     return mlflow_key(name.replace(",", "_"))
 
 
-def log_values(uri: str, run_id: str, params: Mapping[str, Any] | None = None,
-               metrics: Mapping[str, float] | None = None) -> dict[str, str]:
+def log_values(
+    uri: str, run_id: str, params: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None
+) -> dict[str, str]:
     """Params and metrics of a run in one batch, keys made valid; returns {key: real name} where they differ."""
     from mlflow.entities import Metric, Param
 
@@ -207,6 +212,7 @@ def _now_ms() -> int:
 def find_runs(uri: str, experiment_id: str, tags: Mapping[str, str], statuses: tuple[str, ...] = ()) -> list[Any]:
     """Runs of the experiment carrying all ``tags`` (and one of ``statuses`` if given), newest first."""
     flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client(uri).search_runs([experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"],
-                                   max_results=1000)
+    runs = client(uri).search_runs(
+        [experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1000
+    )
     return [r for r in runs if not statuses or r.info.status in statuses]

@@ -16,15 +16,23 @@ VIEW_TAG = "mlflow.sharedViewState."  # experiment tag the MLflow UI reads for ?
 
 # ---- MLflow UI: views that open on the answer ------------------------------------------------------------
 
+
 def sweep_filter(parent_run_id: str | None = None, kind: str = "job") -> str:
     """The search filter of a sweep's job (or point, baseline) runs, as the UI and search_runs take it."""
     flt = f"tags.`soce.kind` = '{kind}'"
     return flt + (f" and tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else "")
 
 
-def save_view(uri: str, experiment_id: str, key: str, search_filter: str, columns: list[str],
-              order_by: str | None = None, parallel: tuple[list[str], list[str]] | None = None,
-              name: str | None = None) -> str:
+def save_view(
+    uri: str,
+    experiment_id: str,
+    key: str,
+    search_filter: str,
+    columns: list[str],
+    order_by: str | None = None,
+    parallel: tuple[list[str], list[str]] | None = None,
+    name: str | None = None,
+) -> str:
     """Store a UI view as the experiment tag ``mlflow.sharedViewState.<key>``, in the envelope MLflow 3.17's
     "Views" menu lists (``{name, createdAt, updatedAt, state}``, ``state`` the view's JSON as a string; the
     menu skips a bare state, which ``?viewStateShareKey=`` still opens): filter, visible columns
@@ -32,19 +40,41 @@ def save_view(uri: str, experiment_id: str, key: str, search_filter: str, column
     menu entry (default: ``key``). Returns ``key`` for ``?viewStateShareKey=``."""
     import time
 
-    state: dict[str, Any] = {"searchFilter": search_filter, "orderByAsc": False, "selectedColumns": columns,
-                             "runListHidden": False, "viewMaximized": False}
+    state: dict[str, Any] = {
+        "searchFilter": search_filter,
+        "orderByAsc": False,
+        "selectedColumns": columns,
+        "runListHidden": False,
+        "viewMaximized": False,
+    }
     if order_by:
         state["orderByKey"] = order_by
     if parallel:
         section = "soce"
-        state["compareRunSections"] = [{"uuid": section, "name": "SoCE", "display": True, "isReordered": False,
-                                         "deleted": False, "isGenerated": False}]
-        state["compareRunCharts"] = [{"uuid": "soce-parallel", "type": "PARALLEL", "runsCountToCompare": 1000,
-                                      "metricSectionId": section, "deleted": False, "isGenerated": False,
-                                      "displayName": "weights vs " + ", ".join(parallel[1]),
-                                      "selectedParams": parallel[0], "selectedMetrics": parallel[1],
-                                      "showAllRuns": True}]
+        state["compareRunSections"] = [
+            {
+                "uuid": section,
+                "name": "SoCE",
+                "display": True,
+                "isReordered": False,
+                "deleted": False,
+                "isGenerated": False,
+            }
+        ]
+        state["compareRunCharts"] = [
+            {
+                "uuid": "soce-parallel",
+                "type": "PARALLEL",
+                "runsCountToCompare": 1000,
+                "metricSectionId": section,
+                "deleted": False,
+                "isGenerated": False,
+                "displayName": "weights vs " + ", ".join(parallel[1]),
+                "selectedParams": parallel[0],
+                "selectedMetrics": parallel[1],
+                "showAllRuns": True,
+            }
+        ]
         state["isAccordionReordered"] = True
     now = int(time.time() * 1000)
     envelope = {"name": name or key, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
@@ -66,8 +96,9 @@ def column(kind: str, key: str) -> str:
 TRAINING = {"workflowType": "machine_learning"}  # MLflow 3.17's training view (its default is the GenAI one)
 
 
-def ui_url(base: str, experiment_id: str, view: str | None = None, search_filter: str | None = None,
-           mode: str = "TABLE") -> str:
+def ui_url(
+    base: str, experiment_id: str, view: str | None = None, search_filter: str | None = None, mode: str = "TABLE"
+) -> str:
     """The MLflow UI address of the experiment's runs tab in the training view: a saved view
     (``viewStateShareKey``) or a plain ``searchFilter``; ``mode``: TABLE or CHART (``compareRunsMode``).
 
@@ -78,8 +109,9 @@ def ui_url(base: str, experiment_id: str, view: str | None = None, search_filter
     from urllib.parse import urlencode
 
     q = {"viewStateShareKey": view} if view else {"searchFilter": search_filter or JOBS_FILTER}
-    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?"
-            f"{urlencode({**TRAINING, **q, 'compareRunsMode': mode})}")
+    return (
+        f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{urlencode({**TRAINING, **q, 'compareRunsMode': mode})}"
+    )
 
 
 def root_url(base: str) -> str:

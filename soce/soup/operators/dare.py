@@ -40,8 +40,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def keep_mask(s: tuple[int, int], density: float, start: int, count: int,
-              device: torch.device | str = "cpu") -> torch.Tensor:
+def keep_mask(
+    s: tuple[int, int], density: float, start: int, count: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Bool mask of elements [start, start+count) of one tensor: kept with probability
     ``floor(density * 2**32) / 2**32``; identical on every device."""
     i = torch.arange(start, start + count, dtype=torch.int64, device=device)
@@ -86,6 +87,7 @@ def l1_value(parts: torch.Tensor, dtype: torch.dtype) -> float:
         return math.ldexp(total, shift + 1 - bias)
     except OverflowError:
         return float("inf")
+
 
 def rescale_factor(before: float, after: float, dtype: torch.dtype) -> torch.Tensor | None:
     """mergekit's L1 rescale ``before / after`` as a one-element ``dtype`` tensor (the division done in

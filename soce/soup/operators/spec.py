@@ -78,8 +78,11 @@ class MergeSpec:
         """One line saying what is wrong with the parameters, or None."""
         if self.method not in OPERATORS:
             return f"merge method {self.method!r}: unknown (use one of {', '.join(OPERATORS)})"
-        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) \
-                or not 0.0 <= self.density <= 1.0:
+        if (
+            isinstance(self.density, bool)
+            or not isinstance(self.density, (int, float))
+            or not 0.0 <= self.density <= 1.0
+        ):
             return f"density: {self.density!r} must be a number in [0, 1]"
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam):
             return f"lambda: {self.lam!r} must be a finite number"
@@ -93,8 +96,13 @@ class MergeSpec:
 
     def params(self) -> dict[str, Any]:
         """The parameters that this operator uses, resolved (defaults filled in), by mergekit's names."""
-        vals = {"density": float(self.density), "lambda": float(self.lam), "normalize": self.do_normalize,
-                "rescale": self.do_rescale, "seed": int(self.seed)}
+        vals = {
+            "density": float(self.density),
+            "lambda": float(self.lam),
+            "normalize": self.do_normalize,
+            "rescale": self.do_rescale,
+            "seed": int(self.seed),
+        }
         return {"method": self.method, **{k: vals[k] for k in self.op.params}}
 
     @staticmethod
@@ -105,8 +113,9 @@ class MergeSpec:
         known = {f.name for f in fields(MergeSpec)}
         bad = sorted(set(given) - known)
         if bad:
-            raise ValueError(f"merge: unknown parameter {bad[0]!r} (known: method, density, lambda, normalize,"
-                             " rescale, seed)")
+            raise ValueError(
+                f"merge: unknown parameter {bad[0]!r} (known: method, density, lambda, normalize, rescale, seed)"
+            )
         spec = MergeSpec(**given)
         op = get_operator(spec.method)
         extra = [k for k in given if k != "method" and ("lambda" if k == "lam" else k) not in op.params]

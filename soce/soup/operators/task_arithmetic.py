@@ -36,8 +36,9 @@ def weight_divisor(weights: list[float], acc: torch.dtype) -> torch.Tensor:
     return div
 
 
-def finish(out: torch.Tensor, base: torch.Tensor, mixed: torch.Tensor, divisor: torch.Tensor | None,
-           lam: float) -> None:
+def finish(
+    out: torch.Tensor, base: torch.Tensor, mixed: torch.Tensor, divisor: torch.Tensor | None, lam: float
+) -> None:
     """``out <- round(base + lambda * mixed / divisor)`` in mergekit's order: the division (when
     ``divisor`` is given: ``normalize``), the product with ``lambda`` (skipped when it is 1, as mergekit
     does), the sum with the base, then one rounding to ``out``'s dtype. ``mixed`` is overwritten."""

@@ -47,11 +47,12 @@ class TaskCoefficients:
     divisor: torch.Tensor | None
 
     @staticmethod
-    def make(spec: MergeSpec, weights: list[float], acc: torch.dtype,
-             device: torch.device | str = "cpu") -> TaskCoefficients:
+    def make(
+        spec: MergeSpec, weights: list[float], acc: torch.dtype, device: torch.device | str = "cpu"
+    ) -> TaskCoefficients:
         w = torch.tensor(weights, dtype=acc)
         div = None if spec.op.consensus else weight_divisor(weights, acc).to(device)
-        return TaskCoefficients([w[j:j + 1].to(device) for j in range(len(weights))], div)
+        return TaskCoefficients([w[j : j + 1].to(device) for j in range(len(weights))], div)
 
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
@@ -75,15 +76,23 @@ def unpack_bits(packed: torch.Tensor, start: int, count: int, device: torch.devi
     a, b = start // 8, -(-(start + count) // 8)
     p = packed[a:b].to(device, non_blocking=True)
     bits = (p.unsqueeze(1) >> _shifts(p.device)) & 1
-    return bits.view(-1)[start - 8 * a:start - 8 * a + count].bool()
+    return bits.view(-1)[start - 8 * a : start - 8 * a + count].bool()
 
 
 def _delta(read: Reader, j: int, start: int, count: int, acc: torch.dtype) -> torch.Tensor:
     return read(j, start, count).to(acc) - read(-1, start, count).to(acc)
 
 
-def prepare(spec: MergeSpec, key: str, names: list[str], read: Reader, numel: int, acc: torch.dtype,
-            chunk: int = 1 << 22, release: Callable[[int, int, int], None] | None = None) -> Prepared:
+def prepare(
+    spec: MergeSpec,
+    key: str,
+    names: list[str],
+    read: Reader,
+    numel: int,
+    acc: torch.dtype,
+    chunk: int = 1 << 22,
+    release: Callable[[int, int, int], None] | None = None,
+) -> Prepared:
     """Per-candidate extras of tensor ``key`` (``numel`` elements) for candidates ``names`` (read by index
     with ``read``; -1 is the base), read in chunks of ``chunk`` elements (``release(j, start, count)``, when
     given, is called after each). TIES holds one whole task vector's magnitudes at a time (float32, sorted
@@ -102,8 +111,15 @@ def prepare(spec: MergeSpec, key: str, names: list[str], read: Reader, numel: in
     return prep
 
 
-def _trim(spec: MergeSpec, read: Reader, j: int, numel: int, acc: torch.dtype, chunk: int,
-          release: Callable[[int, int, int], None] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _trim(
+    spec: MergeSpec,
+    read: Reader,
+    j: int,
+    numel: int,
+    acc: torch.dtype,
+    chunk: int,
+    release: Callable[[int, int, int], None] | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """TIES' trim of candidate ``j``: (packed mask or None, rescale factor or None)."""
     mag = ties.magnitude_buffer(numel)  # per thread, reused: no fresh pages per task vector
     before = None
@@ -113,7 +129,7 @@ def _trim(spec: MergeSpec, read: Reader, j: int, numel: int, acc: torch.dtype, c
         if spec.do_rescale:
             p = dare.l1_parts(d)
             before = p if before is None else before + p
-        mag[start:start + count].copy_(d)  # float32 as mergekit sorts them (rounded for float64 inputs)
+        mag[start : start + count].copy_(d)  # float32 as mergekit sorts them (rounded for float64 inputs)
         if release is not None:
             release(j, start, count)
     mask = ties.trim_mask(mag, spec.density)  # sorts mag: its first k entries are the kept magnitudes
@@ -122,10 +138,13 @@ def _trim(spec: MergeSpec, read: Reader, j: int, numel: int, acc: torch.dtype, c
     if before is None:
         return pack_bits(mask), None
     if acc == torch.float32:
-        after = dare.l1_parts(mag[:ties.trim_k(spec.density, numel)])
+        after = dare.l1_parts(mag[: ties.trim_k(spec.density, numel)])
     else:  # magnitudes in the working dtype, again
-        after = sum(dare.l1_parts(d * mask[s:s + d.numel()].to(d.device))
-                    for s in range(0, numel, chunk) for d in [_delta(read, j, s, min(chunk, numel - s), acc).abs_()])
+        after = sum(
+            dare.l1_parts(d * mask[s : s + d.numel()].to(d.device))
+            for s in range(0, numel, chunk)
+            for d in [_delta(read, j, s, min(chunk, numel - s), acc).abs_()]
+        )
     return pack_bits(mask), _factor(before, after, acc)
 
 
@@ -133,8 +152,16 @@ def _factor(before: torch.Tensor, after: torch.Tensor, acc: torch.dtype) -> torc
     return dare.rescale_factor(dare.l1_value(before, acc), dare.l1_value(after, acc), acc)
 
 
-def _dare_factor(read: Reader, j: int, s: tuple[int, int], density: float, numel: int, acc: torch.dtype,
-                 chunk: int, release: Callable[[int, int, int], None] | None) -> torch.Tensor | None:
+def _dare_factor(
+    read: Reader,
+    j: int,
+    s: tuple[int, int],
+    density: float,
+    numel: int,
+    acc: torch.dtype,
+    chunk: int,
+    release: Callable[[int, int, int], None] | None,
+) -> torch.Tensor | None:
     before = after = None
     for start in range(0, numel, chunk):
         count = min(chunk, numel - start)
@@ -156,8 +183,16 @@ def _fresh(device: torch.device) -> Scratch:
     return lambda name, dtype, n: torch.empty(n, dtype=dtype, device=device)
 
 
-def mix_chunk(out: torch.Tensor, srcs: list[torch.Tensor], base: torch.Tensor, spec: MergeSpec,
-              prep: Prepared, co: TaskCoefficients, start: int, scratch: Scratch | None = None) -> None:
+def mix_chunk(
+    out: torch.Tensor,
+    srcs: list[torch.Tensor],
+    base: torch.Tensor,
+    spec: MergeSpec,
+    prep: Prepared,
+    co: TaskCoefficients,
+    start: int,
+    scratch: Scratch | None = None,
+) -> None:
     """``out`` <- the soup of elements [start, start+len) of one tensor: ``srcs`` (the candidates that take
     part, in order) and ``base``, 1-D, same device as ``out``; ``prep`` from :func:`prepare` for the same
     candidates; ``co`` on that device. mergekit 0.1.5's operations, in its order (module docs).
@@ -182,8 +217,16 @@ def mix_chunk(out: torch.Tensor, srcs: list[torch.Tensor], base: torch.Tensor, s
     finish(out, b, mixed, divisor if spec.do_normalize else None, spec.lam)
 
 
-def merge_tensor(spec: MergeSpec, key: str, names: list[str], base: torch.Tensor, srcs: list[torch.Tensor],
-                 weights: list[float], dtype: torch.dtype | None = None, chunk: int = 1 << 18) -> torch.Tensor:
+def merge_tensor(
+    spec: MergeSpec,
+    key: str,
+    names: list[str],
+    base: torch.Tensor,
+    srcs: list[torch.Tensor],
+    weights: list[float],
+    dtype: torch.dtype | None = None,
+    chunk: int = 1 << 18,
+) -> torch.Tensor:
     """One soup tensor from whole tensors in memory (any shape, one device): what the engines compute for
     file key ``key`` with candidates ``names`` (their order) and ``weights`` (> 0), in chunks of ``chunk``
     elements. ``dtype``: output dtype (default: ``srcs[0]``'s)."""
@@ -192,12 +235,12 @@ def merge_tensor(spec: MergeSpec, key: str, names: list[str], base: torch.Tensor
     fb = base.reshape(-1)
 
     def read(j: int, start: int, count: int) -> torch.Tensor:
-        return (fb if j < 0 else flat[j])[start:start + count]
+        return (fb if j < 0 else flat[j])[start : start + count]
 
     prep = prepare(spec, key, names, read, fb.numel(), acc, chunk).to(base.device)
     co = TaskCoefficients.make(spec, weights, acc, base.device)
     out = torch.empty(fb.numel(), dtype=dtype or srcs[0].dtype, device=base.device)
     for s in range(0, fb.numel(), chunk):
         n = min(chunk, fb.numel() - s)
-        mix_chunk(out[s:s + n], [f[s:s + n] for f in flat], fb[s:s + n], spec, prep, co, s)
+        mix_chunk(out[s : s + n], [f[s : s + n] for f in flat], fb[s : s + n], spec, prep, co, s)
     return out.reshape(base.shape)

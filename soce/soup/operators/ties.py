@@ -77,8 +77,11 @@ def magnitude_buffer(n: int) -> torch.Tensor:
     return buf[:n]
 
 
-def elect(deltas: list[torch.Tensor], ws: list[torch.Tensor],
-          scratch: Callable[[str, torch.dtype, int], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def elect(
+    deltas: list[torch.Tensor],
+    ws: list[torch.Tensor],
+    scratch: Callable[[str, torch.dtype, int], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """TIES' sign election and disjoint sum on one chunk: ``deltas`` (weighted task vectors, 1-D, working
     dtype, same device) and ``ws`` (their weights, one-element tensors) -> (``mixed``, ``divisor``). Both
     sums start at +0 and add in candidate order; a zero divisor becomes 1. ``scratch(name, dtype, n)``
