@@ -61,8 +61,9 @@ ui: $(STAMP)  ## MLflow UI on the project's store; prints the addresses that ope
 bench: $(STAMP)  ## merge-engine benchmark against mergekit (bench-only venv)
 	bash bench/run.sh
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff: lint and format checks (ruff format soce tests bench fixes the latter)
 	$(VENV)/bin/ruff check soce tests bench
+	$(VENV)/bin/ruff format --check soce tests bench
 
 clean:  ## remove run outputs (keeps the venv)
 	rm -rf outputs
