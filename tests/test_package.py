@@ -3,8 +3,11 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 from .conftest import ROOT
 
@@ -46,3 +49,12 @@ def test_installed_package_runs_the_demo_from_anywhere(tmp_path, tiny_demo_root)
     p = subprocess.run(job, capture_output=True, text=True, cwd=elsewhere, env=env, timeout=1200)
     assert p.returncode == 0, p.stderr[-2000:]
     assert (elsewhere / "run" / "result.json").is_file() and (elsewhere / "outputs" / "mlflow.db").is_file()
+
+
+def test_every_package_ships_in_the_wheel():
+    """pyproject lists packages explicitly: a new folder of soce/ must be listed, or an installed soce lacks it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "soce").rglob("__init__.py")}
+    assert found <= listed, f"not in pyproject's packages: {sorted(found - listed)}"
