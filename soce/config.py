@@ -35,7 +35,6 @@ class ConfigError(ValueError):
 # are checked by soce.job.preflight, which knows what is installed).
 DTYPES = ("bfloat16", "float16", "float32", "float64")  # dtype: what soups are evaluated and written in
 OBJECTIVES = ("mean", "official")  # benchmark.objective
-TIE_BREAKS = ("overall", "first")  # selection.tie_break
 POOL_SOURCES = ("paths", "demo", "csv")  # pool.source
 SCALES = (None, "percent", "fraction")  # pool.scale: unit of the score tables (None: auto)
 PROPOSALS = ("grid", "tpe", "gp")  # search.proposal (race)
@@ -262,6 +261,8 @@ class SelectionConfig:
     population_csv: str | None = None  # score table of a larger population for the correlation (rows: models)
 
     def validate(self) -> None:
+        from soce.method import TIE_BREAKS  # the algorithm declares its tie-breaks
+
         _refuse(
             [
                 _one_of("selection.tie_break", self.tie_break, TIE_BREAKS),

@@ -21,9 +21,9 @@ from typing import Any
 
 import pandas as pd
 
-from soce.config import TIE_BREAKS
-
 log = logging.getLogger(__name__)
+
+TIE_BREAKS = ("overall", "first")  # selection.tie_break: overall (higher select-split overall wins), first
 
 
 class SelectionError(ValueError):
