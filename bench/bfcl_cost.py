@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from bfcl_oracle import NO_CALL, Oracle, call_text, first_user, messages, parse_call, resolve_call  # noqa: E402
+from bfcl_oracle import Oracle, first_user, messages  # noqa: E402
 
 from soce.benchmarks import bfcl_gen  # noqa: E402
 from soce.benchmarks.bfcl import CATEGORIES, MULTI_TURN, Evaluator, load_category  # noqa: E402
@@ -174,17 +174,7 @@ class Forcer(Oracle):
         msgs = messages(prompt)
         users = [i for i, (role, _) in enumerate(msgs) if role == "user"]
         entry, truth = self.by_id[entry_id] if entry_id else self.by_question[msgs[users[0]][1]]
-        category = entry["id"].rsplit("_", 1)[0]
-        if "irrelevance" in category:
-            return NO_CALL
-        if category == "live_relevance":
-            return call_text([{entry["function"][0]["name"]: {}}], entry, self.fmt)
-        if not category.startswith("multi_turn"):
-            return call_text([resolve_call(c, entry) for c in truth], entry, self.fmt)
-        turn, step = len(users) - 1, len(msgs) - 2 - users[-1]
-        if step > 0 or not truth[turn]:
-            return NO_CALL
-        return call_text([parse_call(c, entry) for c in truth[turn]], entry, self.fmt)
+        return self.reply(msgs, users, entry, truth)
 
 
 def subset(per_category: int, multi: int) -> dict[str, list[str]]:

@@ -153,7 +153,10 @@ class Oracle:
             return call_text([{"no_such_function": {"x": 1}}], {"id": "wrong_0", "function": []}, self.fmt)
         msgs = messages(prompt)
         users = [i for i, (role, _) in enumerate(msgs) if role == "user"]
-        entry, truth = self.by_question[msgs[users[0]][1]]
+        return self.reply(msgs, users, *self.by_question[msgs[users[0]][1]])
+
+    def reply(self, msgs: list, users: list[int], entry: dict, truth: Any) -> str:
+        """The ground truth's next message for the conversation ``msgs`` (``users``: its user turns) of ``entry``."""
         category = entry["id"].rsplit("_", 1)[0]
         if "irrelevance" in category:
             return NO_CALL
