@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from soce.merge import main
 from soce.soup import Remixer, SoupError, write_soup
-from soce.soup.operators import OPERATORS, MergeSpec, dare, ties
+from soce.soup.operators import OPERATORS, MergeSpec, dare, sort_cut, ties
 from soce.soup.operators.task_vectors import merge_tensor, pack_bits, unpack_bits
 from tests.test_soup import assert_bits_equal, load_dir, make_model
 
@@ -124,19 +124,62 @@ def test_ties_rescale_and_float64():
     assert (outs[0] - ref.double()).abs().max() < 1e-6
 
 
-def test_trim_in_place_sort_keeps_argsorts_choice():
+def _argsort_mask(mag: torch.Tensor, k: int) -> torch.Tensor:
+    want = torch.zeros(mag.numel(), dtype=torch.bool)
+    want[torch.argsort(mag, descending=True)[:k]] = True  # mergekit's choice: torch's unstable CPU sort
+    return want
+
+
+def _keys(mag: torch.Tensor) -> torch.Tensor:
+    keys = torch.empty(mag.numel(), dtype=torch.int64)
+    sort_cut.pack(mag, 0, keys)
+    return keys
+
+
+def test_trim_keeps_argsorts_choice_and_puts_the_kept_first():
     g = torch.Generator().manual_seed(0)
     for n in (1000, 300_001):  # bf16-rounded magnitudes: many ties at the cut
         mag = torch.randn(n, generator=g).to(torch.bfloat16).float().abs()
         for density in (0.1, 0.5, 0.9):
             k = ties.trim_k(density, n)
-            want = torch.zeros(n, dtype=torch.bool)
-            want[torch.argsort(mag, descending=True)[:k]] = True
-            m = mag.clone()
-            got = ties.trim_mask(m, density)
-            assert torch.equal(got, want) and int(got.sum()) == k
-            assert torch.equal(m[:k].sort().values, mag[want].sort().values)  # sorted in place: kept first
-    assert ties.trim_mask(torch.ones(10), 1.0) is None and ties.trim_k(0.01, 10) == 1 and ties.trim_k(0, 10) == 0
+            keys = _keys(mag)
+            got = ties.trim_mask(keys, density)
+            assert torch.equal(got, _argsort_mask(mag, k)) and int(got.sum()) == k
+            kept = sort_cut.values(keys[:k])
+            assert torch.equal(kept.sort().values, mag[got].sort().values)  # kept entries first
+    assert ties.trim_mask(_keys(torch.ones(10)), 1.0) is None and ties.trim_k(0.01, 10) == 1 and ties.trim_k(0, 10) == 0
+    assert not ties.trim_mask(_keys(torch.ones(10)), 0.0).any()
+
+
+@pytest.mark.parametrize("scan", [1, 7, 1 << 16])
+def test_sort_cut_replays_torchs_unstable_sort(monkeypatch, scan):
+    """Every size (short runs included), few or many distinct values, every cut, scans of any block size:
+    the replay selects exactly the entries torch's argsort(descending=True) puts first."""
+    monkeypatch.setattr(sort_cut, "SCAN", scan)
+    g = torch.Generator().manual_seed(scan)
+    assert sort_cut.replay_matches_torch()
+    for _ in range(150 if scan > 1 else 40):
+        n = int(torch.randint(1, 2500, (1,), generator=g))
+        levels = int(torch.randint(1, 60, (1,), generator=g))
+        mag = torch.randint(0, levels, (n,), generator=g).float() * 0.25
+        k = int(torch.randint(1, n + 1, (1,), generator=g))
+        assert torch.equal(sort_cut.first_k(_keys(mag), k), _argsort_mask(mag, k)), (n, levels, k)
+
+
+def test_sort_cut_falls_back_to_torchs_sort(monkeypatch):
+    """NaN magnitudes, the heapsort switch (depth limit) and a torch whose sort differs: torch sorts, same set."""
+    g = torch.Generator().manual_seed(3)
+    mag = torch.randint(0, 9, (5000,), generator=g).float()
+    mag[17] = float("nan")
+    assert torch.equal(sort_cut.first_k(_keys(mag), 2000), _argsort_mask(mag, 2000))
+    mag[17] = 1.0
+    monkeypatch.setattr(sort_cut, "depth_limit", lambda n: 2)  # heapsort after two partitions: keys half moved
+    keys = _keys(mag)
+    assert not sort_cut._replay(_keys(mag).numpy(), 2000)
+    assert torch.equal(sort_cut.first_k(keys, 2000), _argsort_mask(mag, 2000))
+    assert torch.equal(sort_cut.values(keys), mag[torch.argsort(mag, descending=True)])
+    monkeypatch.setattr(sort_cut, "replay_matches_torch", lambda: False)
+    assert torch.equal(sort_cut.first_k(_keys(mag), 1234), _argsort_mask(mag, 1234))
 
 
 def test_pack_bits_round_trip():

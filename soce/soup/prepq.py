@@ -1,9 +1,9 @@
-"""The writer's preparation pool: per-tensor work (TIES' sorts) on a few threads, within a memory budget.
+"""The writer's preparation pool: per-tensor work (TIES' trims) on a few threads, within a memory budget.
 
 Tasks are started in submission order, each when its memory ``cost`` fits the budget left (a task that
 alone exceeds the budget starts when nothing else runs) and its position is within ``window`` elements of
 the writer's; a thread that cannot start the first waiting task starts the first one that fits. So the
-big sorts (embeddings) run one at a time while the other threads sort smaller tensors, and results (packed
+big trims (embeddings) run one at a time while the other threads trim smaller tensors, and results (packed
 masks) are not computed far ahead of the writer.
 """
 

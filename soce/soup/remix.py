@@ -171,7 +171,7 @@ class Remixer:
 
     def _prepare_all(self, workers: int = 0) -> dict[str, Prepared]:
         """Each floating tensor's :class:`Prepared` for every candidate, computed once on the CPU from the
-        files (TIES' sorts on a thread pool), kept beside its live tensor: masks as bits (1/8 byte per
+        files (TIES' trims on a thread pool), kept beside its live tensor: masks as bits (1/8 byte per
         element and candidate), DARE's salts, rescale factors."""
         base = self.base_ckpt
         keys = [k for k in self.targets if ST_DTYPES[base.tensors[k].dtype] in AVERAGED and base.tensors[k].numel]

@@ -216,7 +216,7 @@ def _submit_preps(soup: _Soup, maps: _Maps, queue: PrepQueue) -> dict[str, list[
         numel = soup.base.tensors[k].numel
         if ST_DTYPES[soup.base.tensors[k].dtype] in AVERAGED and numel:
             acc = _acc_dtype(ST_DTYPES[soup.base.tensors[k].dtype], *(ST_DTYPES[c.tensors[k].dtype] for c in soup.used))
-            cost = numel * 20 if soup.spec.op.sparsify == "magnitude" else min(numel, 1 << 22) * 40
+            cost = _prep_cost(soup.spec, numel)
             out[k] = [queue.submit(functools.partial(_prep_one, soup, k, c, acc, maps), cost, pos) for c in soup.used]
             for f in out[k]:
                 f.soce_pos = pos
@@ -349,8 +349,8 @@ def write_soup(
     ``overwrite``. The soup appears at ``output`` whole or not at all (see :mod:`soce.soup.publish`):
     without ``overwrite`` an existing output is never replaced, even one published by a concurrent writer
     meanwhile; with it the old output stays in place until the new one replaces it. Leftovers of killed
-    writers are cleaned first. Memory: a few chunk buffers; TIES also one whole tensor's magnitudes and
-    their sort per prep thread (~16 bytes per element of the largest tensor).
+    writers are cleaned first. Memory: a few chunk buffers; TIES also one whole tensor's magnitude keys and
+    its mask per prep thread (~9 bytes per element of the largest tensor).
     """
     soup = _plan_soup(
         models,
@@ -480,20 +480,25 @@ def _write_shards(tmp: Path, soup: _Soup, workers: int) -> None:
         maps.close()
 
 
-BUDGET_TASKS = 1.25  # the prep pool's memory budget in units of its largest task: one embedding sort at a time
-# (2.1, two at once, measured 43 s and 1.85 GiB peak instead of 67 s and 1.1 GiB on bench/merge_bench.py --method ties)
+BUDGET_TASKS = 1.25  # the prep pool's memory budget in units of its largest task: one embedding trim at a time
+TRIM_BYTES = 12  # TIES' trim of one tensor: 8-byte keys + 1-byte mask + chunk temporaries, per element
+DARE_BYTES = 40  # DARE's L1 rescale: per element of a chunk (at most 2^22 elements)
+
+
+def _prep_cost(spec: MergeSpec, numel: int) -> int:
+    """Bytes that preparing one candidate's tensor of ``numel`` elements holds while it runs."""
+    return numel * TRIM_BYTES if spec.op.sparsify == "magnitude" else min(numel, 1 << 22) * DARE_BYTES
 
 
 def _prep_queue(soup: _Soup, workers: int) -> PrepQueue | None:
     """A :class:`PrepQueue` when the operator prepares tensors: ``workers`` threads; budget BUDGET_TASKS times the
-    largest task (one embedding's sort at a time, smaller ones beside it); look-ahead of 4 times the
+    largest task (one embedding's trim at a time, smaller ones beside it); look-ahead of 4 times the
     largest tensor or 256M elements."""
     spec = soup.spec
     if soup.base is None or spec.op.sparsify is None or spec.density >= 1:
         return None
     big = max(i.numel for i in soup.base.tensors.values())
-    cost = big * 20 if spec.op.sparsify == "magnitude" else min(big, 1 << 22) * 40
-    return PrepQueue(workers, int(cost * BUDGET_TASKS), max(4 * big, 1 << 28))
+    return PrepQueue(workers, int(_prep_cost(spec, big) * BUDGET_TASKS), max(4 * big, 1 << 28))
 
 
 def _write_extras(tmp: Path, src: Path, out_dt: torch.dtype | None, rec: dict, shards: list[_Shard]) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from soce.soup.operators import dare, ties
+from soce.soup.operators import dare, sort_cut, ties
 from soce.soup.operators.spec import MergeSpec
 from soce.soup.operators.task_arithmetic import finish, plain_sum, weight_divisor
 
@@ -95,7 +95,7 @@ def prepare(
 ) -> Prepared:
     """Per-candidate extras of tensor ``key`` (``numel`` elements) for candidates ``names`` (read by index
     with ``read``; -1 is the base), read in chunks of ``chunk`` elements (``release(j, start, count)``, when
-    given, is called after each). TIES holds one whole task vector's magnitudes at a time (float32, sorted
+    given, is called after each). TIES holds one whole task vector's magnitude keys at a time (8 bytes an entry,
     on the CPU); DARE holds nothing whole. Masks and factors land on the CPU."""
     op, n = spec.op, len(names)
     prep = Prepared([None] * n, [None] * n, [None] * n)
@@ -121,7 +121,7 @@ def _trim(
     release: Callable[[int, int, int], None] | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """TIES' trim of candidate ``j``: (packed mask or None, rescale factor or None)."""
-    mag = ties.magnitude_buffer(numel)  # per thread, reused: no fresh pages per task vector
+    keys = sort_cut.key_buffer(numel)  # per thread, reused: no fresh pages per task vector
     before = None
     for start in range(0, numel, chunk):
         count = min(chunk, numel - start)
@@ -129,16 +129,18 @@ def _trim(
         if spec.do_rescale:
             p = dare.l1_parts(d)
             before = p if before is None else before + p
-        mag[start : start + count].copy_(d)  # float32 as mergekit sorts them (rounded for float64 inputs)
+        # float32 as mergekit sorts them (rounded for float64 inputs)
+        sort_cut.pack(d.to("cpu", torch.float32), start, keys[start : start + count])
         if release is not None:
             release(j, start, count)
-    mask = ties.trim_mask(mag, spec.density)  # sorts mag: its first k entries are the kept magnitudes
+    mask = ties.trim_mask(keys, spec.density)  # its first k keys are then the kept entries
     if mask is None:
         return None, None
     if before is None:
         return pack_bits(mask), None
     if acc == torch.float32:
-        after = dare.l1_parts(mag[: ties.trim_k(spec.density, numel)])
+        kept = keys[: ties.trim_k(spec.density, numel)]
+        after = sum(dare.l1_parts(sort_cut.values(kept[s : s + chunk])) for s in range(0, kept.numel(), chunk))
     else:  # magnitudes in the working dtype, again
         after = sum(
             dare.l1_parts(d * mask[s : s + d.numel()].to(d.device))

@@ -6,8 +6,9 @@ Per tensor, in the working dtype (float32; float64 if an input is float64):
    vector ``tau_j = M_j - base`` keeps its ``k = max(1, int(density * numel))`` largest magnitudes, the others
    become 0 (``density >= 1``: nothing trimmed). The k are chosen as mergekit chooses them:
    ``torch.argsort(|tau_j|.float(), descending=True)[:k]`` on the CPU, so that equal magnitudes at the cut
-   (frequent: bf16 weights take few values) fall the same way. The mask does not depend on the weights:
-   the in-memory re-mix computes it once per expert and keeps it as bits.
+   (frequent: bf16 weights take few values) fall the same way; :mod:`.sort_cut` finds that set without
+   sorting. The mask does not depend on the weights: the in-memory re-mix computes it once per expert and
+   keeps it as bits.
 2. ``tau_j *= w_j``.
 3. **Elect** (:func:`elect`, elementwise): ``s = sum_j tau_j``; the sign is +1 where ``s >= 0``, else -1;
    ``mixed = sum_j tau_j [sign(tau_j) == sign]``, ``divisor = sum_j w_j [sign(tau_j) == sign]`` (0 -> 1),
@@ -19,10 +20,11 @@ See :mod:`.task_arithmetic` for the order of the sums (equal to mergekit's for u
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import torch
+
+from soce.soup.operators import sort_cut
 
 
 def trim_k(density: float, numel: int) -> int:
@@ -35,46 +37,20 @@ def trim_k(density: float, numel: int) -> int:
     return max(1, int(density * numel))
 
 
-def trim_mask(magnitude: torch.Tensor, density: float) -> torch.Tensor | None:
-    """Bool mask (1-D, CPU) of the entries that TIES keeps of one whole task vector, given its magnitudes
-    ``|tau|`` as a contiguous 1-D float32 CPU tensor (mergekit sorts float32 magnitudes, also for float64
-    inputs); None when it keeps all. ``magnitude`` is sorted in place (descending): its first
-    :func:`trim_k` entries are then the kept magnitudes.
-
-    The sort is torch's CPU sort, unstable, as mergekit 0.1.5's ``argsort(descending=True)``: among equal
-    magnitudes at the cut the same entries are kept (sorting in place gives argsort's order;
-    ``tests/test_operators.py`` checks it). One sort of the tensor (about 4 s for 33M elements on one core)
-    and 8 bytes per element of indices while it runs."""
-    n = magnitude.numel()
+def trim_mask(keys: torch.Tensor, density: float) -> torch.Tensor | None:
+    """Bool mask (1-D, CPU) of the entries TIES keeps of one whole task vector, given the keys of its
+    magnitudes ``|tau|`` as float32 (:func:`.sort_cut.pack`; mergekit sorts float32 magnitudes, also for
+    float64 inputs); None when it keeps all. The kept entries are those of torch's CPU
+    ``argsort(descending=True)[:k]``, as mergekit 0.1.5 picks them (equal magnitudes at the cut fall the same
+    way), found by :func:`.sort_cut.first_k` without sorting; ``keys`` is rearranged: its first
+    :func:`trim_k` entries are the kept ones."""
+    n = keys.numel()
     k = trim_k(density, n)
     if k == n:
         return None
-    mask = torch.zeros(n, dtype=torch.bool)
-    if k:
-        idx = _index_buffer(n)
-        torch.sort(magnitude, descending=True, out=(magnitude, idx))
-        mask[idx[:k]] = True
-    return mask
-
-
-_LOCAL = threading.local()
-
-
-def _index_buffer(n: int) -> torch.Tensor:
-    """An int64 buffer of ``n`` elements kept per thread (grown, never shrunk): a sort per task vector would
-    otherwise fault in 8 fresh bytes per element each time."""
-    buf = getattr(_LOCAL, "idx", None)
-    if buf is None or buf.numel() < n:
-        buf = _LOCAL.idx = torch.empty(n, dtype=torch.int64)
-    return buf[:n]
-
-
-def magnitude_buffer(n: int) -> torch.Tensor:
-    """A float32 buffer of ``n`` elements kept per thread (grown, never shrunk), for :func:`trim_mask`."""
-    buf = getattr(_LOCAL, "mag", None)
-    if buf is None or buf.numel() < n:
-        buf = _LOCAL.mag = torch.empty(n, dtype=torch.float32)
-    return buf[:n]
+    if not k:
+        return torch.zeros(n, dtype=torch.bool)
+    return sort_cut.first_k(keys, k)
 
 
 def elect(
