@@ -32,6 +32,7 @@ from soce.benchmarks.bfcl_gen import Generation, GenSettings, hf_generator, run_
 from soce.config import BenchmarkConfig, ConfigError, HoldoutConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bfcl_oracle  # noqa: E402
 from bfcl_oracle import Oracle, Silent, direct_verdict, first_user  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,41 +296,8 @@ def test_fingerprint_has_what_changes_scores():
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    """A random 2-layer Llama (hidden 64) and a byte-level BPE tokenizer trained on BFCL prompts, with the
-    Llama-3 special tokens the handlers write and a Llama-3 chat template."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    special = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    texts = [json.dumps(e) for c, n in (("simple", 20), ("multi_turn_base", 4)) for e in load_category(c)[0][:n]]
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=2000, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    template = (
-        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}<|start_header_id|>assistant<|end_header_id|>\n\n"
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=template
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer
+    """A random 2-layer Llama and a BPE trained on BFCL prompts, with a Llama-3 chat template."""
+    return bfcl_oracle.tiny_llama(chat_template=True)
 
 
 def test_tiny_llama_generates_parses_and_checks_single_and_multi_turn(tiny_llama):

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -14,43 +13,15 @@ if not os.environ.get("SOCE_REQUIRE_BFCL"):
 from soce.benchmarks.bfcl import CATEGORIES, Evaluator, load_category  # noqa: E402
 from soce.benchmarks.bfcl_gen import EngineGenerator, GenSettings, engine_generator, hf_generator  # noqa: E402
 from soce.config import BenchmarkConfig  # noqa: E402
+from tests.bfcl_oracle import tiny_llama as tiny_bfcl_llama  # noqa: E402
 
 SINGLE = [c for c in CATEGORIES if not c.startswith("multi_turn")]
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    """A random 2-layer Llama and a byte-level BPE trained on BFCL texts with the Llama-3 special tokens."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    special = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    texts = [json.dumps(e) for c, n in (("simple", 20), ("multi_turn_base", 4)) for e in load_category(c)[0][:n]]
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=2000,
-            special_tokens=special,
-            show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer
+    """A random 2-layer Llama and a BPE trained on BFCL texts with the Llama-3 special tokens."""
+    return tiny_bfcl_llama()
 
 
 def recorded(generate, log: dict):
