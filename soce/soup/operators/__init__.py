@@ -7,7 +7,8 @@ masks). One module per operator:
 * :mod:`.linear`: the weighted average of the candidates (soce's soup of old; no base).
 * :mod:`.task_arithmetic`: ``base + lambda * sum_j w_j * (M_j - base)`` (optionally divided by ``sum w_j``).
 * :mod:`.ties`: trim each task vector to its ``density`` largest magnitudes (per tensor), elect the sign of
-  the weighted sum per element, average the agreeing entries (``dare_ties`` uses the same election).
+  the weighted sum per element, average the agreeing entries (``dare_ties`` uses the same election);
+  :mod:`.sort_cut` finds the entries mergekit's sort keeps, without sorting.
 * :mod:`.dare`: drop entries of each task vector at random (kept with probability ``density``, masks from a
   counter-based hash of seed, tensor and candidate), rescale to the task vector's L1 norm.
 
