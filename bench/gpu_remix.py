@@ -16,6 +16,7 @@ Prints a JSON summary as its last line (also written to ``--json``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shlex
@@ -136,7 +137,7 @@ def build(workdir: Path, shape: dict, n: int, distinct: int, shard_bytes: int, d
 
 def time_ties(models: dict, base: Path, dev: torch.device, density: float, time_mixes) -> dict:
     """Re-mix times of a TIES soup of the same experts (``base``: a checkpoint of the same shapes), after
-    the Remixer's one-off preparation (the trim masks, sorted on the CPU: timed apart)."""
+    the Remixer's one-off preparation (the trim masks, found on the CPU: timed apart)."""
     t0 = time.perf_counter()
     rmx = Remixer(models, device=str(dev), merge={"method": "ties", "density": density}, base=base)
     sync(dev)
@@ -250,6 +251,7 @@ def main() -> int:
     res["remix_vs_cpu_reference_differing"] = bad
     print("live model vs CPU reference, differing elements:", bad, flush=True)
     del rmx
+    gc.collect()  # the Remixer's experts and live model must be gone before the TIES one loads its own
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     if a.ties is not None:
