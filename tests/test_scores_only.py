@@ -28,21 +28,28 @@ def write_csv(path, rows=ROWS, extra=""):
     return path
 
 
-def test_scores_only_selection_one_command(tmp_path):
-    csv = write_csv(tmp_path / "scores.csv")
-    p = subprocess.run(
+def run_csv(tmp_path, csv, *args, run="run"):
+    """``python -m soce pool=from_csv pool.csv=<csv> strategy=soce_selected <args>`` in ``tmp_path``, output
+    in ``tmp_path/<run>``: the completed process."""
+    return subprocess.run(
         soce_cmd(
             "pool=from_csv",
             f"pool.csv={csv}",
             "strategy=soce_selected",
+            *args,
             f"paths.root_dir={tmp_path}",
-            f"hydra.run.dir={tmp_path / 'run'}",
+            f"hydra.run.dir={tmp_path / run}",
         ),
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=300,
     )
+
+
+def test_scores_only_selection_one_command(tmp_path):
+    csv = write_csv(tmp_path / "scores.csv")
+    p = run_csv(tmp_path, csv)
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads((tmp_path / "run" / "result.json").read_text())
     assert r["experts"] == ["alpha", "beta"]  # best on x-family and y-family
@@ -79,19 +86,7 @@ def test_csv_bad_cells_one_clear_error(tmp_path, text, needle):
 def test_csv_error_from_the_command_line_is_one_line(tmp_path):
     f = tmp_path / "bad.csv"
     f.write_text("model,a,b\nm1,0.1,x\nm2,0.2,0.3\nm3,0.5,0.5\n")
-    p = subprocess.run(
-        soce_cmd(
-            "pool=from_csv",
-            f"pool.csv={f}",
-            "strategy=soce_selected",
-            f"paths.root_dir={tmp_path}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ),
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    p = run_csv(tmp_path, f)
     assert p.returncode != 0
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "non-numeric score 'x'" in lines[0], p.stderr
@@ -103,19 +98,7 @@ def test_population_csv_drives_the_correlation(tmp_path):
     pop = pd.DataFrame(ROWS, index=["x1", "x2", "y1", "y2"]).T
     pop.index.name = "model"
     pop.to_csv(tmp_path / "pop.csv")
-    p = subprocess.run(
-        soce_cmd(
-            "pool=from_csv",
-            f"pool.csv={cands}",
-            f"selection.population_csv={tmp_path / 'pop.csv'}",
-            "strategy=soce_selected",
-            f"paths.root_dir={tmp_path}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ),
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    p = run_csv(tmp_path, cands, f"selection.population_csv={tmp_path / 'pop.csv'}")
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads((tmp_path / "run" / "result.json").read_text())
     assert r["experts"] == ["alpha", "beta"]
@@ -127,19 +110,7 @@ def test_a_leaderboard_in_percent_selects_and_finishes(tmp_path):
 
     f = tmp_path / "lb.csv"
     f.write_text(leaderboard())
-    p = subprocess.run(
-        soce_cmd(
-            "pool=from_csv",
-            f"pool.csv={f}",
-            "strategy=soce_selected",
-            f"paths.root_dir={tmp_path}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ),
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    p = run_csv(tmp_path, f)
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads((tmp_path / "run" / "result.json").read_text())
     assert r["experts"] and max(r["candidate_scores"]["Model-0 (Prompt)"]["dev"].values()) < 1
@@ -159,20 +130,7 @@ def test_a_leaderboard_in_percent_selects_and_finishes(tmp_path):
 def test_a_table_that_cannot_mean_what_it_says_is_refused_before_anything_is_written(tmp_path, text, args, needle):
     f = tmp_path / "t.csv"
     f.write_text(text)
-    p = subprocess.run(
-        soce_cmd(
-            "pool=from_csv",
-            f"pool.csv={f}",
-            "strategy=soce_selected",
-            *args,
-            f"paths.root_dir={tmp_path}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ),
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    p = run_csv(tmp_path, f, *args)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], p.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
@@ -191,19 +149,7 @@ def test_score_tables_of_one_benchmark_share_its_experiment(tmp_path):
         lines += [f"{m}," + ",".join(str(ROWS[m][i % 4] + (i % 3)) for i in range(len(CATEGORIES))) for m in names]
         f = tmp_path / f"{stem}.csv"
         f.write_text("\n".join(lines) + "\n")
-        p = subprocess.run(
-            soce_cmd(
-                "pool=from_csv",
-                f"pool.csv={f}",
-                "strategy=soce_selected",
-                f"paths.root_dir={tmp_path}",
-                f"hydra.run.dir={tmp_path / stem}",
-            ),
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            timeout=300,
-        )
+        p = run_csv(tmp_path, f, run=stem)
         assert p.returncode == 0, p.stderr[-2000:]
         assert json.loads((tmp_path / stem / "result.json").read_text())["benchmark"] == "bfcl_v3"
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
