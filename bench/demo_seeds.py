@@ -49,13 +49,13 @@ def seed_rows(results: dict[tuple[str, str], dict], n_items: int | None, manifes
     split, cats = first["report_split"], first["categories"]
     n = n_items or (json.loads(manifest.read_text())["sizes"][split] if manifest.exists() else 500)
     best = first["best_single"]
+    b = first["candidate_scores"][best][split]
+    single = (100 * b["overall"], overall_se(b, cats, n))
     rows: dict[str, dict] = {}
     for (merge, strategy), r in sorted(results.items()):
-        row = rows.setdefault(merge, {"_best": best})
+        row = rows.setdefault(merge, {"_best": best, "best single": single})
         v = r["scores"][split]
         row[strategy] = (100 * v["overall"], overall_se(v, cats, n))
-        b = first["candidate_scores"][best][split]
-        row["best single"] = (100 * b["overall"], overall_se(b, cats, n))
     return rows
 
 
@@ -113,9 +113,7 @@ def main() -> None:
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(md)
-    (out / "summary.json").write_text(
-        json.dumps({str(s): {m: v for m, v in rows.items()} for s, rows in per_seed.items()}, indent=2)
-    )
+    (out / "summary.json").write_text(json.dumps({str(s): rows for s, rows in per_seed.items()}, indent=2))
     print(md)
 
 
