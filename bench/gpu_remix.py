@@ -137,13 +137,32 @@ def build(workdir: Path, shape: dict, n: int, distinct: int, shard_bytes: int, d
 
 def time_ties(models: dict, base: Path, dev: torch.device, density: float, time_mixes) -> dict:
     """Re-mix times of a TIES soup of the same experts (``base``: a checkpoint of the same shapes), after
-    the Remixer's one-off preparation (the trim masks, found on the CPU: timed apart)."""
+    the Remixer's one-off preparation (the trim masks, found on the CPU: timed apart): with the fused kernel
+    (soce/soup/task_kernel.py) and without it (``SOCE_FUSED_MIX=0``: mix_chunk's torch ops), and the number
+    of live-model elements where the two differ (every tensor)."""
     t0 = time.perf_counter()
     rmx = Remixer(models, device=str(dev), merge={"method": "ties", "density": density}, base=base)
     sync(dev)
-    init = round(time.perf_counter() - t0, 1)
-    out = {**time_mixes(rmx), "init_s": init}
-    del rmx
+    out = {"init_s": round(time.perf_counter() - t0, 1), "fused": time_mixes(rmx)}
+    weights = dict(zip(models, [0.5, 0.3, 0.2, 0.1][: len(models)], strict=False))
+    rmx.mix(weights)
+    fused = {k: t.detach().view(-1).view(torch.int16).cpu() for k, t in rmx.targets.items()}  # (host: GPU is full)
+    before = os.environ.get("SOCE_FUSED_MIX")
+    os.environ["SOCE_FUSED_MIX"] = "0"
+    try:
+        out["unfused"] = time_mixes(rmx)
+        rmx.mix(weights)
+        sync(dev)
+        diff = sum(int((rmx.targets[k].detach().view(-1).view(torch.int16).cpu() != v).sum()) for k, v in fused.items())
+    finally:
+        if before is None:
+            del os.environ["SOCE_FUSED_MIX"]
+        else:
+            os.environ["SOCE_FUSED_MIX"] = before
+    out["fused_vs_unfused_differing"] = diff
+    out["median"] = out["fused"]["median"]
+    del rmx, fused
+    gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -256,8 +275,15 @@ def main() -> int:
         torch.cuda.empty_cache()
     if a.ties is not None:
         res["remix_ties_s"] = time_ties(models, dirs[0], dev, a.ties, time_mixes)
-        res["ties_over_linear"] = round(res["remix_ties_s"]["median"] / res["remix_s"]["median"], 2)
-        print(f"TIES re-mix (density {a.ties}): {res['remix_ties_s']}, {res['ties_over_linear']}x linear", flush=True)
+        t = res["remix_ties_s"]
+        res["ties_over_linear"] = round(t["fused"]["median"] / res["remix_s"]["median"], 2)
+        res["ties_unfused_over_linear"] = round(t["unfused"]["median"] / res["remix_s"]["median"], 2)
+        print(
+            f"TIES re-mix (density {a.ties}): fused {t['fused']}, {res['ties_over_linear']}x linear;"
+            f" unfused {t['unfused']}, {res['ties_unfused_over_linear']}x linear;"
+            f" elements differing fused vs unfused: {t['fused_vs_unfused_differing']}",
+            flush=True,
+        )
 
     if not a.no_write:
         env = dict(

@@ -13,9 +13,16 @@ import torch
 from safetensors.torch import save_file
 
 from soce.merge import main
-from soce.soup import Remixer, SoupError, write_soup
+from soce.soup import Remixer, SoupError, task_kernel, write_soup
 from soce.soup.operators import OPERATORS, MergeSpec, dare, sort_cut, ties
-from soce.soup.operators.task_vectors import merge_tensor, pack_bits, unpack_bits
+from soce.soup.operators.task_vectors import (
+    Prepared,
+    TaskCoefficients,
+    merge_tensor,
+    mix_chunk,
+    pack_bits,
+    unpack_bits,
+)
 from tests.test_soup import assert_bits_equal, load_dir, make_model
 
 CONSENSUS = {"ties", "dare_ties"}
@@ -411,3 +418,79 @@ def test_gpu_remixer_equals_writer(family, tmp_path, method):
         sd = rmx.mix(ws).state_dict()
         for k, v in disk.items():
             assert torch.equal(_bits(sd[k].cpu()), _bits(v)), (placement, k)
+
+
+def test_fused_task_kernel_declines_off_the_gpu_and_for_dare():
+    spec = MergeSpec("ties", density=0.5)
+    assert not task_kernel.applies(spec, torch.device("cpu"), 3, [None] * 3)
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        assert task_kernel.applies(spec, dev, 3, [None] * 3)
+        assert not task_kernel.applies(MergeSpec("dare_ties", density=0.5), dev, 3, [(1, 2)] * 3)  # DARE: mix_chunk
+        assert not task_kernel.applies(spec, dev, task_kernel.MAX_SOURCES + 1, [None] * 9)
+
+
+FUSED_CASES = [  # method, density, lambda, normalize, rescale factors
+    ("task_arithmetic", 1.0, 1.0, None, False),
+    ("task_arithmetic", 1.0, 0.7, True, False),
+    ("ties", 0.5, 1.0, None, False),
+    ("ties", 0.3, 0.8, False, True),
+    ("ties", 0.2, 1.3, True, True),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-{c[3]}-{c[4]}")
+def test_fused_task_kernel_bit_equal_to_mix_chunk(case, k, dtype):
+    """The kernel against mix_chunk on the GPU, on a slice that starts off a byte of the trim bits
+    (start 13) and ends off a block, with zero task-vector entries and negative zeros, for every output dtype."""
+    method, density, lam, norm, scaled = case
+    spec = MergeSpec(method, density=density, lam=lam, normalize=norm)
+    dev = torch.device("cuda")
+    total, start = 1_000_003, 13
+    base, xs = _tensors(k, (total,), k, dtype)
+    base[:40] = -0.0
+    xs[0][:20] = base[:20]  # zero task vector
+    xs[-1][20:30] = -0.0
+    ws = [0.1 + 0.23 * j for j in range(k)]
+    names = [f"m{j}" for j in range(k)]
+    g = torch.Generator().manual_seed(k)
+    masks = [pack_bits(torch.rand(total, generator=g) < density) if density < 1 else None for _ in range(k)]
+    scales = [torch.tensor([1.0 + 0.37 * j]) if scaled else None for j in range(k)]
+    prep = Prepared(masks, [None] * k, scales).to(dev)
+    sl = slice(start, total)
+    srcs, b = [x[sl].to(dev) for x in xs], base[sl].to(dev)
+    sc = task_kernel.TaskScalars.make(spec, ws)
+    factors = [None if t is None else float(t) for t in scales]
+    for out_dt in {dtype, torch.float32}:
+        ref = torch.empty(total - start, dtype=out_dt, device=dev)
+        mix_chunk(ref, srcs, b, spec, prep, TaskCoefficients.make(spec, ws, torch.float32, dev), start)
+        got = torch.empty_like(ref)
+        assert task_kernel.fused_task(got, srcs, b, spec, prep.masks, factors, sc, start)
+        bad = (_bits(got) != _bits(ref)).sum().item()
+        assert bad == 0, (names, out_dt, bad)
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_gpu_remixer_runs_every_tensor_through_the_fused_task_kernel(family, method, monkeypatch):
+    """One kernel per averaged tensor (resident experts: the whole tensor at once), mix_chunk never; the same
+    bits as with the kernel turned off (SOCE_FUSED_MIX=0, mix_chunk on every tensor)."""
+    ws = {"a": 0.5, "b": 0.3, "c": 0.2}
+    merge = {"method": method, **({"density": 0.5} if method == "ties" else {})}
+    models = {n: family[n] for n in ws}
+    calls = []
+    real = task_kernel.fused_task
+    monkeypatch.setattr(task_kernel, "fused_task", lambda *a, **kw: calls.append(a[0].numel()) or real(*a, **kw))
+    got = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SOCE_FUSED_MIX", flag)
+        rmx = Remixer(models, device="cuda", merge=merge, base=family["base"])
+        got[flag] = {k: v.cpu() for k, v in rmx.mix(ws).state_dict().items()}
+        want = len(rmx.targets) if flag == "1" else 0
+        assert len(calls) == want and sum(calls) == (sum(t.numel() for t in rmx.targets.values()) if want else 0)
+        calls.clear()
+    for k, v in got["0"].items():
+        assert torch.equal(_bits(got["1"][k]), _bits(v)), k

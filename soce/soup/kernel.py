@@ -91,27 +91,28 @@ def fused_mix(
     if any(s.numel() != n or s.device != out.device for s in srcs) or ws.device != out.device:
         raise ValueError("fused_mix: sources, weights and output must have one size and one device")
     ptrs = list(srcs) + [srcs[0]] * (MAX_SOURCES - len(srcs))
-    grid = (triton.cdiv(n, block),)
-    # what Triton specialises on (dtypes, constexprs, 16-divisibility of sizes and pointers), and the device
-    spec = (
-        out.device,
-        len(srcs),
-        den is not None,
-        block,
-        n % 16 == 0,
-        out.dtype,
-        out.data_ptr() % 16 == 0,
-        *((s.dtype, s.data_ptr() % 16 == 0) for s in srcs),
-    )
-    with torch.cuda.device(out.device):  # Triton launches on the current device, not the tensors'
-        if spec in _READY:
-            _mix_kernel[grid](
-                out, *ptrs, ws, den if den is not None else ws, n, N_SRC=len(srcs), HAS_DEN=den is not None, BLOCK=block
-            )
-            return True
-        with _FIRST_LAUNCH:  # a first launch may compile: one thread at a time (Remixers on several GPUs)
-            _mix_kernel[grid](
-                out, *ptrs, ws, den if den is not None else ws, n, N_SRC=len(srcs), HAS_DEN=den is not None, BLOCK=block
-            )
-            _READY.add(spec)
+    # what Triton specialises on (dtypes, constexprs, 16-divisibility of sizes and pointers)
+    spec = (len(srcs), den is not None, block, n % 16 == 0, n >= 2**31, *ptr_spec(out, *srcs))
+    meta = {"N_SRC": len(srcs), "HAS_DEN": den is not None, "BLOCK": block}
+    args = (out, *ptrs, ws, den if den is not None else ws, n)
+    launch(_mix_kernel, (triton.cdiv(n, block),), spec, out.device, *args, **meta)
     return True
+
+
+def ptr_spec(*tensors: torch.Tensor) -> tuple:
+    """The part of a launch's specialisation key that its tensor arguments give: dtype and 16-byte alignment."""
+    return tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+
+
+def launch(kernel, grid: tuple[int, ...], spec: tuple, device: torch.device, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` on ``device``; the first launch of each specialisation ``spec`` (what
+    Triton compiles for: dtypes, constexprs, alignments) holds a process-wide lock, since Triton's JIT is not
+    safe to enter from several threads; later launches of it take no lock."""
+    key = (kernel, device, spec)
+    with torch.cuda.device(device):  # Triton launches on the current device, not the tensors'
+        if key in _READY:
+            kernel[grid](*args, **meta)
+            return
+        with _FIRST_LAUNCH:  # a first launch may compile: one thread at a time (Remixers on several GPUs)
+            kernel[grid](*args, **meta)
+            _READY.add(key)

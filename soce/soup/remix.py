@@ -16,6 +16,7 @@ import torch
 
 from soce.soup import kernel as gpu_mix
 from soce.soup import placement as place
+from soce.soup import task_kernel
 from soce.soup.arith import CHUNK_ELEMS, GPU_CHUNK_ELEMS, Coefficients, _acc_dtype, _chunks, mix_into
 from soce.soup.checks import _dedup, _dtype, _open_all, check_finite, check_weights
 from soce.soup.io import AVERAGED, ST_DTYPES, Checkpoint, SoupError, TensorInfo, _Maps
@@ -64,7 +65,7 @@ class _TaskCoeffs:
         self.spec, self.weights = spec, [ws[n] for n in used]
         self.names = used
         self.made: dict[tuple[torch.device, torch.dtype], TaskCoefficients] = {}
-        self.index: list[int] | None = None
+        self.scalars = task_kernel.TaskScalars.make(spec, self.weights)  # for the fused kernel
 
     def get(self, dev: torch.device, acc: torch.dtype) -> TaskCoefficients:
         co = self.made.get((dev, acc))
@@ -74,8 +75,11 @@ class _TaskCoeffs:
 
     def subset(self, prep: Prepared, names: list[str]) -> Prepared:
         """The entries of the candidates that take part (``prep`` holds all ``names``, in order)."""
-        idx = [names.index(n) for n in self.names]
-        return Prepared([prep.masks[i] for i in idx], [prep.salts[i] for i in idx], [prep.scales[i] for i in idx])
+        return Prepared(*(self.pick(part, names) for part in (prep.masks, prep.salts, prep.scales)))
+
+    def pick(self, per_name: list, names: list[str]) -> list:
+        """The entries of ``per_name`` (one per name of ``names``, in order) of the candidates that take part."""
+        return [per_name[names.index(n)] for n in self.names]
 
 
 class Remixer:
@@ -142,6 +146,8 @@ class Remixer:
             }
         self.base_tensors = self.experts.pop(self.base_ckpt.name) if self.base_ckpt else None
         self._prep = self._prepare_all() if self.base_ckpt else {}
+        # the rescale factors as float32 values in Python floats: arguments of the fused kernel, read once
+        self._factors = {k: [None if t is None else float(t) for t in p.scales] for k, p in self._prep.items()}
         devs = set(where.values())
         self.expert_device = next(iter(devs)) if len(devs) == 1 else None  # None: experts on several devices
         self.devices = sorted({t.device for t in self.targets.values()} | devs, key=str)
@@ -295,18 +301,24 @@ class Remixer:
         self, key: str, flat: torch.Tensor, srcs: list[torch.Tensor], coeffs: _TaskCoeffs, out_dt: torch.dtype
     ) -> None:
         """``flat`` (the live tensor, 1-D) <- a task-vector soup of ``srcs``, computed on ``flat``'s device in
-        chunks (experts held elsewhere are copied there chunk by chunk): :func:`task_vectors.mix_chunk`."""
+        chunks (experts held elsewhere are copied there chunk by chunk): one fused kernel per chunk where
+        :func:`task_kernel.applies` (a resident tensor is one chunk), else :func:`task_vectors.mix_chunk`."""
         dev = flat.device
         base = self.base_tensors[key]
         acc = _acc_dtype(base.dtype, *(x.dtype for x in srcs))
         prep = coeffs.subset(self._prep[key], self.names)
-        co = coeffs.get(dev, acc)
-        chunk = CHUNK_ELEMS if dev.type == "cpu" else TASK_GPU_CHUNK_ELEMS
+        fused = acc == torch.float32 and task_kernel.applies(self.spec, dev, len(srcs), prep.salts)
+        resident = all(x.device == dev for x in [base, *srcs])
+        chunk = flat.numel() if fused and resident else CHUNK_ELEMS if dev.type == "cpu" else TASK_GPU_CHUNK_ELEMS
+        factors = coeffs.pick(self._factors[key], self.names)
         slot = self._slot(dev)
         for s, n in _chunks(flat.numel(), chunk):
             dst = flat[s : s + n] if flat.dtype == out_dt else slot.get("out", out_dt, n)
             parts = [x[s : s + n].to(dev, non_blocking=True) for x in srcs]
-            mix_chunk(dst, parts, base[s : s + n].to(dev, non_blocking=True), self.spec, prep, co, s, slot.get)
+            b = base[s : s + n].to(dev, non_blocking=True)
+            done = fused and task_kernel.fused_task(dst, parts, b, self.spec, prep.masks, factors, coeffs.scalars, s)
+            if not done:
+                mix_chunk(dst, parts, b, self.spec, prep, coeffs.get(dev, acc), s, slot.get)
             if flat.dtype != out_dt:
                 flat[s : s + n].copy_(dst)
 
