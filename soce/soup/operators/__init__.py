@@ -16,6 +16,8 @@ The engines (:func:`soce.soup.write_soup`, :class:`soce.soup.Remixer`) call :fun
 per tensor (the parts that need the whole tensor: TIES' trim, the L1 norms of a rescale) and
 :func:`.task_vectors.mix_chunk` per chunk; both are bit for bit what mergekit 0.1.5 computes with
 ``dtype: float32`` (float64 for float64 inputs) and ``out_dtype`` = the output dtype (see those modules).
+On a GPU the Remixer runs ``task_arithmetic`` and ``ties`` through one fused kernel per tensor with the same
+bits (:mod:`soce.soup.task_kernel`).
 """
 
 from soce.soup.operators.spec import OPERATORS, MergeSpec, Operator, get_operator
