@@ -308,8 +308,9 @@ class Remixer:
         acc = _acc_dtype(base.dtype, *(x.dtype for x in srcs))
         prep = coeffs.subset(self._prep[key], self.names)
         fused = acc == torch.float32 and task_kernel.applies(self.spec, dev, len(srcs), prep.salts)
-        resident = all(x.device == dev for x in [base, *srcs])
-        chunk = flat.numel() if fused and resident else CHUNK_ELEMS if dev.type == "cpu" else TASK_GPU_CHUNK_ELEMS
+        chunk = CHUNK_ELEMS if dev.type == "cpu" else TASK_GPU_CHUNK_ELEMS
+        if fused and all(x.device == dev for x in [base, *srcs]):  # resident: the whole tensor in one launch
+            chunk = max(flat.numel(), 1)
         factors = coeffs.pick(self._factors[key], self.names)
         slot = self._slot(dev)
         for s, n in _chunks(flat.numel(), chunk):

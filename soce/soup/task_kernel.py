@@ -28,6 +28,7 @@ import torch
 
 from soce.soup.kernel import MAX_SOURCES, available, launch, ptr_spec, triton
 from soce.soup.operators.spec import MergeSpec
+from soce.soup.operators.task_arithmetic import weight_divisor
 
 if triton is not None:
     import triton.language as tl
@@ -132,8 +133,6 @@ class TaskScalars:
 
     @staticmethod
     def make(spec: MergeSpec, weights: list[float]) -> TaskScalars:
-        from soce.soup.operators.task_arithmetic import weight_divisor
-
         ws = tuple(torch.tensor(weights, dtype=torch.float32).tolist())
         div = 1.0 if spec.op.consensus else float(weight_divisor(weights, torch.float32))
         return TaskScalars(ws, div, float(torch.tensor(spec.lam, dtype=torch.float32)))
