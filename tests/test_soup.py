@@ -302,13 +302,33 @@ def test_validation_errors(zoo, tmp_path):
     assert not any(out.iterdir()) and not list(tmp_path.glob(".out*"))  # nothing written by failures
 
 
-def test_overwrite_replaces(zoo, tmp_path):
+def test_overwrite_replaces_a_soup_or_an_empty_directory(zoo, tmp_path):
+    models = {"a": zoo["a"], "b": zoo["b"]}
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "stale.txt").write_text("x")
-    write_soup({"a": zoo["a"], "b": zoo["b"]}, {"a": 1, "b": 1}, out, overwrite=True)
+    write_soup(models, {"a": 1, "b": 3}, out)
+    (out / "stale.txt").write_text("x")  # an earlier soup, with a file of its own
+    write_soup(models, {"a": 1, "b": 1}, out, overwrite=True)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
+    (tmp_path / "empty").mkdir()
+    assert (write_soup(models, {"a": 1, "b": 1}, tmp_path / "empty", overwrite=True) / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("what", ["dir", "file"])
+def test_overwrite_never_replaces_what_soce_did_not_write(zoo, tmp_path, what):
+    """overwrite=true on a user's folder (a typo: output=~) or file: refused in one line, every byte kept."""
+    out = tmp_path / "mine"
+    if what == "dir":
+        out.mkdir()
+        (out / "notes.txt").write_text("precious")
+    else:
+        out.write_text("precious")
+    _one_line_error(
+        lambda: write_soup({"a": zoo["a"], "b": zoo["b"]}, {"a": 1, "b": 1}, out, overwrite=True),
+        "not a soup soce wrote",
+    )
+    assert (out / "notes.txt" if what == "dir" else out).read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
 def test_parse_size():

@@ -14,14 +14,16 @@ import torch
 from soce.soup.io import Checkpoint
 from soce.soup.operators import MergeSpec
 
+RECIPE_FILE = "soce_recipe.json"  # beside the shards of every soup soce writes: its recipe, as JSON
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 CHOSEN_KEYS = ("benchmark", "split", "objective", "score")  # recipe keys shown as "where it was chosen"
 ARITHMETIC = {
     "linear": "float32 fused multiply-add from 0 in candidate order (float64 for float64 tensors), divided by"
     " the float32 sum of the weights unless it is 1, rounded to the output dtype",
     "task_vector": "mergekit 0.1.5's generalized task arithmetic in float32 (float64 for float64 tensors):"
-    " tau_j = M_j - base, sparsified, times w_j, combined, normalised, times lambda, plus the"
-    " base, rounded once to the output dtype",
+    " tau_j = M_j - base, sparsified (density < 1), times w_j, combined, divided by the weights' sum (normalize),"
+    " times lambda, plus the base, rounded once to the output dtype",
 }
 DESCRIPTION = {
     "linear": "A linear model soup: every tensor is the weighted average of the candidates' tensors, accumulated"
@@ -29,11 +31,16 @@ DESCRIPTION = {
     "task_arithmetic": "Task arithmetic: every tensor is base + lambda * sum_j w_j (M_j - base).",
     "ties": "TIES merging: each task vector M_j - base trimmed to its largest magnitudes (density), the sign"
     " elected per element, the agreeing entries averaged by weight, added to the base.",
-    "dare_linear": "DARE: each task vector M_j - base keeps a random fraction (density) of its entries,"
-    " rescaled, then task arithmetic.",
-    "dare_ties": "DARE with TIES' sign election: random drop and rescale of each task vector, then TIES'"
+    "dare_linear": "DARE: each task vector M_j - base keeps a random fraction (density) of its entries"
+    " (rescaled to its L1 norm with rescale), then task arithmetic.",
+    "dare_ties": "DARE with TIES' sign election: a random drop (and rescale) of each task vector, then TIES'"
     " election and weighted mean, added to the base.",
 }
+
+
+def _value(v: Any) -> str:
+    """A parameter as the command line writes it (``true``, not ``True``)."""
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def recipe(
@@ -110,14 +117,10 @@ def model_card(rec: dict, n_shards: int, copied: list[str]) -> str:
     rows = "\n".join(f"| {c['name']} | `{c['path']}` | {c['weight']:.6g} |" for c in rec["candidates"])
     chosen = "\n".join(f"- {k}: {rec[k]}" for k in CHOSEN_KEYS if rec.get(k) is not None)
     params = rec.get("merge") if rec["method"] != "linear" else None
-    op = (
-        (
-            f"Operator **{rec['method']}** with {', '.join(f'{k}={v}' for k, v in params.items() if k != 'method')}"
-            f" over the base `{rec['base']}`.\n\n"
-        )
-        if params
-        else ""
-    )
+    op = ""
+    if params:
+        given = ", ".join(f"{k}={_value(v)}" for k, v in params.items() if k != "method")
+        op = f"Operator **{rec['method']}** with {given} over the base `{rec['base']}`.\n\n"
     extra = {k: v for k, v in rec.items() if k not in ("candidates",)}
     return (
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"

@@ -11,7 +11,17 @@ from typing import Any
 
 import torch
 
-from soce.soup.io import AVERAGED, DTYPE_NAMES, ST_DTYPES, Checkpoint, SoupError, _Maps, _one_line, open_checkpoint
+from soce.soup.io import (
+    AVERAGED,
+    DTYPE_NAMES,
+    ST_DTYPES,
+    Checkpoint,
+    SoupError,
+    _Maps,
+    _one_line,
+    open_checkpoint,
+    who,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +146,7 @@ def _check(ckpts: list[Checkpoint], mixed_ok: bool = False) -> None:
         for key, info in ref.tensors.items():
             other = c.tensors.get(key)
             if other is None:
-                raise SoupError(f"{c.path}: tensor {key!r} missing in candidate {c.name!r} (present in {info.file})")
+                raise SoupError(f"{c.path}: tensor {key!r} missing in {who(c.name)} (present in {info.file})")
             if other.shape != info.shape:
                 what = " (vocabulary rows differ)" if other.shape[1:] == info.shape[1:] else ""
                 raise SoupError(
@@ -151,7 +161,7 @@ def _check(ckpts: list[Checkpoint], mixed_ok: bool = False) -> None:
         extra = [k for k in c.tensors if k not in ref.tensors]
         if extra:
             raise SoupError(
-                f"{c.tensors[extra[0]].file}: tensor {extra[0]!r} only in candidate {c.name!r} (missing in {ref.path})"
+                f"{c.tensors[extra[0]].file}: tensor {extra[0]!r} only in {who(c.name)} (missing in {ref.path})"
             )
     fixed = [k for k, i in ref.tensors.items() if ST_DTYPES[i.dtype] not in AVERAGED and i.numel]
     if fixed and len(ckpts) > 1:

@@ -13,6 +13,14 @@ from typing import Any
 
 import torch
 
+BASE = "<base>"  # the name the base checkpoint of a task-vector merge goes by (never a directory's name)
+
+
+def who(name: str) -> str:
+    """How a message names a checkpoint: ``candidate 'A'``, or ``the base checkpoint``."""
+    return "the base checkpoint" if name == BASE else f"candidate {name!r}"
+
+
 # safetensors dtype codes -> torch dtypes (the ones torch can hold).
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -189,7 +197,7 @@ def open_checkpoint(name: str, path: str | Path) -> Checkpoint:
     file) and read their headers. Raises SoupError on missing/pickle/corrupt checkpoints."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise SoupError(f"{p}: candidate {name!r} does not exist")
+        raise SoupError(f"{p}: {who(name)} does not exist")
     if p.is_file():
         if p.suffix in PICKLE_SUFFIXES:
             raise _pickle_hint(p.parent, p)
@@ -214,7 +222,7 @@ def open_checkpoint(name: str, path: str | Path) -> Checkpoint:
                 pickles = sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
                 if pickles:
                     raise _pickle_hint(p, pickles[0])
-                raise SoupError(f"{p}: no *.safetensors weights in candidate {name!r}")
+                raise SoupError(f"{p}: no *.safetensors weights in {who(name)}")
     ckpt = Checkpoint(name, directory, files)
     for f in files:
         tensors, _ = read_header(f)
@@ -228,7 +236,7 @@ def open_checkpoint(name: str, path: str | Path) -> Checkpoint:
             if got is None or got.file.name != Path(fname).name:
                 raise SoupError(f"{p / fname}: tensor {key!r} listed in {INDEX_NAME} but not in that shard")
     if not ckpt.tensors:
-        raise SoupError(f"{files[0]}: candidate {name!r} has no tensors")
+        raise SoupError(f"{files[0]}: {who(name)} has no tensors")
     return ckpt
 
 

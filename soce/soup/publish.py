@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from soce.files import owner_gone, owner_tag
-from soce.soup.io import SoupError
+from soce.soup.io import SoupError, who
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
@@ -164,7 +164,7 @@ def output_path(output: str | Path, inputs: dict[str, Path]) -> Path:
         if same or over or inside:
             how = "is" if same else "lies inside" if inside else "contains"
             raise SoupError(
-                f"{output}: output overlaps candidate {name!r}: it resolves to {out}, which {how}"
+                f"{output}: output overlaps {who(name)}: it resolves to {out}, which {how}"
                 f" {rp}; the output must be a new directory outside every input"
             )
     return out

@@ -22,6 +22,7 @@ from soce.soup.arith import CHUNK_ELEMS, Coefficients, _acc_dtype, _chunks, mix_
 from soce.soup.checks import _dedup, _dtype, _open_all, check_weights, nonfinite_error
 from soce.soup.io import (
     AVERAGED,
+    BASE,
     DONOR_FILES,
     INDEX_NAME,
     ST_DTYPES,
@@ -373,7 +374,8 @@ def _merge_spec(merge: MergeSpec | Mapping[str, Any] | None) -> MergeSpec:
     try:
         spec = merge if isinstance(merge, MergeSpec) else MergeSpec.from_mapping(merge or {})
     except (TypeError, ValueError) as e:
-        raise SoupError(f"merge: {' '.join(str(e).split())}") from None
+        msg = " ".join(str(e).split())
+        raise SoupError(msg if msg.startswith("merge") else f"merge: {msg}") from None
     problem = spec.problem()
     if problem:
         raise SoupError(problem)
@@ -389,8 +391,7 @@ def _base_path(spec: MergeSpec, base: str | Path | None, names: list[str]) -> tu
             f"merge method {spec.method!r} needs a base checkpoint (base=..., pool.base): the task"
             " vectors are the candidates minus the model they were fine-tuned from"
         )
-    name = "base" if "base" not in names else "base-model"
-    return name, Path(base).expanduser().resolve()
+    return BASE, Path(base).expanduser().resolve()
 
 
 def _plan_soup(
@@ -412,8 +413,8 @@ def _plan_soup(
     inputs = {**mp, **dict([bp] if bp else [])}
     out = publish.output_path(output, inputs)
     publish.recover(out.parent)
-    if os.path.lexists(out) and not overwrite:
-        raise SoupError(f"{out}: output exists (pass overwrite=true to replace it)")
+    if os.path.lexists(out):
+        _check_replaceable(out, overwrite)
     ckpts = _open_all(inputs, mixed_ok=out_dt is not None)
     base_ck = ckpts.pop() if bp else None
     specs = {
@@ -438,6 +439,19 @@ def _plan_soup(
         out_dt,
         not allow_nonfinite,
         overwrite,
+    )
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """An existing output is replaced only with ``overwrite``, and only if it is a soup soce wrote (a directory
+    holding :data:`card.RECIPE_FILE`) or an empty directory: never a user's other files (``output=~`` is a typo)."""
+    if not overwrite:
+        raise SoupError(f"{out}: output exists (pass overwrite=true to replace it)")
+    if out.is_dir() and ((out / card.RECIPE_FILE).is_file() or not any(out.iterdir())):
+        return
+    raise SoupError(
+        f"{out}: exists and is not a soup soce wrote (no {card.RECIPE_FILE}); overwrite=true replaces only those:"
+        " remove it or choose another output"
     )
 
 
@@ -525,7 +539,7 @@ def _write_extras(tmp: Path, src: Path, out_dt: torch.dtype | None, rec: dict, s
     if (src / "config.json").is_file() and "auto_map" in (src / "config.json").read_text():
         rec["note"] = "config.json has auto_map (custom code): its .py files are not copied; soce never runs them"
     (tmp / "README.md").write_text(card.model_card(rec, len(shards), copied))
-    (tmp / "soce_recipe.json").write_text(json.dumps(rec, indent=2, default=str) + "\n")
+    (tmp / card.RECIPE_FILE).write_text(json.dumps(rec, indent=2, default=str) + "\n")
 
 
 def _write_all(fh, data) -> None:
