@@ -6,8 +6,11 @@
         [max_shard_size=5GB] [overwrite=true] [normalize=BOOL] [strategy=TEXT] [allow_nonfinite=false]
 
 ``method`` (default linear) picks the operator; task-vector operators need ``base`` (the checkpoint the
-models were fine-tuned from) and take mergekit's parameters: ``density`` (fraction kept, TIES/DARE),
-``lambda``, ``normalize`` (default: the operator's), ``rescale`` (DARE), ``seed`` (DARE's masks).
+models were fine-tuned from; linear takes none) and take mergekit's parameters: ``density`` (fraction kept,
+TIES/DARE), ``lambda``, ``normalize`` (default: the operator's), ``rescale`` (to the task vector's L1 norm
+after TIES' trim or DARE's drop), ``seed`` (DARE's masks, which also depend on each model's name: ``names``,
+by default the directories' names). ``overwrite=true`` replaces an earlier soup (a directory holding
+``soce_recipe.json``) or an empty directory, nothing else.
 
 Arguments are Hydra-style ``key=value`` overrides (lists in brackets, comma separated). Bad input prints one
 ``soce.merge: error: ...`` line to stderr and exits with status 2 (nothing is written; an output that
@@ -108,6 +111,11 @@ def parse_args(argv: list[str]) -> dict:
         kw["merge"] = _merge(raw)
         kw.pop("normalize", None)
     if "base" in raw:
+        if raw.get("method", "linear").strip() == "linear":  # a plain average would silently ignore it
+            raise UsageError(
+                "base: method linear averages the models and takes no base (task vectors over a base:"
+                " method=task_arithmetic, ties, dare_linear or dare_ties)"
+            )
         kw["base"] = raw["base"].strip()
     kw["recipe"] = {"strategy": raw.get("strategy", "manual"), "tool": "soce.merge"}
     return kw

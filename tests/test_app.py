@@ -236,6 +236,15 @@ def test_help_says_what_soce_does_and_is_fast(tmp_path):
         assert command in p.stdout
     assert "strategy: best_single" in p.stdout
     assert seconds < 5  # 0.5 s on a quiet 2-core machine; generous for loaded CI
+    # the merge example it prints is a command line soce.merge takes (it once showed a=<ckpt> b=<ckpt>)
+    import shlex
+
+    from soce.merge import parse_args
+
+    line = next(x for x in p.stdout.splitlines() if "python -m soce.merge" in x)
+    args = [a for a in shlex.split(line.split("soce.merge", 1)[1]) if "=" in a]
+    kw = parse_args([a.replace("<dir>", str(tmp_path / "o")) for a in args])
+    assert list(kw["models"]) == ["A", "B"] and kw["weights"] == {"A": 0.7, "B": 0.3}
 
 
 def test_import_config_is_light():

@@ -325,6 +325,7 @@ def test_writer_and_remixer_equal_the_reference(family, tmp_path, merge):
     card = (out / "README.md").read_text()
     # a local base is no hub id: named in the card's text and recipe, not in its hub front matter (issue 21)
     assert f"Operator **{spec.method}**" in card and str(family["base"]) in card.split("---", 2)[2]
+    assert "=True" not in card and "=False" not in card  # parameters as the command line writes them
     assert str(family["base"]) not in card.split("---")[1]
     rmx = Remixer(models, device="cpu", merge=merge, base=family["base"])
     sd = rmx.mix(ws).state_dict()
@@ -370,8 +371,10 @@ def test_cli_operators_and_their_input_checks(family, tmp_path, capsys):
         (["method=ties"], "needs a base checkpoint"),
         (["method=ties", f"base={bad_shape}"], "vocabulary rows differ"),
         (["method=ties", f"base={nan}"], f"{nan}.*nan"),
-        (["method=ties", f"base={tmp_path / 'none'}"], "does not exist"),
         (["method=linear", "density=0.5"], "takes no 'density'"),
+        ([f"base={base}"], "linear averages the models and takes no base"),
+        (["method=tie", f"base={base}"], "^soce.merge: error: merge method 'tie': unknown"),
+        (["method=ties", f"base={tmp_path / 'none'}"], "the base checkpoint does not exist"),
         (["method=ties", f"base={base}", "density=2"], "density"),
         (["method=bogus", f"base={base}"], "unknown"),
     ):
