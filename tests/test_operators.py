@@ -101,6 +101,8 @@ CASES = [  # method, weights, density, lambda, normalize
     ("ties", [0.6, 0.3, 0.1], 0.7, 0.8, False),
     ("ties", [1.0, 2.0, 0.5, 0.25], 0.33, 1.0, True),
     ("ties", [0.7, 0.3], 0.0, 1.0, None),
+    ("task_arithmetic", [0.7, -0.3, 0.4], 1.0, 1.0, True),  # negation: a negative weight
+    ("ties", [0.6, -0.2, 0.5], 0.5, 1.0, None),
 ]
 
 
@@ -335,6 +337,24 @@ def test_writer_and_remixer_equal_the_reference(family, tmp_path, merge):
     sd = rmx.mix(sub).state_dict()
     ref_sub = _expected(family, spec, sub)
     assert all(torch.equal(_bits(sd[k]), _bits(v)) for k, v in ref_sub.items())
+
+
+@pytest.mark.parametrize(
+    "merge", [{"method": "task_arithmetic"}, {"method": "ties", "density": 0.5}], ids=lambda m: m["method"]
+)
+def test_negative_weights_subtract_task_vectors(family, tmp_path, merge):
+    """Task arithmetic's negation (mergekit allows negative weights): writer and Remixer equal the formulas;
+    the linear soup still refuses them, in one line."""
+    ws = {"a": 0.8, "b": -0.3, "c": 0.5}
+    spec = MergeSpec.from_mapping(merge)
+    want = _expected(family, spec, ws)
+    models = {n: family[n] for n in ws}
+    assert_bits_equal(load_dir(write_soup(models, ws, tmp_path / "o", merge=merge, base=family["base"])), want)
+    sd = Remixer(models, device="cpu", merge=merge, base=family["base"]).mix(ws).state_dict()
+    assert all(torch.equal(_bits(sd[k]), _bits(v)) for k, v in want.items())
+    with pytest.raises(SoupError, match="linear soup takes non-negative weights") as e:
+        write_soup(models, ws, tmp_path / "lin")
+    assert "\n" not in str(e.value) and not (tmp_path / "lin").exists()
 
 
 def test_linear_ignores_the_base_and_is_unchanged(family, tmp_path):

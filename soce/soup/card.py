@@ -105,7 +105,7 @@ def model_card(rec: dict, n_shards: int, copied: list[str]) -> str:
     (recipe keys :data:`CHOSEN_KEYS`), the recipe."""
     import yaml
 
-    used = [c for c in rec["candidates"] if c["weight"] > 0]
+    used = [c for c in rec["candidates"] if c["weight"] != 0]
     hub = ([base_model(rec["base"])] if rec.get("base") else []) + [
         base_model(c["path"], (rec.get("hub_ids") or {}).get(c["name"])) for c in used
     ]

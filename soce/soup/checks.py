@@ -76,10 +76,17 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def check_weights(
-    names: list[str], weights: Mapping[str, float], *, normalize: bool = True, subset: bool = False
+    names: list[str],
+    weights: Mapping[str, float],
+    *,
+    normalize: bool = True,
+    subset: bool = False,
+    signed: bool = False,
 ) -> dict[str, float]:
-    """Check weights (numbers, finite, >= 0, not all 0, one per candidate unless ``subset``) and return them
-    as given, in ``names`` order, zeros dropped. ``normalize=False`` rejects a sum off 1 by more than 1e-6."""
+    """Check weights (numbers, finite, >= 0 unless ``signed``, not all 0, one per candidate unless ``subset``)
+    and return them as given, in ``names`` order, zeros dropped. ``normalize=False`` rejects a sum off 1 by
+    more than 1e-6. ``signed``: the task-vector operators, where a negative weight subtracts a task vector
+    (task arithmetic's negation, as mergekit allows)."""
     unknown = [k for k in weights if k not in names]
     if unknown:
         raise SoupError(f"weights: {unknown[0]!r} is not a candidate (candidates: {', '.join(names)})")
@@ -97,15 +104,18 @@ def check_weights(
             raise SoupError(f"weights: {n!r} = {weights[n]!r} is not a number") from e
         if not math.isfinite(w):
             raise SoupError(f"weights: {n!r} = {w} is not finite")
-        if w < 0:
-            raise SoupError(f"weights: {n!r} = {w} is negative (a soup takes non-negative weights)")
+        if w < 0 and not signed:
+            raise SoupError(
+                f"weights: {n!r} = {w} is negative (a linear soup takes non-negative weights; the task-vector"
+                " operators, e.g. method=task_arithmetic, take negative ones)"
+            )
         out[n] = w
     total = math.fsum(out.values())
-    if total <= 0:
+    if not any(out.values()) or (total <= 0 and not signed):
         raise SoupError("weights: all weights are zero")
     if not normalize and abs(total - 1.0) > 1e-6:
         raise SoupError(f"weights: sum {total!r} != 1 and normalize=false")
-    return {n: w for n, w in out.items() if w > 0}
+    return {n: w for n, w in out.items() if w != 0}
 
 
 def _dedup(models: Mapping[str, str | Path], weights: Mapping[str, float] | None = None):

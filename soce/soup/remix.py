@@ -277,7 +277,7 @@ class Remixer:
         for n, w in weights.items():
             tgt = self.duplicates.get(n, n)
             merged[tgt] = (float(merged[tgt]) + float(w)) if tgt in merged else w
-        ws = check_weights(self.names, merged, subset=True)
+        ws = check_weights(self.names, merged, subset=True, signed=self.base_ckpt is not None)
         used = [n for n in self.names if n in ws]
         coeffs = _Coeffs([ws[n] for n in used]) if self.base_ckpt is None else _TaskCoeffs(self.spec, used, ws)
         for key, target in self.targets.items():

@@ -403,7 +403,7 @@ def _plan_soup(
     names = list(mp)
     linear = spec.method == "linear"
     norm = (normalize if spec.normalize is None else spec.do_normalize) if linear else spec.do_normalize
-    ws = check_weights(names, wts_given or {}, normalize=norm or not linear)
+    ws = check_weights(names, wts_given or {}, normalize=norm or not linear, signed=spec.needs_base)
     donor = alias.get(donor, donor) if donor is not None else names[0]
     if donor not in mp:
         raise SoupError(f"donor: {donor!r} is not a candidate (candidates: {', '.join(names)})")
