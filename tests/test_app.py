@@ -63,8 +63,14 @@ def test_every_job_of_a_sweep_is_checked():
     ],
 )
 def test_cli_bad_input_one_clear_line(tmp_path, args, needle):
-    for name in "abc":
-        (tmp_path / "ck" / name).mkdir(parents=True)
+    from tests.test_soup import make_model
+
+    named = any("ck/" in a for a in args)  # real checkpoints where a pool names them (preflight reads headers)
+    for i, name in enumerate("abc"):
+        if named:
+            make_model(tmp_path / "ck" / name, i)
+        else:
+            (tmp_path / "ck" / name).mkdir(parents=True)
     rows = "a,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8\nb,0.8,0.7,0.6,0.5,0.4,0.3,0.2,0.1\n"
     (tmp_path / "two.csv").write_text("model,half,quad,tri,rev,sort,swap,enc,dec\n" + rows)
     (tmp_path / "scores.csv").write_text(

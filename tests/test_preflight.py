@@ -133,3 +133,37 @@ def test_candidates_of_another_architecture_are_refused_before_anything_is_writt
     cfg["pool"].update(candidates={n: str(tmp_path / n) for n in "abc"}, population={})
     with pytest.raises(ConfigError, match="differ in 'num_attention_heads', which defines the architecture"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("bad", ["empty", "pickle_only", "no_config", "not_a_model"])
+def test_a_checkpoint_that_cannot_be_evaluated_is_refused_before_anything_loads(tmp_path, bad):
+    """A pool path that exists but holds no model (an empty or unrelated folder, pickle-only weights, weights
+    without config.json) is one line at preflight, not a transformers traceback after scoring the others
+    (pickle-only: refused before transformers would load, and run, the pickle)."""
+    from tests.test_soup import make_model
+
+    good = {n: str(make_model(tmp_path / n, i)) for i, n in enumerate("ab")}
+    c = tmp_path / "c"
+    c.mkdir()
+    if bad == "pickle_only":
+        (c / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+        (c / "pytorch_model.bin").write_bytes(b"\x80\x04N.")
+    elif bad == "no_config":
+        make_model(c, 2)
+        (c / "config.json").unlink()
+    elif bad == "not_a_model":
+        (c / "notes.txt").write_text("x")
+    cfg = to_plain(composed("pool=example_local"))
+    cfg["pool"].update(candidates={**good, "c": str(c)}, population={})
+    needle = {
+        "empty": "pool 'example_local': .*no \\*.safetensors weights in candidate 'c'",
+        "not_a_model": "no \\*.safetensors weights in candidate 'c'",
+        "pickle_only": "only pickle weights \\(pytorch_model.bin\\) found; pickles can run code",
+        "no_config": "checkpoint 'c' at .* has no config.json",
+    }[bad]
+    with pytest.raises(ConfigError, match=needle) as e:
+        validate(cfg)
+    assert "\n" not in str(e.value)
+    cfg["pool"].update(candidates={**good, "c": str(make_model(tmp_path / "c2", 3))})
+    with pytest.raises(ConfigError, match="a demo zoo task: .* set benchmark.task_dir=<a built zoo>/tasks"):
+        validate(cfg)  # three real checkpoints pass the pool's checks; the demo benchmark then wants its tasks

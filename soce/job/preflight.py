@@ -69,6 +69,11 @@ def _tasks(config: Config) -> None:
     if missing:
         where = f" in task_dir={b.task_dir}" if b.task_dir else ""
         hint = "" if b.include_default_tasks else " (benchmark.include_default_tasks=true indexes lm-eval's own)"
+        if not b.task_dir and missing[0] in _demo_tasks():  # the demo's tasks, with another pool
+            hint = (
+                " (a demo zoo task: the zoo writes them for pool=demo; with another pool set"
+                " benchmark.task_dir=<a built zoo>/tasks, e.g. outputs/demo/cpu-seed0/tasks)"
+            )
         raise ConfigError(f"benchmark {b.name!r}: lm-eval has no task {missing[0]!r}{where}{hint}")
 
 
@@ -207,7 +212,29 @@ def _paths(config: Config) -> None:
     if config.selection.population_csv is None:
         _population_size(len({**pool.population, **pool.candidates}))
     _candidate_configs(pool.candidates)
+    _loadable(pool.name, {**pool.candidates, **pool.population})
     _base(config)
+
+
+def _loadable(pool_name: str, paths: Mapping[str, str]) -> None:
+    """Every local checkpoint of the pool is a model directory that can be evaluated: a config.json and
+    safetensors weights whose headers read (pickle-only weights are refused with the command that converts
+    them, before transformers would load and run them). Headers only: no tensor data is read."""
+    from soce.soup import SoupError, open_checkpoint
+
+    for name, path in paths.items():
+        p = Path(str(path)).expanduser()
+        if not p.is_dir():
+            continue  # a hub id (checked above); a bare file is not a model transformers loads
+        try:
+            open_checkpoint(name, p)
+        except SoupError as e:
+            raise ConfigError(f"pool {pool_name!r}: {one_line(e)}") from None
+        if not (p / "config.json").is_file():
+            raise ConfigError(
+                f"pool {pool_name!r}: checkpoint {name!r} at {p} has no config.json (a transformers model"
+                " directory is what gets evaluated)"
+            )
 
 
 def _candidate_configs(candidates: Mapping[str, str]) -> None:
