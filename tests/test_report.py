@@ -291,6 +291,21 @@ def test_jobs_that_made_one_soup_are_one_row(tmp_path):
     assert p.loc["uniform", "tau=0.1"] == p.loc["uniform", "tau=0.5"]  # one soup, both columns
 
 
+def test_two_operators_are_two_soups_even_with_equal_scores(tmp_path):
+    """merge=linear,task_arithmetic: same weights and (rounded) scores, different soups: two rows, not one."""
+    sweep = fake_sweep(tmp_path)
+    r0 = json.loads((sweep / "0_uniform" / "result.json").read_text())
+    r1 = json.loads((sweep / "1_uniform" / "result.json").read_text())
+    r0["merge"], r1["merge"] = {"method": "linear"}, {"method": "task_arithmetic", "lambda": 1.0, "normalize": True}
+    r1["scores"], r1["base"] = r0["scores"], "/ckpt/base"
+    (sweep / "0_uniform" / "result.json").write_text(json.dumps(r0))
+    (sweep / "1_uniform" / "result.json").write_text(json.dumps(r1))
+    assert len(distinct_soups(load_results(sweep))) == 4
+    r1["merge"] = r0["merge"]  # the same operator: one soup again (linear ignores the base)
+    (sweep / "1_uniform" / "result.json").write_text(json.dumps(r1))
+    assert len(distinct_soups(load_results(sweep))) == 3
+
+
 def test_selection_text_names_only_experts_with_weight():
     r = fake_result("uniform", 0.1, 0.4) | {"selects": False}
     assert selection_text(r) == "no selection"

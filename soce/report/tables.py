@@ -178,13 +178,17 @@ def label_results(results: list[dict], varying: list[str] | None = None) -> list
 
 
 def distinct_soups(results: list[dict]) -> list[dict]:
-    """One result per distinct soup (same strategy, weights to 6 decimals and scores), in job order: a group of jobs
-    whose overrides could not change their soup (tau for uniform) keeps its first job, labelled with the values
-    it stands for (:func:`soce.tracking.naming.merged_label`) and ``same_soup`` listing the jobs' labels."""
+    """One result per distinct soup (same strategy, merge operator and its base, weights to 6 decimals and
+    scores), in job order: a group of jobs whose overrides could not change their soup (tau for uniform) keeps
+    its first job, labelled with the values it stands for (:func:`soce.tracking.naming.merged_label`) and
+    ``same_soup`` listing the jobs' labels. Two operators never make one soup, even where the scores tie
+    (linear and task_arithmetic with lambda 1 differ in rounding)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:  # same weights and same scores on every split: one soup (a swept limit or dtype is not)
         soup = tuple(sorted((m, round(float(w), 6)) for m, w in r["weights"].items() if w > 0))
-        groups.setdefault((r["strategy"], soup, json.dumps(r.get("scores"), sort_keys=True)), []).append(r)
+        op = r.get("merge") or {"method": "linear"}
+        made_by = json.dumps([op, r.get("base") if op.get("method") != "linear" else None], sort_keys=True)
+        groups.setdefault((r["strategy"], made_by, soup, json.dumps(r.get("scores"), sort_keys=True)), []).append(r)
     out = []
     for members in groups.values():
         first = dict(members[0])
