@@ -308,6 +308,7 @@ def write_artifacts(config: Config, inputs: Inputs, selection: Selection, plan: 
         yaml.safe_dump(
             {
                 **recipe(config, inputs, plan),
+                **({"base": inputs.base} if inputs.base and merge_params(config)["method"] != "linear" else {}),
                 **(chosen if STRATEGIES[config.strategy.name].selects else {}),
                 "select_split": sel,
                 "candidates": dict(inputs.candidates),
