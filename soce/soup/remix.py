@@ -119,7 +119,7 @@ class Remixer:
         mp, _, self.duplicates = _dedup(models)
         self.names = list(mp)
         self.spec = _merge_spec(merge)
-        bp = _base_path(self.spec, base, self.names)
+        bp = _base_path(self.spec, base)
         out_dt = _dtype(dtype)
         ckpts = _open_all({**mp, **dict([bp] if bp else [])}, mixed_ok=out_dt is not None)
         self.base_ckpt = ckpts.pop() if bp else None

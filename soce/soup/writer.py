@@ -382,7 +382,7 @@ def _merge_spec(merge: MergeSpec | Mapping[str, Any] | None) -> MergeSpec:
     return spec
 
 
-def _base_path(spec: MergeSpec, base: str | Path | None, names: list[str]) -> tuple[str, Path] | None:
+def _base_path(spec: MergeSpec, base: str | Path | None) -> tuple[str, Path] | None:
     """(name, resolved path) of the base for a task-vector operator; None for linear."""
     if not spec.needs_base:
         return None
@@ -409,7 +409,7 @@ def _plan_soup(
         raise SoupError(f"donor: {donor!r} is not a candidate (candidates: {', '.join(names)})")
     out_dt = _dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    bp = _base_path(spec, base, names)
+    bp = _base_path(spec, base)
     inputs = {**mp, **dict([bp] if bp else [])}
     out = publish.output_path(output, inputs)
     publish.recover(out.parent)
